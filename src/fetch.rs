@@ -1,0 +1,203 @@
+//! The blob fetcher: one function (`Fetcher::fetch`) that copies a blob from
+//! upstream into the `BlobStore`, hashing as it streams, and commits it only
+//! when its sha256 and size match; and the in-process `LocalQueue` that runs
+//! it with bounded concurrency and one fetch per digest.
+//!
+//! The AWS fetcher Lambda calls the same `Fetcher::fetch` from stream records.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Semaphore, watch};
+
+use crate::oci::{Digest, RepoPath};
+use crate::proxy::Upstreams;
+use crate::storage::{BlobState, BlobStore, BlobWriter, Index, StorageError};
+use crate::upstream::{Retry, UpstreamError};
+
+/// Copies of one blob tried before it is marked `failed`.
+const ATTEMPTS: u32 = 3;
+
+/// One blob to copy into the store, and where to copy it from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchJob {
+    pub digest: Digest,
+    pub source: RepoPath,
+    /// The size the manifest declared, when known: checked too.
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl FetchError {
+    fn is_permanent(&self) -> bool {
+        matches!(self, FetchError::Upstream(UpstreamError::NotFound | UpstreamError::Denied(_)) | FetchError::Storage(_))
+    }
+}
+
+pub struct Fetcher {
+    index: Arc<dyn Index>,
+    store: Arc<dyn BlobStore>,
+    upstreams: Arc<Upstreams>,
+}
+
+impl Fetcher {
+    pub fn new(index: Arc<dyn Index>, store: Arc<dyn BlobStore>, upstreams: Arc<Upstreams>) -> Fetcher {
+        Fetcher { index, store, upstreams }
+    }
+
+    /// Brings the blob into the store (or finds it there) and marks it
+    /// `ready`; on failure marks it `failed` with the error. Returns its size.
+    pub async fn fetch(&self, job: &FetchJob) -> Result<u64, FetchError> {
+        if let Some(size) = self.store.size(&job.digest).await? {
+            // Only verified blobs are ever committed, so a stored one is good.
+            self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
+            return Ok(size);
+        }
+        self.index.set_blob_state(&job.digest, BlobState::Fetching, None, None).await?;
+        let mut attempt = 0;
+        let err = loop {
+            attempt += 1;
+            match self.copy(job).await {
+                Ok(size) => {
+                    self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
+                    tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
+                    return Ok(size);
+                }
+                Err(e) if e.is_permanent() || attempt >= ATTEMPTS => break e,
+                Err(e) => {
+                    tracing::warn!(digest = %job.digest, source = %job.source, attempt, error = %e, "blob copy failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                }
+            }
+        };
+        tracing::warn!(digest = %job.digest, source = %job.source, error = %err, "blob fetch failed");
+        self.index.set_blob_state(&job.digest, BlobState::Failed, None, Some(&err.to_string())).await?;
+        Err(err)
+    }
+
+    /// One copy attempt: stream, hash, write; commit only a verified blob.
+    async fn copy(&self, job: &FetchJob) -> Result<u64, FetchError> {
+        let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
+        let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
+        let declared = resp.content_length();
+        if let (Some(want), Some(got)) = (job.size, declared) {
+            if want != got {
+                return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
+            }
+        }
+        let limit = job.size.or(declared);
+        let mut writer = self.store.begin(&job.digest).await?;
+        match stream_into(resp, writer.as_mut(), limit).await {
+            Ok((hash, size)) => {
+                let actual = Digest::from_sha256(&hash);
+                let size_ok = limit.is_none_or(|l| l == size);
+                if actual != job.digest || !size_ok {
+                    writer.abort().await?;
+                    return Err(FetchError::Rejected(format!(
+                        "upstream sent {size} bytes hashing to {actual}, expected {} ({})",
+                        job.digest,
+                        limit.map_or("size unknown".to_owned(), |l| format!("{l} bytes"))
+                    )));
+                }
+                writer.commit().await?;
+                Ok(size)
+            }
+            Err(e) => {
+                writer.abort().await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn stream_into(resp: reqwest::Response, writer: &mut dyn BlobWriter, limit: Option<u64>) -> Result<(Vec<u8>, u64), FetchError> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Transport(format!("blob body cut off after {size} bytes: {e}")))?;
+        size += chunk.len() as u64;
+        if limit.is_some_and(|l| size > l) {
+            return Err(FetchError::Rejected(format!("upstream sent more than the {} bytes declared", limit.unwrap_or(0))));
+        }
+        hasher.update(&chunk);
+        writer.write(chunk).await?;
+    }
+    Ok((hasher.finalize().to_vec(), size))
+}
+
+/// What a wait for a blob's fetch came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The fetch finished (ready or failed: the index says which), or none
+    /// was running.
+    Done,
+    TimedOut,
+}
+
+/// Where fetch jobs go. Locally an in-process queue; on AWS the index write
+/// itself is the enqueue (a DynamoDB Stream triggers the fetcher).
+#[async_trait]
+pub trait FetchQueue: Send + Sync {
+    /// Starts a fetch unless one for this digest is already running.
+    fn enqueue(&self, job: FetchJob);
+    /// Waits for the running fetch of `digest` to finish, at most `timeout`.
+    async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome;
+}
+
+/// In-process fetch queue: at most `concurrency` copies at once and at most
+/// one per digest.
+pub struct LocalQueue {
+    fetcher: Arc<Fetcher>,
+    slots: Arc<Semaphore>,
+    /// Running fetches; the receiver turns `true` when the fetch ends.
+    running: Arc<Mutex<HashMap<Digest, watch::Receiver<bool>>>>,
+}
+
+impl LocalQueue {
+    pub fn new(fetcher: Arc<Fetcher>, concurrency: usize) -> LocalQueue {
+        LocalQueue { fetcher, slots: Arc::new(Semaphore::new(concurrency.max(1))), running: Arc::default() }
+    }
+}
+
+#[async_trait]
+impl FetchQueue for LocalQueue {
+    fn enqueue(&self, job: FetchJob) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(&job.digest) {
+            return;
+        }
+        let (done, rx) = watch::channel(false);
+        running.insert(job.digest.clone(), rx);
+        let (fetcher, slots, registry) = (self.fetcher.clone(), self.slots.clone(), self.running.clone());
+        tokio::spawn(async move {
+            let permit = slots.acquire_owned().await;
+            let _ = fetcher.fetch(&job).await;
+            drop(permit);
+            registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
+            let _ = done.send(true);
+        });
+    }
+
+    async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome {
+        let rx = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned();
+        let Some(mut rx) = rx else { return WaitOutcome::Done };
+        match tokio::time::timeout(timeout, rx.wait_for(|done| *done)).await {
+            Ok(_) => WaitOutcome::Done,
+            Err(_) => WaitOutcome::TimedOut,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! hubcap: a pull-through mirror for Docker Hub and other OCI registries.
+//!
+//! # Layout
+//! - `oci`: registry vocabulary (names, references, digests, media types,
+//!   content negotiation) and the one table of OCI error codes.
+//! - `http`: the axum router. Knows OCI, not storage: thin handlers that call
+//!   the service.
+//! - `proxy`: the pull-through service (`Mirror`): index and store first,
+//!   then upstream, write through. Knows the storage traits, not backends.
+//! - `upstream`: the client for upstream registries (token auth, retries,
+//!   redirects, rate-limit headers).
+//! - `storage`: the `BlobStore` and `Index` traits and the embedded backend
+//!   (`storage::local`: files + SQLite).
+//! - `fetch`: the blob fetch job (upstream -> store, verified) and the
+//!   in-process queue that runs it.
+//! - `serve`: wiring for `hubcap serve` and the TCP server.
+//!
+//! Controllers call services; services never call controllers.
+
+pub mod fetch;
+pub mod http;
+pub mod oci;
+pub mod proxy;
+pub mod serve;
+pub mod storage;
+pub mod upstream;

@@ -1,0 +1,143 @@
+//! `hubcap serve`: assembles the embedded backend (files + SQLite), the
+//! in-process fetcher and the configured upstreams into the router, and runs
+//! it on a TCP listener until SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::fetch::{Fetcher, LocalQueue};
+use crate::http::{AppState, app};
+use crate::oci::{DOCKER_HUB, canonical_registry};
+use crate::proxy::{Mirror, MirrorConfig, Upstreams};
+use crate::storage::local::{FsBlobStore, SqliteIndex};
+use crate::upstream::{Credentials, Upstream};
+
+/// Docker Hub's registry endpoint, the default upstream.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    /// `REGISTRY=URL` or `REGISTRY` (then `https://REGISTRY`); docker.io is
+    /// always configured, by default as Docker Hub.
+    pub upstreams: Vec<String>,
+    /// A docker `config.json`-style file with upstream credentials.
+    pub credentials: Option<PathBuf>,
+    pub mirror: MirrorConfig,
+    pub fetch_concurrency: usize,
+}
+
+/// Parses one `--upstream` value into a registry name and base URL.
+pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
+    let (registry, url) = match spec.split_once('=') {
+        Some((r, u)) => (r.trim(), u.trim().to_owned()),
+        None => (spec.trim(), format!("https://{}", spec.trim())),
+    };
+    let registry = canonical_registry(registry).map_err(|e| e.message.into_owned())?;
+    url::Url::parse(&url).map_err(|e| format!("upstream {registry}: invalid URL {url:?}: {e}"))?;
+    Ok((registry, url))
+}
+
+/// Reads `{"auths": {"docker.io": {"username": .., "password": ..} | {"auth": base64}}}`.
+pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credentials>, BoxError> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct File {
+        auths: HashMap<String, Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        username: Option<String>,
+        password: Option<String>,
+        auth: Option<String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    let file: File = serde_json::from_str(&text).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (host, e) in file.auths {
+        let host = host.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or("").to_owned();
+        let creds = match (e.username, e.password, e.auth) {
+            (Some(u), Some(p), _) => Credentials { username: u, password: p },
+            (_, _, Some(a)) => {
+                let decoded = base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| format!("credentials for {host}: bad auth"))?;
+                let decoded = String::from_utf8(decoded).map_err(|_| format!("credentials for {host}: bad auth"))?;
+                let (u, p) = decoded.split_once(':').ok_or_else(|| format!("credentials for {host}: auth is not user:password"))?;
+                Credentials { username: u.to_owned(), password: p.to_owned() }
+            }
+            _ => return Err(format!("credentials for {host}: need username and password, or auth").into()),
+        };
+        out.insert(canonical_registry(&host).map_err(|e| e.message.into_owned())?, creds);
+    }
+    Ok(out)
+}
+
+/// Builds the upstream clients from `--upstream` values and credentials.
+pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentials>) -> Result<Upstreams, BoxError> {
+    let mut map: Vec<(String, String)> = vec![(DOCKER_HUB.to_owned(), DOCKER_HUB_URL.to_owned())];
+    for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
+        let (registry, url) = parse_upstream(spec)?;
+        map.retain(|(r, _)| *r != registry);
+        map.push((registry, url));
+    }
+    let list = map
+        .into_iter()
+        .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Upstreams::new(list))
+}
+
+/// The mirror on the embedded backend, and its router.
+pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), BoxError> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("data directory {}: {e}", opts.data_dir.display()))?;
+    let store = Arc::new(FsBlobStore::open(&opts.data_dir)?);
+    let index = Arc::new(SqliteIndex::open(&opts.data_dir.join("index.db"))?);
+    let credentials = match &opts.credentials {
+        Some(path) => load_credentials(path)?,
+        None => HashMap::new(),
+    };
+    let upstreams = Arc::new(build_upstreams(&opts.upstreams, &credentials)?);
+    let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
+    let queue = Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency));
+    let mirror = Arc::new(Mirror::new(index, store.clone(), queue, upstreams, opts.mirror.clone()));
+    let resumed = mirror.resume_fetches().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming unfinished blob fetches");
+    }
+    let router = app(AppState { mirror: mirror.clone(), local_blobs: Some(store) });
+    Ok((router, mirror))
+}
+
+/// Serves `router` on an already bound listener until `shutdown` resolves,
+/// then lets in-flight requests finish.
+pub async fn run(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,407 @@
+//! The embedded backend for `hubcap serve`: blobs as files under the data
+//! directory (written to a temporary name, renamed only once verified), the
+//! index in SQLite (WAL), and HMAC-signed, expiring blob URLs that the same
+//! process serves (the local stand-in for S3 presigned URLs).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+
+use super::{BlobRecord, BlobState, BlobStore, BlobWriter, Index, Linked, ManifestRecord, Result, StorageError, TagRecord, now};
+use crate::oci::Digest;
+
+/// Route prefix of the signed blob URLs this backend hands out.
+pub const BLOB_URL_PREFIX: &str = "/_hubcap/blobs/sha256/";
+
+// ---------------------------------------------------------------------------
+// Blob files
+// ---------------------------------------------------------------------------
+
+pub struct FsBlobStore {
+    root: PathBuf,
+    /// Signs blob URLs. Kept in the data directory so URLs survive a restart.
+    key: Vec<u8>,
+}
+
+impl FsBlobStore {
+    pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
+        std::fs::create_dir_all(data_dir.join("blobs/sha256"))?;
+        std::fs::create_dir_all(data_dir.join("tmp"))?;
+        // Leftovers of writes cut off by a crash are never visible; clear them.
+        for entry in std::fs::read_dir(data_dir.join("tmp"))? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        let key_path = data_dir.join("signing.key");
+        let key = match std::fs::read(&key_path) {
+            Ok(k) if k.len() >= 32 => k,
+            _ => {
+                let mut k = vec![0u8; 32];
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+                std::fs::write(&key_path, &k)?;
+                k
+            }
+        };
+        Ok(FsBlobStore { root: data_dir.to_owned(), key })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn mac(&self, digest: &Digest, expires: i64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(digest.as_str().as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    /// Checks a signed URL's signature and expiry.
+    pub fn verify(&self, digest: &Digest, expires: i64, sig_hex: &str) -> bool {
+        if expires < now() {
+            return false;
+        }
+        let Ok(sig) = hex::decode(sig_hex) else { return false };
+        self.mac(digest, expires).verify_slice(&sig).is_ok()
+    }
+
+    pub fn sign(&self, digest: &Digest, expires: i64) -> String {
+        hex::encode(self.mac(digest, expires).finalize().into_bytes())
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String> {
+        let expires = now() + ttl.as_secs() as i64;
+        Ok(format!("{BLOB_URL_PREFIX}{}?expires={expires}&sig={}", digest.hex(), self.sign(digest, expires)))
+    }
+
+    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(Box::new(FsBlobWriter { file: Some(file), tmp, dest: self.path(digest) }))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<()> {
+        match tokio::fs::remove_file(self.path(digest)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct FsBlobWriter {
+    file: Option<tokio::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+#[async_trait]
+impl BlobWriter for FsBlobWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        let file = self.file.as_mut().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
+        file.write_all(&chunk).await?;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        tokio::fs::rename(&self.tmp, &self.dest).await?;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        self.file.take();
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+        Ok(())
+    }
+}
+
+impl Drop for FsBlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SQLite index
+// ---------------------------------------------------------------------------
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS tags (
+    repo TEXT NOT NULL, tag TEXT NOT NULL, variant TEXT NOT NULL,
+    digest TEXT NOT NULL, media_type TEXT NOT NULL, checked_at INTEGER NOT NULL,
+    last_pulled INTEGER NOT NULL,
+    PRIMARY KEY (repo, tag, variant)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, body BLOB NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS links (
+    repo TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (repo, digest)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY, state TEXT NOT NULL, size INTEGER, source TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at INTEGER NOT NULL);
+";
+
+pub struct SqliteIndex {
+    // One connection: every statement is a few microseconds, and SQLite
+    // serialises writers anyway.
+    conn: Mutex<Connection>,
+}
+
+fn db_err(e: rusqlite::Error) -> StorageError {
+    StorageError::Index(e.to_string())
+}
+
+impl SqliteIndex {
+    pub fn open(path: &Path) -> Result<SqliteIndex> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        Ok(SqliteIndex { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(db_err)
+    }
+}
+
+fn digest_col(s: String) -> rusqlite::Result<Digest> {
+    Digest::parse(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn blob_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
+    Ok(BlobRecord {
+        digest: digest_col(row.get(0)?)?,
+        state: BlobState::parse(&row.get::<_, String>(1)?).unwrap_or(BlobState::Failed),
+        size: row.get::<_, Option<i64>>(2)?.map(|s| s as u64),
+        source: row.get(3)?,
+        attempts: row.get(4)?,
+        last_error: row.get(5)?,
+        updated_at: row.get(6)?,
+    })
+}
+
+const PEND_BLOB: &str = "INSERT INTO blobs (digest, state, size, source, attempts, updated_at)
+     VALUES (?1, 'pending', ?2, ?3, 0, ?4)
+     ON CONFLICT (digest) DO UPDATE SET state = 'pending', source = excluded.source,
+         updated_at = excluded.updated_at
+     WHERE blobs.state = 'failed'";
+
+#[async_trait]
+impl Index for SqliteIndex {
+    async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT digest, media_type, checked_at FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
+                .query_row(params![repo, tag, variant], |r| {
+                    Ok(TagRecord {
+                        repo: repo.to_owned(),
+                        tag: tag.to_owned(),
+                        variant: variant.to_owned(),
+                        digest: digest_col(r.get(0)?)?,
+                        media_type: r.get(1)?,
+                        checked_at: r.get(2)?,
+                    })
+                })
+                .optional()
+        })
+    }
+
+    async fn put_tag(&self, t: &TagRecord) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached(
+                "INSERT INTO tags (repo, tag, variant, digest, media_type, checked_at, last_pulled)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (repo, tag, variant) DO UPDATE SET digest = excluded.digest,
+                     media_type = excluded.media_type, checked_at = excluded.checked_at",
+            )?
+            .execute(params![t.repo, t.tag, t.variant, t.digest.as_str(), t.media_type, t.checked_at, now()])
+            .map(|_| ())
+        })
+    }
+
+    async fn touch_tag(&self, repo: &str, tag: &str, variant: &str, checked_at: i64) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("UPDATE tags SET checked_at = ?4 WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
+                .execute(params![repo, tag, variant, checked_at])
+                .map(|_| ())
+        })
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
+                .execute(params![repo, tag, variant])
+                .map(|_| ())
+        })
+    }
+
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Linked<ManifestRecord>> {
+        self.with(|c| {
+            let record = c
+                .prepare_cached("SELECT media_type, body FROM manifests WHERE digest = ?1")?
+                .query_row(params![digest.as_str()], |r| {
+                    Ok(ManifestRecord { digest: digest.clone(), media_type: r.get(0)?, body: Bytes::from(r.get::<_, Vec<u8>>(1)?) })
+                })
+                .optional()?;
+            let linked = record.is_some()
+                && c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?
+                    .exists(params![repo, digest.as_str()])?;
+            Ok(Linked { linked, record })
+        })
+    }
+
+    async fn put_manifest(&self, repo: &str, m: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>> {
+        let t = now();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut pending = Vec::new();
+            {
+                tx.prepare_cached("INSERT OR IGNORE INTO manifests (digest, media_type, body, created_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![m.digest.as_str(), m.media_type, &m.body[..], t])?;
+                let mut link = tx.prepare_cached("INSERT OR IGNORE INTO links (repo, digest) VALUES (?1, ?2)")?;
+                link.execute(params![repo, m.digest.as_str()])?;
+                let mut pend = tx.prepare_cached(PEND_BLOB)?;
+                for b in blobs {
+                    link.execute(params![repo, b.as_str()])?;
+                    if pend.execute(params![b.as_str(), Option::<i64>::None, repo, t])? > 0 {
+                        pending.push(b.clone());
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(pending)
+        })
+    }
+
+    async fn link(&self, repo: &str, digest: &Digest) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("INSERT OR IGNORE INTO links (repo, digest) VALUES (?1, ?2)")?
+                .execute(params![repo, digest.as_str()])
+                .map(|_| ())
+        })
+    }
+
+    async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>> {
+        self.with(|c| {
+            let record = c
+                .prepare_cached("SELECT digest, state, size, source, attempts, last_error, updated_at FROM blobs WHERE digest = ?1")?
+                .query_row(params![digest.as_str()], blob_row)
+                .optional()?;
+            let linked = c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?.exists(params![repo, digest.as_str()])?;
+            Ok(Linked { linked, record })
+        })
+    }
+
+    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached(PEND_BLOB)?
+                .execute(params![digest.as_str(), size.map(|s| s as i64), source, now()])
+                .map(|n| n > 0)
+        })
+    }
+
+    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
+                     attempts = attempts + (CASE WHEN ?2 = 'fetching' THEN 1 ELSE 0 END)
+                 WHERE digest = ?1",
+            )?
+            .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])
+            .map(|_| ())
+        })
+    }
+
+    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT digest, state, size, source, attempts, last_error, updated_at FROM blobs WHERE state IN ('pending', 'fetching')",
+            )?;
+            let rows = stmt.query_map([], blob_row)?;
+            rows.collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_first_miss_makes_a_blob_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SqliteIndex::open(&dir.path().join("index.db")).unwrap();
+        let m = ManifestRecord { digest: d('f'), media_type: "x".into(), body: Bytes::from_static(b"{}") };
+        let first = index.put_manifest("docker.io/a", &m, &[d('a'), d('b')]).await.unwrap();
+        assert_eq!(first, vec![d('a'), d('b')]);
+        let again = index.put_manifest("docker.io/b", &m, &[d('a'), d('b')]).await.unwrap();
+        assert!(again.is_empty());
+        assert!(!index.create_pending_blob(&d('a'), "docker.io/a", None).await.unwrap());
+        index.set_blob_state(&d('a'), BlobState::Failed, None, Some("boom")).await.unwrap();
+        assert!(index.create_pending_blob(&d('a'), "docker.io/a", None).await.unwrap());
+        assert!(index.blob("docker.io/b", &d('b')).await.unwrap().linked);
+        assert!(!index.blob("docker.io/c", &d('b')).await.unwrap().linked);
+    }
+
+    #[tokio::test]
+    async fn signed_urls_expire_and_bind_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let later = now() + 60;
+        let sig = store.sign(&d('a'), later);
+        assert!(store.verify(&d('a'), later, &sig));
+        assert!(!store.verify(&d('b'), later, &sig));
+        assert!(!store.verify(&d('a'), later + 1, &sig));
+        let past = now() - 1;
+        assert!(!store.verify(&d('a'), past, &store.sign(&d('a'), past)));
+        assert!(!store.verify(&d('a'), later, "zz"));
+    }
+
+    #[tokio::test]
+    async fn an_uncommitted_blob_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut w = store.begin(&d('a')).await.unwrap();
+        w.write(Bytes::from_static(b"partial")).await.unwrap();
+        drop(w);
+        assert_eq!(store.size(&d('a')).await.unwrap(), None);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let mut w = store.begin(&d('a')).await.unwrap();
+        w.write(Bytes::from_static(b"whole")).await.unwrap();
+        w.commit().await.unwrap();
+        assert_eq!(store.size(&d('a')).await.unwrap(), Some(5));
+    }
+}

@@ -1,0 +1,170 @@
+//! The two storage contracts of the mirror, `BlobStore` (content-addressed
+//! bytes) and `Index` (tags, manifests, repository links and blob states),
+//! plus the records they hold. The shapes fit both backends: the embedded one
+//! (files + SQLite, `local`) and the AWS one (S3 presigned URLs and multipart
+//! uploads, DynamoDB conditional writes).
+//!
+//! Nothing here knows HTTP or upstream registries.
+
+pub mod local;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::oci::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("index: {0}")]
+    Index(String),
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Seconds since the Unix epoch: the clock every record uses.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// A tag as last seen upstream. `variant` is empty for the manifest upstream
+/// returns to a client accepting every type; otherwise it is the key of the
+/// narrower Accept set that produced it (see `oci::Accept::key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagRecord {
+    pub repo: String,
+    pub tag: String,
+    pub variant: String,
+    pub digest: Digest,
+    pub media_type: String,
+    /// When upstream last confirmed this digest for the tag.
+    pub checked_at: i64,
+}
+
+/// A manifest exactly as upstream sent it; its digest is of these bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// Known and wanted; the fetcher has not claimed it yet.
+    Pending,
+    /// Being copied from upstream.
+    Fetching,
+    /// Stored, verified, servable.
+    Ready,
+    /// The last copy failed; a later request may retry it.
+    Failed,
+}
+
+impl BlobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobState::Pending => "pending",
+            BlobState::Fetching => "fetching",
+            BlobState::Ready => "ready",
+            BlobState::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<BlobState> {
+        Some(match s {
+            "pending" => BlobState::Pending,
+            "fetching" => BlobState::Fetching,
+            "ready" => BlobState::Ready,
+            "failed" => BlobState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRecord {
+    pub digest: Digest,
+    pub state: BlobState,
+    pub size: Option<u64>,
+    /// The repository (`registry/name`) the fetcher copies it from.
+    pub source: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub updated_at: i64,
+}
+
+/// What the index knows of one digest as seen from one repository.
+#[derive(Clone, Debug, Default)]
+pub struct Linked<T> {
+    /// The repository is known to contain the digest.
+    pub linked: bool,
+    pub record: Option<T>,
+}
+
+/// Tags, manifests, repository links and blob states.
+///
+/// Writes that decide who does work are conditional (`create_pending_blob`,
+/// `put_manifest`): only the first caller wins, so any number of concurrent
+/// misses enqueue one fetch.
+#[async_trait]
+pub trait Index: Send + Sync {
+    async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>>;
+    async fn put_tag(&self, tag: &TagRecord) -> Result<()>;
+    async fn touch_tag(&self, repo: &str, tag: &str, variant: &str, checked_at: i64) -> Result<()>;
+    async fn delete_tag(&self, repo: &str, tag: &str, variant: &str) -> Result<()>;
+
+    /// The manifest with this digest, and whether `repo` is linked to it.
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Linked<ManifestRecord>>;
+
+    /// Stores a manifest and links it to `repo`. For an image manifest, also
+    /// links its config and layers to `repo` and records each blob not yet
+    /// known as `pending` (sourced from `repo`). Returns the blobs this call
+    /// made pending: exactly the ones the caller must enqueue. One atomic act.
+    async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Records that `repo` contains `digest` (checked upstream).
+    async fn link(&self, repo: &str, digest: &Digest) -> Result<()>;
+
+    /// The blob's record, and whether `repo` is linked to it.
+    async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>>;
+
+    /// Makes the blob `pending` if it is unknown or `failed`. True when this
+    /// call did so (the caller then enqueues it).
+    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool>;
+
+    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()>;
+
+    /// Blobs left `pending` or `fetching` (for example by a restart).
+    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>>;
+}
+
+/// Content-addressed blob bytes.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Size of the stored blob, if it is stored.
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// A URL from which a client can GET the blob for `ttl`, made without a
+    /// network call. May be relative to the mirror's own origin.
+    async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String>;
+
+    /// Starts writing a blob. Nothing is visible until `commit`; a writer
+    /// dropped or aborted leaves nothing behind.
+    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
+
+    async fn delete(&self, digest: &Digest) -> Result<()>;
+}
+
+/// An in-progress blob upload. The caller verifies the bytes (digest and
+/// size) before it calls `commit`.
+#[async_trait]
+pub trait BlobWriter: Send {
+    async fn write(&mut self, chunk: Bytes) -> Result<()>;
+    async fn commit(self: Box<Self>) -> Result<()>;
+    async fn abort(self: Box<Self>) -> Result<()>;
+}

@@ -1,0 +1,460 @@
+//! The HTTP client for upstream registries (reqwest with rustls).
+//!
+//! It owns the registry token flow (`WWW-Authenticate: Bearer realm,service,
+//! scope`, anonymous or with credentials, tokens cached until they expire),
+//! retries with backoff for idempotent requests, `429 Retry-After`, following
+//! Docker Hub's blob redirects to its CDN, and the last `ratelimit-remaining`
+//! seen. It verifies nothing about content: the service and the fetcher do.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+
+use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
+
+/// Longest `Retry-After` the mirror waits out itself before giving up.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Upstream credentials. `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found upstream")]
+    NotFound,
+    #[error("upstream rate limit reached")]
+    RateLimited { retry_after: Option<u64> },
+    #[error("upstream denied access: {0}")]
+    Denied(String),
+    #[error("upstream answered HTTP {0}")]
+    Status(u16),
+    #[error("upstream unreachable: {0}")]
+    Transport(String),
+    #[error("upstream sent invalid data: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
+
+/// How persistent a request is.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    pub attempts: u32,
+    /// Wait out a 429's `Retry-After` (when short) instead of failing.
+    pub wait_rate_limit: bool,
+}
+
+impl Retry {
+    /// For fetches a client is waiting on: a few tries with backoff.
+    pub const FETCH: Retry = Retry { attempts: 3, wait_rate_limit: true };
+    /// For re-validation that has a cached answer to fall back on: one try.
+    pub const ONCE: Retry = Retry { attempts: 1, wait_rate_limit: false };
+}
+
+/// A manifest as upstream sent it.
+#[derive(Debug)]
+pub struct UpstreamManifest {
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    /// Upstream's `Docker-Content-Digest`, when it sent one.
+    pub digest: Option<Digest>,
+}
+
+/// A page of upstream's tag list.
+#[derive(Debug)]
+pub struct TagsPage {
+    pub body: Bytes,
+    /// The `last` parameter of upstream's next page, if there is one.
+    pub next_last: Option<String>,
+}
+
+struct CachedAuth {
+    header: HeaderValue,
+    expires: Instant,
+}
+
+/// One upstream registry.
+pub struct Upstream {
+    pub registry: String,
+    base: String,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    /// Authorization header per scope, until it expires.
+    auth: Mutex<HashMap<String, CachedAuth>>,
+    ratelimit_remaining: AtomicI64,
+    requests: AtomicU64,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream").field("registry", &self.registry).field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    pub fn new(registry: &str, base_url: &str, credentials: Option<Credentials>) -> Result<Upstream, String> {
+        let url = url::Url::parse(base_url).map_err(|e| format!("upstream {registry}: invalid URL {base_url:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("upstream {registry}: URL must be http or https"));
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(30))
+            // Docker Hub answers blob GETs with a 307 to its CDN; reqwest
+            // drops our Authorization header when the host changes.
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|e| format!("upstream {registry}: {e}"))?;
+        Ok(Upstream {
+            registry: registry.to_owned(),
+            base: base_url.trim_end_matches('/').to_owned(),
+            http,
+            credentials,
+            auth: Mutex::new(HashMap::new()),
+            ratelimit_remaining: AtomicI64::new(-1),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// The last `ratelimit-remaining` upstream reported, if any.
+    pub fn ratelimit_remaining(&self) -> Option<i64> {
+        let v = self.ratelimit_remaining.load(Ordering::Relaxed);
+        (v >= 0).then_some(v)
+    }
+
+    /// Requests sent upstream so far (token requests included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn url(&self, repo: &RepoPath, tail: &str) -> String {
+        format!("{}/v2/{}/{}", self.base, repo.name, tail)
+    }
+
+    pub async fn get_manifest(&self, repo: &RepoPath, reference: &str, accept: &[&str], retry: Retry) -> Result<UpstreamManifest> {
+        let resp = self.send(Method::GET, &self.url(repo, &format!("manifests/{reference}")), repo, accept_header(accept), retry).await?;
+        let content_type = header_str(resp.headers(), CONTENT_TYPE.as_str());
+        let digest = header_digest(resp.headers())?;
+        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
+            return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
+        }
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(UpstreamManifest { body: body.freeze(), content_type, digest })
+    }
+
+    /// `HEAD` a manifest: its digest and media type, without a body (Docker
+    /// Hub does not count HEADs against the pull limit). `None` when upstream
+    /// has no such manifest.
+    pub async fn head_manifest(&self, repo: &RepoPath, reference: &str, accept: &[&str], retry: Retry) -> Result<Option<(Digest, String)>> {
+        match self.send(Method::HEAD, &self.url(repo, &format!("manifests/{reference}")), repo, accept_header(accept), retry).await {
+            Ok(resp) => {
+                let digest = header_digest(resp.headers())?
+                    .ok_or_else(|| UpstreamError::Invalid("manifest HEAD without Docker-Content-Digest".into()))?;
+                let media_type = header_str(resp.headers(), CONTENT_TYPE.as_str()).unwrap_or_default();
+                Ok(Some((digest, media_type)))
+            }
+            Err(UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `HEAD` a blob in `repo`: its size, or `None` when the repository does
+    /// not contain it.
+    pub async fn head_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<Option<u64>> {
+        match self.send(Method::HEAD, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await {
+            Ok(resp) => Ok(Some(
+                header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()).unwrap_or(0),
+            )),
+            Err(UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET` a blob, following redirects; the body is the caller's to stream.
+    pub async fn get_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<reqwest::Response> {
+        self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await
+    }
+
+    pub async fn tags(&self, repo: &RepoPath, n: Option<u32>, last: Option<&str>, retry: Retry) -> Result<TagsPage> {
+        let mut url = url::Url::parse(&self.url(repo, "tags/list")).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(last) = last {
+                q.append_pair("last", last);
+            }
+        }
+        let url = url.to_string().trim_end_matches('?').to_owned();
+        let resp = self.send(Method::GET, &url, repo, HeaderMap::new(), retry).await?;
+        let next_last = header_str(resp.headers(), "link").and_then(|l| link_last(&l));
+        let body = resp.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        Ok(TagsPage { body, next_last })
+    }
+
+    /// Sends a request with auth and retries; returns a 2xx response.
+    async fn send(&self, method: Method, url: &str, repo: &RepoPath, headers: HeaderMap, retry: Retry) -> Result<reqwest::Response> {
+        let scope = format!("repository:{}:pull", repo.name);
+        let mut authenticated = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), url).headers(headers.clone());
+            if let Some(auth) = self.cached_auth(&scope) {
+                req = req.header(AUTHORIZATION, auth);
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let failure = match req.send().await {
+                Ok(resp) => {
+                    self.note_ratelimit(resp.headers());
+                    let status = resp.status();
+                    if status.is_success() {
+                        return Ok(resp);
+                    }
+                    match status {
+                        StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
+                        StatusCode::UNAUTHORIZED if !authenticated => {
+                            let challenge = header_str(resp.headers(), WWW_AUTHENTICATE.as_str()).unwrap_or_default();
+                            self.authenticate(&challenge, &scope, repo).await?;
+                            authenticated = true;
+                            attempt -= 1; // the challenge round-trip is not a failure
+                            continue;
+                        }
+                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                            return Err(UpstreamError::Denied(format!("HTTP {}", status.as_u16())));
+                        }
+                        StatusCode::TOO_MANY_REQUESTS => {
+                            let after = retry_after(resp.headers());
+                            let wait = Duration::from_secs(after.unwrap_or(1));
+                            if !retry.wait_rate_limit || attempt >= retry.attempts || wait > MAX_RETRY_AFTER {
+                                return Err(UpstreamError::RateLimited { retry_after: after });
+                            }
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        s if s.is_server_error() => UpstreamError::Status(s.as_u16()),
+                        s => return Err(UpstreamError::Status(s.as_u16())),
+                    }
+                }
+                Err(e) => UpstreamError::Transport(error_chain(&e)),
+            };
+            if attempt >= retry.attempts {
+                return Err(failure);
+            }
+            tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(4))).await;
+        }
+    }
+
+    fn cached_auth(&self, scope: &str) -> Option<HeaderValue> {
+        let map = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(scope).filter(|a| a.expires > Instant::now()).map(|a| a.header.clone())
+    }
+
+    /// Answers a 401 challenge: a bearer token from the realm, or basic auth.
+    async fn authenticate(&self, challenge: &str, scope: &str, repo: &RepoPath) -> Result<()> {
+        let (scheme, params) = parse_challenge(challenge);
+        let header = match scheme.as_str() {
+            "bearer" => {
+                let realm = params.get("realm").ok_or_else(|| UpstreamError::Invalid("bearer challenge without realm".into()))?;
+                let mut realm_url = url::Url::parse(realm).map_err(|e| UpstreamError::Invalid(format!("token realm: {e}")))?;
+                // A token realm over plain http would expose credentials; only
+                // an upstream that is itself configured over http may use one.
+                if realm_url.scheme() != "https" && !(realm_url.scheme() == "http" && self.base.starts_with("http://")) {
+                    return Err(UpstreamError::Invalid(format!("token realm must be https, got {realm_url}")));
+                }
+                {
+                    let mut q = realm_url.query_pairs_mut();
+                    if let Some(service) = params.get("service") {
+                        q.append_pair("service", service);
+                    }
+                    q.append_pair("scope", scope);
+                }
+                let mut req = self.http.get(realm_url);
+                if let Some(c) = &self.credentials {
+                    req = req.basic_auth(&c.username, Some(&c.password));
+                }
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                let resp = req.send().await.map_err(|e| UpstreamError::Transport(error_chain(&e)))?;
+                self.note_ratelimit(resp.headers());
+                match resp.status() {
+                    s if s.is_success() => {}
+                    StatusCode::TOO_MANY_REQUESTS => return Err(UpstreamError::RateLimited { retry_after: retry_after(resp.headers()) }),
+                    s if s.is_server_error() => return Err(UpstreamError::Status(s.as_u16())),
+                    s => return Err(UpstreamError::Denied(format!("token endpoint answered HTTP {} for {repo}", s.as_u16()))),
+                }
+                let raw = resp.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+                let token: TokenResponse = serde_json::from_slice(&raw).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+                let value = token.token.or(token.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
+                let ttl = token.expires_in.unwrap_or(60).max(10);
+                // Refresh a little before upstream's expiry.
+                let expires = Instant::now() + Duration::from_secs(ttl - ttl / 10);
+                (HeaderValue::from_str(&format!("Bearer {value}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?, expires)
+            }
+            "basic" => {
+                let c = self.credentials.as_ref().ok_or_else(|| UpstreamError::Denied("upstream wants credentials".into()))?;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
+                let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| UpstreamError::Invalid("credentials".into()))?;
+                v.set_sensitive(true);
+                (v, Instant::now() + Duration::from_secs(3600))
+            }
+            _ => return Err(UpstreamError::Denied(format!("unsupported auth challenge {scheme:?}"))),
+        };
+        let (mut value, expires) = header;
+        value.set_sensitive(true);
+        self.auth.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.to_owned(), CachedAuth { header: value, expires });
+        Ok(())
+    }
+
+    fn note_ratelimit(&self, headers: &HeaderMap) {
+        if let Some(v) = header_str(headers, "ratelimit-remaining") {
+            if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
+                self.ratelimit_remaining.store(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+fn accept_header(types: &[&str]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&types.join(", ")) {
+        h.insert(ACCEPT, v);
+    }
+    h
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn header_digest(h: &HeaderMap) -> Result<Option<Digest>> {
+    match header_str(h, "docker-content-digest") {
+        None => Ok(None),
+        Some(d) => Digest::parse(d.trim()).map(Some).map_err(|e| UpstreamError::Invalid(e.message.into_owned())),
+    }
+}
+
+fn retry_after(h: &HeaderMap) -> Option<u64> {
+    header_str(h, RETRY_AFTER.as_str()).and_then(|v| v.trim().parse().ok())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Parses `Bearer realm="...",service="...",scope="a,b"` (quoted values may
+/// hold commas). The scheme is lowercased.
+pub fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
+    let h = h.trim();
+    let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_ascii_lowercase();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                value.push(*c);
+                chars.next();
+            }
+            value = value.trim().to_owned();
+        }
+        params.insert(key, value);
+    }
+    (scheme.to_ascii_lowercase(), params)
+}
+
+/// The `last` query parameter of a `Link: <...?last=x&n=y>; rel="next"` header.
+fn link_last(link: &str) -> Option<String> {
+    let target = link.split_once('<')?.1.split_once('>')?.0;
+    let url = url::Url::parse("http://upstream").ok()?.join(target).ok()?;
+    url.query_pairs().find(|(k, _)| k == "last").map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_keep_quoted_commas() {
+        let (scheme, p) = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
+        assert_eq!(scheme, "bearer");
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        let (scheme, p) = parse_challenge(r#"Basic realm=registry"#);
+        assert_eq!(scheme, "basic");
+        assert_eq!(p["realm"], "registry");
+    }
+
+    #[test]
+    fn link_headers_yield_the_next_page() {
+        assert_eq!(link_last(r#"</v2/library/a/tags/list?last=v2&n=2>; rel="next""#), Some("v2".into()));
+        assert_eq!(link_last("garbage"), None);
+    }
+
+    #[test]
+    fn credentials_never_print_their_secret() {
+        let c = Credentials { username: "me".into(), password: "s3cret".into() };
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}
