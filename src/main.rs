@@ -103,6 +103,7 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
             blob_wait: secs(args.blob_wait),
             url_ttl: secs(args.url_ttl),
             revalidate_timeout: secs(args.revalidate_timeout),
+            ..MirrorConfig::default()
         },
         fetch_concurrency: args.fetch_concurrency,
     };

@@ -20,10 +20,6 @@ use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryErr
 use crate::storage::{BlobState, BlobStore, Index, ManifestRecord, StorageError, TagRecord, now};
 use crate::upstream::{Retry, TagsPage, Upstream, UpstreamError};
 
-/// How long the mirror stops asking an upstream that just failed a
-/// re-validation; meanwhile cached tags are served at once.
-const UPSTREAM_BACKOFF: Duration = Duration::from_secs(10);
-
 #[derive(Clone, Debug)]
 pub struct MirrorConfig {
     /// How long a tag is trusted before it is re-validated upstream.
@@ -34,6 +30,9 @@ pub struct MirrorConfig {
     pub url_ttl: Duration,
     /// Longest a tag re-validation may take before the cached tag is served.
     pub revalidate_timeout: Duration,
+    /// How long the mirror stops asking an upstream that just failed a
+    /// re-validation; meanwhile cached tags are served at once.
+    pub upstream_backoff: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -43,6 +42,7 @@ impl Default for MirrorConfig {
             blob_wait: Duration::from_secs(20),
             url_ttl: Duration::from_secs(900),
             revalidate_timeout: Duration::from_secs(3),
+            upstream_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -315,13 +315,13 @@ impl Mirror {
                 Ok(Err(e)) => {
                     let pause = match &e {
                         UpstreamError::RateLimited { retry_after: Some(s) } => Duration::from_secs((*s).clamp(1, 300)),
-                        _ => UPSTREAM_BACKOFF,
+                        _ => self.cfg.upstream_backoff,
                     };
                     self.upstreams.back_off(&repo.registry, pause);
                     e.to_string()
                 }
                 Err(_) => {
-                    self.upstreams.back_off(&repo.registry, UPSTREAM_BACKOFF);
+                    self.upstreams.back_off(&repo.registry, self.cfg.upstream_backoff);
                     format!("no answer within {:?}", self.cfg.revalidate_timeout)
                 }
             };

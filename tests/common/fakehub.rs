@@ -1,0 +1,369 @@
+//! A fake Docker Hub on loopback: token auth with 401 challenges,
+//! `ratelimit-*` headers, blob GETs answered with a 307 to a separate
+//! CDN-like listener, per-request counters, and fault switches.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::images::{Image, Published};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    None,
+    /// Every registry request answers 429 with `Retry-After`.
+    RateLimit,
+    /// Every registry request answers 500.
+    ServerError,
+    /// Every registry request waits this long first.
+    Slow(Duration),
+    /// CDN blob bodies stop half-way (the connection drops).
+    Truncate,
+    /// CDN blob bodies have one byte flipped (same length).
+    WrongBytes,
+}
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub manifest_get: AtomicUsize,
+    pub manifest_head: AtomicUsize,
+    pub blob_get: AtomicUsize,
+    pub blob_head: AtomicUsize,
+    pub cdn_get: AtomicUsize,
+    pub token: AtomicUsize,
+    pub tags_list: AtomicUsize,
+    /// Requests that reached the CDN carrying an Authorization header.
+    pub cdn_saw_authorization: AtomicUsize,
+}
+
+impl Counters {
+    pub fn get(&self, c: &AtomicUsize) -> usize {
+        c.load(Ordering::SeqCst)
+    }
+}
+
+pub struct HubState {
+    cdn_url: Mutex<String>,
+    realm: Mutex<String>,
+    /// repo -> reference (tag or digest) -> (media type, bytes)
+    manifests: Mutex<HashMap<String, BTreeMap<String, (String, Bytes)>>>,
+    blobs: Mutex<HashMap<String, Bytes>>,
+    repo_blobs: Mutex<HashMap<String, HashSet<String>>>,
+    pub counters: Counters,
+    pub cdn_per_blob: Mutex<HashMap<String, usize>>,
+    pub fault: Mutex<Fault>,
+    credentials: Option<(String, String)>,
+    tokens: Mutex<HashSet<String>>,
+    ratelimit_remaining: AtomicI64,
+}
+
+pub struct FakeHub {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub state: Arc<HubState>,
+    stop: Vec<oneshot::Sender<()>>,
+}
+
+impl FakeHub {
+    /// Anonymous token auth, like Docker Hub for public images.
+    pub async fn start() -> FakeHub {
+        FakeHub::start_with(None).await
+    }
+
+    /// Token auth that needs these basic credentials at the token endpoint.
+    pub async fn start_with(credentials: Option<(&str, &str)>) -> FakeHub {
+        let state = Arc::new(HubState {
+            cdn_url: Mutex::default(),
+            realm: Mutex::default(),
+            manifests: Mutex::default(),
+            blobs: Mutex::default(),
+            repo_blobs: Mutex::default(),
+            counters: Counters::default(),
+            cdn_per_blob: Mutex::default(),
+            fault: Mutex::new(Fault::None),
+            credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            tokens: Mutex::default(),
+            ratelimit_remaining: AtomicI64::new(100),
+        });
+        let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = registry.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        *state.cdn_url.lock().unwrap() = format!("http://{}", cdn.local_addr().unwrap());
+        *state.realm.lock().unwrap() = format!("{url}/token");
+        let registry_app = Router::new()
+            .route("/token", get(token))
+            .route("/v2/", get(base))
+            .route("/v2/{*rest}", any(registry_route))
+            .with_state(state.clone());
+        let cdn_app = Router::new().route("/blobs/{digest}", get(cdn_blob)).with_state(state.clone());
+        let mut stop = Vec::new();
+        for (listener, app) in [(registry, registry_app), (cdn, cdn_app)] {
+            let (tx, rx) = oneshot::channel::<()>();
+            stop.push(tx);
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        }
+        FakeHub { url, addr, state, stop }
+    }
+
+    /// Stops listening and closes idle connections: upstream is down.
+    pub async fn stop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        *self.state.fault.lock().unwrap() = fault;
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+
+    pub fn count(&self, pick: impl Fn(&Counters) -> &AtomicUsize) -> usize {
+        pick(&self.state.counters).load(Ordering::SeqCst)
+    }
+
+    pub fn cdn_gets(&self, digest: &str) -> usize {
+        self.state.cdn_per_blob.lock().unwrap().get(digest).copied().unwrap_or(0)
+    }
+
+    /// Publishes an image or index (and its children) under `repo:tag`.
+    pub fn publish(&self, repo: &str, tag: &str, published: &Published) {
+        for image in published.images() {
+            self.put_image(repo, image);
+        }
+        let (mt, body) = published.top();
+        let digest = published.digest();
+        let mut m = self.state.manifests.lock().unwrap();
+        let entry = m.entry(repo.to_owned()).or_default();
+        entry.insert(tag.to_owned(), (mt.clone(), body.clone()));
+        entry.insert(digest, (mt, body));
+    }
+
+    fn put_image(&self, repo: &str, image: &Image) {
+        let mut blobs = self.state.blobs.lock().unwrap();
+        let mut repo_blobs = self.state.repo_blobs.lock().unwrap();
+        let set = repo_blobs.entry(repo.to_owned()).or_default();
+        for (digest, bytes) in image.blobs() {
+            blobs.insert(digest.clone(), bytes.clone());
+            set.insert(digest);
+        }
+        self.state
+            .manifests
+            .lock()
+            .unwrap()
+            .entry(repo.to_owned())
+            .or_default()
+            .insert(image.digest.clone(), (image.media_type.clone(), image.manifest.clone()));
+    }
+
+    /// Removes a tag upstream.
+    pub fn untag(&self, repo: &str, tag: &str) {
+        if let Some(m) = self.state.manifests.lock().unwrap().get_mut(repo) {
+            m.remove(tag);
+        }
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn base() -> &'static str {
+    "{}"
+}
+
+async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request) -> Response {
+    s.counters.token.fetch_add(1, Ordering::SeqCst);
+    if let Some((user, pass)) = &s.credentials {
+        use base64::Engine as _;
+        let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+        if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
+            return (StatusCode::UNAUTHORIZED, "bad credentials").into_response();
+        }
+    }
+    let q = req.uri().query().unwrap_or("");
+    assert!(q.contains("scope=repository"), "token request without scope: {q}");
+    let t = format!("tok-{}", s.counters.token.load(Ordering::SeqCst));
+    s.tokens.lock().unwrap().insert(t.clone());
+    axum::Json(serde_json::json!({ "token": t, "expires_in": 300 })).into_response()
+}
+
+fn oci_error(status: StatusCode, code: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], format!(r#"{{"errors":[{{"code":"{code}","message":"fake"}}]}}"#)).into_response()
+}
+
+fn ratelimit(s: &HubState, resp: &mut Response, spend: bool) {
+    let left = if spend { s.ratelimit_remaining.fetch_sub(1, Ordering::SeqCst) - 1 } else { s.ratelimit_remaining.load(Ordering::SeqCst) };
+    resp.headers_mut().insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
+    resp.headers_mut().insert("ratelimit-remaining", HeaderValue::from_str(&format!("{left};w=21600")).unwrap());
+}
+
+async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Response {
+    let path = req.uri().path().trim_start_matches("/v2/").to_owned();
+    let method = req.method().clone();
+    // Token auth: every request needs a bearer token issued by /token.
+    let authorized = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| s.tokens.lock().unwrap().contains(t));
+    let name = path.rsplit_once("/manifests/").or_else(|| path.rsplit_once("/blobs/")).map(|(n, _)| n).or_else(|| path.strip_suffix("/tags/list")).unwrap_or("").to_owned();
+    if !authorized {
+        let realm = s.realm.lock().unwrap().clone();
+        let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_str(&format!(r#"Bearer realm="{realm}",service="fakehub",scope="repository:{name}:pull""#)).unwrap(),
+        );
+        return resp;
+    }
+    let fault = s.fault.lock().unwrap().clone();
+    match fault {
+        Fault::RateLimit => {
+            let mut r = oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+            ratelimit(&s, &mut r, false);
+            return r;
+        }
+        Fault::ServerError => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        Fault::Slow(d) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+    if let Some((name, reference)) = path.rsplit_once("/manifests/") {
+        let accept: Vec<String> = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|x| x.split(';').next().unwrap().trim().to_owned()))
+            .collect();
+        let found = {
+            let m = s.manifests.lock().unwrap();
+            m.get(name).and_then(|r| r.get(reference).cloned()).map(|(mt, body)| {
+                // Like Docker Hub: a client that takes no index gets the
+                // first child manifest it does accept.
+                if (mt.contains("index") || mt.contains("list")) && !accept.iter().any(|a| *a == mt) && !reference.starts_with("sha256:") {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    for child in v["manifests"].as_array().unwrap() {
+                        let d = child["digest"].as_str().unwrap();
+                        if let Some((cmt, cbody)) = m[name].get(d) {
+                            if accept.iter().any(|a| a == cmt) {
+                                return (cmt.clone(), cbody.clone());
+                            }
+                        }
+                    }
+                }
+                (mt, body)
+            })
+        };
+        let Some((mt, body)) = found else { return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN") };
+        let head = method == Method::HEAD;
+        if head {
+            s.counters.manifest_head.fetch_add(1, Ordering::SeqCst);
+        } else {
+            s.counters.manifest_get.fetch_add(1, Ordering::SeqCst);
+        }
+        let digest = super::images::sha256(&body);
+        let len = body.len();
+        let mut resp = Response::new(if head { Body::empty() } else { Body::from(body) });
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(&mt).unwrap());
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        resp.headers_mut().insert("docker-content-digest", HeaderValue::from_str(&digest).unwrap());
+        ratelimit(&s, &mut resp, !head);
+        return resp;
+    }
+    if let Some((name, digest)) = path.rsplit_once("/blobs/") {
+        let known = s.repo_blobs.lock().unwrap().get(name).is_some_and(|set| set.contains(digest));
+        let size = s.blobs.lock().unwrap().get(digest).map(|b| b.len());
+        let (true, Some(size)) = (known, size) else { return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN") };
+        if method == Method::HEAD {
+            s.counters.blob_head.fetch_add(1, Ordering::SeqCst);
+            let mut resp = Response::new(Body::empty());
+            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            resp.headers_mut().insert("docker-content-digest", HeaderValue::from_str(digest).unwrap());
+            return resp;
+        }
+        s.counters.blob_get.fetch_add(1, Ordering::SeqCst);
+        let cdn = s.cdn_url.lock().unwrap().clone();
+        return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("{cdn}/blobs/{digest}?sig=cdn"))]).into_response();
+    }
+    if let Some(name) = path.strip_suffix("/tags/list") {
+        s.counters.tags_list.fetch_add(1, Ordering::SeqCst);
+        let q: HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
+        let m = s.manifests.lock().unwrap();
+        let Some(refs) = m.get(name) else { return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN") };
+        let mut tags: Vec<&String> = refs.keys().filter(|r| !r.starts_with("sha256:")).collect();
+        tags.sort();
+        if let Some(last) = q.get("last") {
+            tags.retain(|t| t.as_str() > last.as_str());
+        }
+        let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let more = tags.len() > n;
+        tags.truncate(n);
+        let body = serde_json::json!({ "name": name, "tags": tags }).to_string();
+        let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if more {
+            let last = tags.last().unwrap();
+            resp.headers_mut().insert(header::LINK, HeaderValue::from_str(&format!(r#"</v2/{name}/tags/list?last={last}&n={n}>; rel="next""#)).unwrap());
+        }
+        return resp;
+    }
+    oci_error(StatusCode::NOT_FOUND, "NOT_FOUND")
+}
+
+async fn cdn_blob(State(s): State<Arc<HubState>>, axum::extract::Path(digest): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+    s.counters.cdn_get.fetch_add(1, Ordering::SeqCst);
+    if headers.contains_key(header::AUTHORIZATION) {
+        s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);
+    }
+    *s.cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    let Some(bytes) = s.blobs.lock().unwrap().get(&digest).cloned() else { return StatusCode::NOT_FOUND.into_response() };
+    let fault = s.fault.lock().unwrap().clone();
+    let len = bytes.len();
+    let body = match fault {
+        Fault::Truncate => {
+            let half = bytes.slice(0..len / 2);
+            Body::from_stream(futures_util::stream::iter(vec![
+                Ok::<Bytes, std::io::Error>(half),
+                Err(std::io::Error::other("connection cut")),
+            ]))
+        }
+        Fault::WrongBytes => {
+            let mut v = bytes.to_vec();
+            v[len / 2] ^= 0xff;
+            Body::from(v)
+        }
+        _ => Body::from(bytes),
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    resp
+}

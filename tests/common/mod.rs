@@ -1,0 +1,144 @@
+//! Test harness: the fake Docker Hub, test images, an in-process `hubcap`
+//! on loopback, and a pull that behaves like a container client and checks
+//! every byte it receives.
+#![allow(dead_code)]
+
+pub mod fakehub;
+pub mod images;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubcap::proxy::{Mirror, MirrorConfig};
+use hubcap::serve::{ServeOptions, build_local, run};
+use tokio::sync::oneshot;
+
+pub use images::{ALL_MANIFESTS, sha256};
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HUBCAP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn config() -> MirrorConfig {
+    MirrorConfig {
+        tag_ttl: Duration::from_secs(600),
+        blob_wait: Duration::from_secs(20),
+        url_ttl: Duration::from_secs(900),
+        revalidate_timeout: Duration::from_secs(1),
+        upstream_backoff: Duration::from_millis(200),
+    }
+}
+
+/// A `hubcap serve` running in this process on 127.0.0.1:0.
+pub struct Hubcap {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub mirror: Arc<Mirror>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Hubcap {
+    pub async fn start(data: &Path, upstreams: Vec<String>, mirror: MirrorConfig) -> Hubcap {
+        Hubcap::start_opts(ServeOptions { data_dir: data.to_owned(), upstreams, credentials: None, mirror, fetch_concurrency: 8 }).await
+    }
+
+    pub async fn start_opts(opts: ServeOptions) -> Hubcap {
+        init_logs();
+        let (router, mirror) = build_local(&opts).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(listener, router, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Hubcap { url: format!("http://{addr}"), addr, mirror, stop: Some(tx), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// A client that does not follow redirects, so 307s can be checked.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+#[derive(Debug)]
+pub struct Pulled {
+    pub digest: String,
+    pub media_type: String,
+    /// The platform manifest's digest (same as `digest` for a plain image).
+    pub image_digest: String,
+    pub blobs: Vec<String>,
+}
+
+/// GETs a manifest with `accept`; checks status 200 and the digest header
+/// against the bytes. Returns (media type, digest, body).
+pub async fn get_manifest(http: &reqwest::Client, base: &str, name: &str, reference: &str, accept: &str) -> (String, String, bytes::Bytes) {
+    let resp = http.get(format!("{base}/v2/{name}/manifests/{reference}")).header("accept", accept).send().await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(status, 200, "manifest {name}:{reference}: {}", String::from_utf8_lossy(&body));
+    let digest = headers["docker-content-digest"].to_str().unwrap().to_owned();
+    assert_eq!(digest, sha256(&body), "digest header matches the bytes");
+    assert_eq!(headers["content-length"].to_str().unwrap(), body.len().to_string());
+    let mt = headers["content-type"].to_str().unwrap().to_owned();
+    (mt, digest, body)
+}
+
+/// GETs a blob through the 307 and checks its bytes hash to `digest`.
+pub async fn get_blob(http: &reqwest::Client, base: &str, name: &str, digest: &str) -> bytes::Bytes {
+    let resp = http.get(format!("{base}/v2/{name}/blobs/{digest}")).send().await.unwrap();
+    assert_eq!(resp.status(), 307, "blob {digest}: {:?}", resp.text().await);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let url = if location.starts_with('/') { format!("{base}{location}") } else { location };
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "blob URL {url}");
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(sha256(&body), digest, "blob bytes match their digest");
+    body
+}
+
+/// Pulls like a container client: manifest by tag (all types accepted),
+/// the amd64 image of an index, then config and layers, every byte checked.
+pub async fn pull(http: &reqwest::Client, base: &str, name: &str, reference: &str) -> Pulled {
+    let (media_type, digest, body) = get_manifest(http, base, name, reference, ALL_MANIFESTS).await;
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut image_digest = digest.clone();
+    if let Some(children) = v.get("manifests").and_then(|m| m.as_array()).cloned() {
+        let child = children.iter().find(|c| c["platform"]["architecture"] == "amd64").unwrap_or(&children[0]);
+        let d = child["digest"].as_str().unwrap();
+        let (_, cd, cbody) = get_manifest(http, base, name, d, ALL_MANIFESTS).await;
+        image_digest = cd;
+        v = serde_json::from_slice(&cbody).unwrap();
+    }
+    let mut blobs = vec![v["config"]["digest"].as_str().unwrap().to_owned()];
+    blobs.extend(v["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()));
+    for b in &blobs {
+        get_blob(http, base, name, b).await;
+    }
+    Pulled { digest, media_type, image_digest, blobs }
+}
+
+/// The OCI error code of a response body.
+pub async fn error_code(resp: reqwest::Response) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or_default();
+    v["errors"][0]["code"].as_str().unwrap_or("").to_owned()
+}

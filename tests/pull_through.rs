@@ -1,0 +1,434 @@
+//! Stories of the pull-through cache, driven over HTTP against the fake
+//! Docker Hub on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::fakehub::{Fault, FakeHub};
+use common::images::{self, Format, Published};
+use common::{Hubcap, client, config, error_code, get_blob, get_manifest, pull};
+
+async fn setup() -> (FakeHub, tempfile::TempDir, Hubcap) {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], config()).await;
+    (hub, dir, mirror)
+}
+
+fn three_layer(seed: u64) -> Published {
+    Published::Image(images::small_image(Format::Docker, "amd64", seed, 3))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_pull_makes_no_upstream_get() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = three_layer(1);
+    hub.publish("library/alpine", "3.20", &img);
+    let http = client();
+
+    let first = pull(&http, &mirror.url, "alpine", "3.20").await;
+    assert_eq!(first.digest, img.digest());
+    assert_eq!(hub.count(|c| &c.manifest_get), 1);
+    assert_eq!(hub.count(|c| &c.cdn_get), 4, "config and three layers, each copied once");
+    assert_eq!(hub.count(|c| &c.cdn_saw_authorization), 0, "the upstream token never reaches the CDN");
+
+    let before = (hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head), hub.count(|c| &c.blob_get), hub.count(|c| &c.cdn_get));
+    let second = pull(&http, &mirror.url, "library/alpine", "3.20").await;
+    assert_eq!(second.digest, first.digest);
+    let after = (hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head), hub.count(|c| &c.blob_get), hub.count(|c| &c.cdn_get));
+    assert_eq!(before, after, "the second pull is served from the cache alone");
+    assert_eq!(hub.count(|c| &c.token), 1, "one token, reused until it expires");
+
+    let head = http.head(format!("{}/v2/alpine/manifests/3.20", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], img.top().1.len().to_string().as_str());
+    assert_eq!(head.headers()["docker-content-digest"], img.digest().as_str());
+    assert!(head.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_the_ttl_only_a_head_goes_upstream() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.tag_ttl = Duration::from_secs(1);
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    let img = three_layer(2);
+    hub.publish("library/redis", "7", &img);
+    let http = client();
+    pull(&http, &mirror.url, "redis", "7").await;
+    assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 0));
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = http.get(format!("{}/v2/redis/manifests/7", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "revalidated");
+    assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 1), "an unchanged tag costs a HEAD, no GET");
+
+    // Within the fresh TTL again: nothing upstream.
+    let resp = http.get(format!("{}/v2/redis/manifests/7", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.headers()["x-cache"], "hit");
+    assert_eq!(hub.count(|c| &c.manifest_head), 1);
+
+    // The tag moves upstream: after the TTL the new image is served.
+    let newer = three_layer(3);
+    hub.publish("library/redis", "7", &newer);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let pulled = pull(&http, &mirror.url, "redis", "7").await;
+    assert_eq!(pulled.digest, newer.digest());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_ttl_of_zero_checks_every_time() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.tag_ttl = Duration::ZERO;
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    hub.publish("library/nginx", "1", &three_layer(4));
+    let http = client();
+    for _ in 0..3 {
+        get_manifest(&http, &mirror.url, "nginx", "1", common::ALL_MANIFESTS).await;
+    }
+    assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_upstream_is_down_cached_tags_are_still_served() {
+    let mut hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.tag_ttl = Duration::from_secs(1);
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    let img = three_layer(5);
+    hub.publish("library/postgres", "16", &img);
+    let http = client();
+    pull(&http, &mirror.url, "postgres", "16").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    for fault in [Fault::ServerError, Fault::Slow(Duration::from_secs(5)), Fault::RateLimit] {
+        hub.set_fault(fault.clone());
+        let resp = http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{fault:?}");
+        assert_eq!(resp.headers()["x-cache"], "stale", "{fault:?}");
+        // Let the mirror's back-off after a failure pass, so the next fault is really asked.
+        hub.set_fault(Fault::None);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+
+    hub.stop().await;
+    let started = std::time::Instant::now();
+    let pulled = pull(&http, &mirror.url, "postgres", "16").await;
+    assert_eq!(pulled.digest, img.digest());
+    assert!(started.elapsed() < Duration::from_secs(5), "stale answers come fast");
+
+    // Something never cached cannot be served, and says why.
+    let resp = http.get(format!("{}/v2/library/other/manifests/1", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(resp).await, "UNAVAILABLE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_or_truncated_blob_is_never_served_nor_stored() {
+    let (hub, dir, mirror) = setup().await;
+    let img = images::small_image(Format::Oci, "amd64", 6, 1);
+    let layer = img.layers[0].0.clone();
+    hub.publish("library/busybox", "1", &Published::Image(img.clone()));
+    let http = client();
+    let blob_file = dir.path().join("blobs/sha256").join(layer.trim_start_matches("sha256:"));
+
+    for fault in [Fault::WrongBytes, Fault::Truncate] {
+        hub.set_fault(fault.clone());
+        let resp = http.get(format!("{}/v2/busybox/blobs/{layer}", mirror.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 503, "{fault:?}");
+        assert_eq!(error_code(resp).await, "UNAVAILABLE");
+        assert!(!blob_file.exists(), "{fault:?}: nothing stored");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no partial file left");
+    }
+
+    hub.set_fault(Fault::None);
+    let bytes = get_blob(&http, &mirror.url, "busybox", &layer).await;
+    assert_eq!(bytes, img.layers[0].1);
+    assert!(blob_file.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_pulls_fetch_each_blob_once() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 7, 4), images::small_image(Format::Oci, "arm64", 8, 2)],
+    );
+    hub.publish("library/python", "3.12", &img);
+    let http = client();
+    let url = Arc::new(mirror.url.clone());
+    let pulls: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { pull(&http, &url, "python", "3.12").await })
+        })
+        .collect();
+    for p in pulls {
+        assert_eq!(p.await.unwrap().digest, img.digest());
+    }
+    let amd64 = img.images()[0];
+    for (digest, _) in amd64.blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "blob {digest} fetched once");
+    }
+    assert_eq!(hub.count(|c| &c.manifest_get), 2, "one GET for the index, one for the amd64 manifest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_names_digests_and_methods_get_the_right_oci_codes() {
+    let (hub, _dir, mirror) = setup().await;
+    hub.publish("library/alpine", "3", &three_layer(9));
+    let http = client();
+    let m = &mirror.url;
+    let zero = format!("sha256:{}", "0".repeat(64));
+    let cases: Vec<(reqwest::Method, String, u16, &str)> = vec![
+        (reqwest::Method::GET, format!("{m}/v2/Alpine/manifests/3"), 400, "NAME_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/a//b/manifests/3"), 400, "NAME_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/-bad"), 400, "TAG_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/sha256:abc"), 400, "DIGEST_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/blobs/md5:{}", "0".repeat(32)), 400, "DIGEST_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/blobs/sha512:{}", "0".repeat(128)), 400, "DIGEST_INVALID"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/blobs/{zero}"), 404, "BLOB_UNKNOWN"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/nope"), 404, "MANIFEST_UNKNOWN"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/{zero}"), 404, "MANIFEST_UNKNOWN"),
+        (reqwest::Method::PUT, format!("{m}/v2/alpine/manifests/3"), 405, "UNSUPPORTED"),
+        (reqwest::Method::DELETE, format!("{m}/v2/alpine/manifests/3"), 405, "UNSUPPORTED"),
+        (reqwest::Method::DELETE, format!("{m}/v2/alpine/blobs/{zero}"), 405, "UNSUPPORTED"),
+        (reqwest::Method::POST, format!("{m}/v2/alpine/blobs/uploads/"), 405, "UNSUPPORTED"),
+        (reqwest::Method::PATCH, format!("{m}/v2/alpine/blobs/uploads/abc"), 405, "UNSUPPORTED"),
+        (reqwest::Method::PUT, format!("{m}/v2/alpine/blobs/uploads/abc?digest={zero}"), 405, "UNSUPPORTED"),
+        (reqwest::Method::GET, format!("{m}/v2/_catalog"), 405, "UNSUPPORTED"),
+        (reqwest::Method::GET, format!("{m}/v2/quay.io/org/img/manifests/1"), 403, "DENIED"),
+        (reqwest::Method::GET, format!("{m}/v2/org/img/manifests/1?ns=quay.io"), 403, "DENIED"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/tags/list?n=x"), 400, "PAGINATION_NUMBER_INVALID"),
+    ];
+    for (method, url, status, code) in cases {
+        let resp = http.request(method.clone(), &url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {url}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{method} {url}");
+        assert_eq!(error_code(resp).await, code, "{method} {url}");
+    }
+    // HEAD responses never carry a body, errors included.
+    let resp = http.head(format!("{m}/v2/alpine/manifests/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_keeps_the_cache() {
+    let mut hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstreams = vec![format!("docker.io={}", hub.url)];
+    let mirror = Hubcap::start(dir.path(), upstreams.clone(), config()).await;
+    let img = images::index(Format::Docker, vec![images::small_image(Format::Docker, "amd64", 10, 2)]);
+    hub.publish("library/debian", "12", &img);
+    let http = client();
+    let first = pull(&http, &mirror.url, "debian", "12").await;
+    mirror.stop().await;
+    hub.stop().await;
+
+    let mirror = Hubcap::start(dir.path(), upstreams, config()).await;
+    let again = pull(&http, &mirror.url, "debian", "12").await;
+    assert_eq!(again.digest, first.digest);
+    let by_digest = get_manifest(&http, &mirror.url, "debian", &first.image_digest, common::ALL_MANIFESTS).await;
+    assert_eq!(by_digest.1, first.image_digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifests_are_negotiated_and_never_of_a_type_the_client_refused() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = images::index(
+        Format::Docker,
+        vec![images::small_image(Format::Docker, "amd64", 11, 1), images::small_image(Format::Docker, "arm64", 12, 1)],
+    );
+    hub.publish("library/golang", "1", &img);
+    let http = client();
+    let (mt, digest, _) = get_manifest(&http, &mirror.url, "golang", "1", common::ALL_MANIFESTS).await;
+    assert_eq!((mt.as_str(), digest), (images::DOCKER_LIST, img.digest()));
+
+    // A client that takes no list gets the platform manifest, as upstream would give it.
+    let (mt, digest, _) = get_manifest(&http, &mirror.url, "golang", "1", images::DOCKER_MANIFEST).await;
+    assert_eq!((mt.as_str(), digest), (images::DOCKER_MANIFEST, img.images()[0].digest.clone()));
+    // Asked again: served from the cached variant.
+    let gets = hub.count(|c| &c.manifest_get);
+    let (mt, _, _) = get_manifest(&http, &mirror.url, "golang", "1", images::DOCKER_MANIFEST).await;
+    assert_eq!(mt, images::DOCKER_MANIFEST);
+    assert_eq!(hub.count(|c| &c.manifest_get), gets);
+
+    // A digest whose type the client refuses is not served.
+    let resp = http.get(format!("{}/v2/golang/manifests/{}", mirror.url, img.digest())).header("accept", images::OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn content_cached_for_one_repository_never_leaks_into_another() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = images::small_image(Format::Oci, "amd64", 13, 1);
+    hub.publish("team/private-ish", "1", &Published::Image(img.clone()));
+    let http = client();
+    pull(&http, &mirror.url, "team/private-ish", "1").await;
+    let layer = &img.layers[0].0;
+    for url in [
+        format!("{}/v2/other/repo/blobs/{layer}", mirror.url),
+        format!("{}/v2/other/repo/manifests/{}", mirror.url, img.digest),
+    ] {
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{url}");
+        let resp = http.head(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "HEAD {url}");
+    }
+    // Once upstream has it in the other repository too, it is served there.
+    hub.publish("other/repo", "1", &Published::Image(img.clone()));
+    get_blob(&http, &mirror.url, "other/repo", layer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_heads_are_answered_directly_and_blob_urls_are_signed() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = images::small_image(Format::Oci, "amd64", 14, 1);
+    let (layer, bytes) = img.layers[0].clone();
+    hub.publish("library/node", "22", &Published::Image(img));
+    let http = client();
+
+    let head = http.head(format!("{}/v2/node/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], bytes.len().to_string().as_str());
+    assert_eq!(head.headers()["docker-content-digest"], layer.as_str());
+
+    let resp = http.get(format!("{}/v2/node/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let url = format!("{}{location}", mirror.url);
+
+    let ranged = http.get(&url).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap(), bytes.slice(10..20));
+    let head = http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], bytes.len().to_string().as_str());
+
+    let forged = url.replace("sig=", "sig=00");
+    assert_eq!(http.get(&forged).send().await.unwrap().status(), 403);
+    let expired = location.split('?').next().unwrap().to_owned() + "?expires=1&sig=00";
+    let resp = http.get(format!("{}{expired}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_code(resp).await, "DENIED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_still_being_fetched_redirects_back_until_it_is_ready() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_millis(500);
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    let img = images::small_image(Format::Oci, "amd64", 15, 1);
+    let layer = img.layers[0].0.clone();
+    hub.publish("library/slow", "1", &Published::Image(img));
+    let http = client();
+    hub.set_fault(Fault::Slow(Duration::from_millis(1500)));
+    // The HEAD links the blob and starts its (slow) fetch.
+    assert_eq!(http.head(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap().status(), 200);
+    let resp = http.get(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    assert_eq!(resp.headers()["location"].to_str().unwrap(), format!("/v2/slow/blobs/{layer}?hubcap-wait=1"));
+    assert_eq!(resp.headers()["x-cache"], "miss");
+    // A real client follows the redirects and gets the blob once it is stored.
+    let follow = reqwest::Client::new();
+    let resp = follow.get(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(common::sha256(&resp.bytes().await.unwrap()), layer);
+    assert_eq!(hub.cdn_gets(&layer), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_miss_says_so_and_the_headroom_is_recorded() {
+    let (hub, _dir, mirror) = setup().await;
+    hub.publish("library/ruby", "3", &three_layer(16));
+    let http = client();
+    get_manifest(&http, &mirror.url, "ruby", "3", common::ALL_MANIFESTS).await;
+    let up = mirror.mirror.upstreams().get("docker.io").unwrap().clone();
+    assert_eq!(up.ratelimit_remaining(), Some(99));
+    hub.set_fault(Fault::RateLimit);
+    let resp = http.get(format!("{}/v2/ruby/manifests/other", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "3600");
+    assert_eq!(error_code(resp).await, "TOOMANYREQUESTS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_registries_are_chosen_by_ns_or_host_segment_when_configured() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url), format!("ghcr.io={}", ghcr.url)], config()).await;
+    let img = three_layer(17);
+    ghcr.publish("org/tool", "v1", &img);
+    let http = client();
+    let a = pull(&http, &mirror.url, "ghcr.io/org/tool", "v1").await;
+    assert_eq!(a.digest, img.digest());
+    let (_, d, _) = get_manifest(&http, &mirror.url, "org/tool", "v1?ns=ghcr.io", common::ALL_MANIFESTS).await;
+    assert_eq!(d, img.digest());
+    assert_eq!(hub.count(|c| &c.manifest_get), 0, "Docker Hub was never asked");
+    // Docker Hub has no org/tool: the registries are not mixed up.
+    let resp = http.get(format!("{}/v2/org/tool/manifests/v1", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_lists_are_relayed_with_pagination() {
+    let (hub, _dir, mirror) = setup().await;
+    for t in ["a", "b", "c"] {
+        hub.publish("library/tiny", t, &three_layer(18));
+    }
+    let http = client();
+    let resp = http.get(format!("{}/v2/tiny/tags/list?n=2", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let link = resp.headers()["link"].to_str().unwrap().to_owned();
+    assert_eq!(link, r#"</v2/tiny/tags/list?n=2&last=b>; rel="next""#);
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
+    let next = http.get(format!("{}{}", mirror.url, &link[1..link.find('>').unwrap()])).send().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&next.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["c"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_credentials_are_used_for_tokens() {
+    let hub = FakeHub::start_with(Some(("ci-bot", "dckr_pat_secret"))).await;
+    hub.publish("library/alpine", "1", &three_layer(19));
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("auth.json");
+    std::fs::write(&creds, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"Y2ktYm90OmRja3JfcGF0X3NlY3JldA=="}}}"#).unwrap();
+    let opts = hubcap::serve::ServeOptions {
+        data_dir: dir.path().join("data"),
+        upstreams: vec![format!("docker.io={}", hub.url)],
+        credentials: Some(creds),
+        mirror: config(),
+        fetch_concurrency: 4,
+    };
+    let mirror = Hubcap::start_opts(opts).await;
+    pull(&client(), &mirror.url, "alpine", "1").await;
+
+    // Without credentials the token endpoint refuses, and the client is told.
+    let dir2 = tempfile::tempdir().unwrap();
+    let anon = Hubcap::start(dir2.path(), vec![format!("docker.io={}", hub.url)], config()).await;
+    let resp = client().get(format!("{}/v2/alpine/manifests/1", anon.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_base_answers_with_the_version_header() {
+    let (_hub, _dir, mirror) = setup().await;
+    let resp = client().get(format!("{}/v2/", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["docker-distribution-api-version"], "registry/2.0");
+}
