@@ -1,0 +1,321 @@
+//! Real clients pull through the real `hubcap` binary, with Debian's
+//! `docker-registry` (distribution 2.8) as the upstream standing in for
+//! Docker Hub: skopeo through a registries.conf mirror (the code path of
+//! daemon.json's `registry-mirrors`), podman, and containerd's `ctr` with a
+//! hosts.toml (which sends `?ns=docker.io`). Every pulled byte is checked.
+//!
+//! Nothing here is skipped: the test command installs skopeo, podman,
+//! containerd and docker-registry first.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::images::{self, Format, Published, sha256};
+
+/// A child process killed when the test ends.
+struct Proc {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(cmd: &mut std::process::Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (the test command installs it)"));
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_ready(url: &str, what: &Proc) {
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if http.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never came up:\n{}", what.log());
+}
+
+/// Debian's docker-registry on a loopback port, empty.
+async fn upstream_registry(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let proc = Proc::spawn(std::process::Command::new("docker-registry").arg("serve").arg(&config), dir.join("registry.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &proc).await;
+    (proc, url)
+}
+
+/// The `hubcap` binary this test build made, serving on a loopback port.
+async fn hubcap(dir: &Path, upstream: &str) -> (Proc, String) {
+    let port = free_port();
+    let proc = Proc::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .arg("--data")
+            .arg(dir.join("hubcap-data"))
+            .env("HUBCAP_LOG", "info")
+            .env("NO_COLOR", "1"),
+        dir.join("hubcap.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &proc).await;
+    (proc, url)
+}
+
+/// The images every client pulls: several layers, a multi-arch OCI index, a
+/// layer over 32 MiB in a Docker schema 2 image, and a 4-segment name.
+fn test_images() -> Vec<(&'static str, &'static str, Published)> {
+    let multi = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 100, 3), images::small_image(Format::Oci, "arm64", 101, 2)],
+    );
+    let big = Published::Image(images::image(
+        Format::Docker,
+        "amd64",
+        vec![
+            vec![("big/noise.bin".to_owned(), images::noise(33 << 20, 102))],
+            vec![("etc/hello".to_owned(), b"hello from hubcap\n".to_vec())],
+        ],
+    ));
+    let deep = Published::Image(images::small_image(Format::Oci, "amd64", 103, 2));
+    vec![("library/multi", "1", multi), ("library/big", "1", big), ("org/team/sub/app", "v1", deep)]
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    _registry: Proc,
+    mirror: Proc,
+    mirror_url: String,
+    images: Vec<(&'static str, &'static str, Published)>,
+}
+
+async fn world() -> World {
+    common::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, registry_url) = upstream_registry(dir.path()).await;
+    let images = test_images();
+    for (repo, tag, img) in &images {
+        images::push(&registry_url, repo, tag, img).await;
+    }
+    let (mirror, mirror_url) = hubcap(dir.path(), &registry_url).await;
+    World { dir, _registry: registry, mirror, mirror_url, images }
+}
+
+async fn run(cmd: &mut tokio::process::Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().await.unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// A registries.conf that sends docker.io to the mirror. The registry's own
+/// location is a closed loopback port: a fallback could never leave this host.
+fn registries_conf(dir: &Path, mirror_url: &str) -> PathBuf {
+    let host = mirror_url.trim_start_matches("http://");
+    let path = dir.join("registries.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "unqualified-search-registries = [\"docker.io\"]\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{host}\"\ninsecure = true\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn policy(dir: &Path) -> PathBuf {
+    let path = dir.join("policy.json");
+    std::fs::write(&path, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    path
+}
+
+/// Every file named by a sha256 hex digest holds bytes that hash to it.
+fn verify_dir(dir: &Path) -> usize {
+    let mut n = 0;
+    for entry in walk(dir) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert_eq!(sha256(&bytes), format!("sha256:{name}"), "{}", entry.display());
+            n += 1;
+        }
+    }
+    n
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+fn all_blob_digests(images: &[(&str, &str, Published)]) -> Vec<String> {
+    images.iter().flat_map(|(_, _, p)| p.all_blobs().into_iter().map(|(d, _)| d)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_pulls_through_a_registries_conf_mirror() {
+    let w = world().await;
+    let conf = registries_conf(w.dir.path(), &w.mirror_url);
+    let policy = policy(w.dir.path());
+    for round in 0..2 {
+        for (repo, tag, img) in &w.images {
+            let out = w.dir.path().join(format!("skopeo-{round}-{}", repo.replace('/', "_")));
+            let mut cmd = tokio::process::Command::new("skopeo");
+            cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy);
+            cmd.args(["--override-os", "linux", "--override-arch", "amd64", "copy", "--all", "--retry-times", "0"]);
+            cmd.arg(format!("docker://docker.io/{repo}:{tag}")).arg(format!("dir:{}", out.display()));
+            run(&mut cmd).await;
+            let verified = verify_dir(&out);
+            let blobs: usize = img.images().iter().map(|i| i.blobs().len()).sum();
+            assert!(verified >= blobs, "{repo}: {verified} verified files, {blobs} blobs");
+            let manifest = std::fs::read(out.join("manifest.json")).unwrap();
+            assert_eq!(sha256(&manifest), img.digest(), "{repo}: the manifest is byte-for-byte upstream's");
+        }
+    }
+    let log = w.mirror.log();
+    assert!(log.contains("cache=\"hit\"") || log.contains("cache=hit"), "second round served from cache:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn podman_pulls_through_the_mirror() {
+    let w = world().await;
+    let conf = registries_conf(w.dir.path(), &w.mirror_url);
+    let policy = policy(w.dir.path());
+    let root = w.dir.path().join("podman-root");
+    let runroot = w.dir.path().join("podman-run");
+    for (repo, tag, img) in &w.images {
+        let mut cmd = tokio::process::Command::new("podman");
+        cmd.env("CONTAINERS_REGISTRIES_CONF", &conf);
+        cmd.arg("--root").arg(&root).arg("--runroot").arg(&runroot);
+        cmd.args(["--storage-driver", "vfs", "--events-backend", "none", "--cgroup-manager", "cgroupfs"]);
+        cmd.args(["pull", "--arch", "amd64", "--os", "linux"]).arg("--signature-policy").arg(&policy);
+        cmd.arg(format!("docker.io/{repo}:{tag}"));
+        run(&mut cmd).await;
+        let mut inspect = tokio::process::Command::new("podman");
+        inspect.arg("--root").arg(&root).arg("--runroot").arg(&runroot);
+        inspect.args(["--storage-driver", "vfs", "--events-backend", "none", "image", "inspect", "--format", "{{.Digest}}"]);
+        inspect.arg(format!("docker.io/{repo}:{tag}"));
+        let digest = run(&mut inspect).await;
+        assert_eq!(digest.trim(), img.digest(), "{repo}: podman recorded upstream's digest");
+    }
+    // podman checked every layer's digest and diff_id while unpacking; the
+    // big layer's file is there, whole.
+    let found = walk(&root).into_iter().find(|p| p.ends_with("big/noise.bin")).expect("the 33 MiB layer was unpacked");
+    assert_eq!(std::fs::read(found).unwrap(), images::noise(33 << 20, 102));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containerd_pulls_through_hosts_toml_with_ns() {
+    let w = world().await;
+    let d = w.dir.path();
+    let sock = d.join("containerd.sock");
+    let config = d.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}\"\n",
+            d.join("ctrd-root").display(),
+            d.join("ctrd-state").display(),
+            sock.display(),
+            d.join("containerd-ttrpc.sock").display()
+        ),
+    )
+    .unwrap();
+    let containerd = Proc::spawn(std::process::Command::new("containerd").arg("--config").arg(&config), d.join("containerd.log"));
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sock.exists(), "containerd did not start:\n{}", containerd.log());
+    let hosts = d.join("certs.d");
+    std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
+    std::fs::write(
+        hosts.join("docker.io/hosts.toml"),
+        format!("server = \"http://127.0.0.1:9\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", w.mirror_url),
+    )
+    .unwrap();
+    for (repo, tag, _) in &w.images {
+        let mut cmd = tokio::process::Command::new("ctr");
+        cmd.arg("--address").arg(&sock).args(["content", "fetch", "--all-platforms", "--hosts-dir"]).arg(&hosts);
+        cmd.arg(format!("docker.io/{repo}:{tag}"));
+        run(&mut cmd).await;
+    }
+    // Every blob, manifest and index is in containerd's content store, and
+    // its bytes hash to its name.
+    let verified = verify_dir(&d.join("ctrd-root/io.containerd.content.v1.content/blobs/sha256"));
+    let mut want = all_blob_digests(&w.images);
+    want.sort();
+    want.dedup();
+    assert!(verified >= want.len(), "{verified} verified, {} expected", want.len());
+    for digest in want {
+        let path = d.join("ctrd-root/io.containerd.content.v1.content/blobs/sha256").join(digest.trim_start_matches("sha256:"));
+        assert!(path.exists(), "{digest} fetched");
+    }
+    let log = w.mirror.log();
+    assert!(log.contains("ns=\"docker.io\"") || log.contains("ns=docker.io") || log.contains("ns=Some(\"docker.io\")"), "ctr sent ?ns=docker.io:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_shuts_down_gracefully_on_sigterm_and_keeps_its_cache() {
+    let w = world().await;
+    let http = common::client();
+    let pulled = common::pull(&http, &w.mirror_url, "org/team/sub/app", "v1").await;
+    let mut mirror = w.mirror;
+    let pid = mirror.child.id();
+    run(tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()])).await;
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = mirror.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.expect("exits on SIGTERM").success(), "clean exit:\n{}", mirror.log());
+    assert!(mirror.log().contains("shutting down"));
+    // Restarted with upstream gone, the cache still serves the image.
+    drop(w._registry);
+    let (restarted, url) = hubcap(w.dir.path(), "http://127.0.0.1:9").await;
+    let again = common::pull(&http, &url, "org/team/sub/app", "v1").await;
+    assert_eq!(again.digest, pulled.digest);
+    drop(restarted);
+}
