@@ -93,10 +93,10 @@ impl Fetcher {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
         let declared = resp.content_length();
-        if let (Some(want), Some(got)) = (job.size, declared) {
-            if want != got {
-                return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
-            }
+        if let (Some(want), Some(got)) = (job.size, declared)
+            && want != got
+        {
+            return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
         }
         let limit = job.size.or(declared);
         let mut writer = self.store.begin(&job.digest).await?;

@@ -50,7 +50,10 @@ pub fn app(state: AppState) -> Router {
     if state.local_blobs.is_some() {
         router = router.route(&format!("{BLOB_URL_PREFIX}{{hex}}"), get(local_blob).head(local_blob));
     }
-    router.fallback(|| async { RegistryError::new(ErrorCode::Unsupported, "not a registry API route") }).with_state(state).layer(middleware::from_fn(access_log))
+    router
+        .fallback(|| async { RegistryError::new(ErrorCode::Unsupported, "not a registry API route") })
+        .with_state(state)
+        .layer(middleware::from_fn(access_log))
 }
 
 /// Why a 5xx happened, for the access log (never sent to the client).
@@ -139,7 +142,10 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Result<Respons
     let (name, route) = parse_route(rest)?;
     let read_only = method == Method::GET || method == Method::HEAD;
     if matches!(route, Route::Upload) || !read_only {
-        return Err(RegistryError::new(ErrorCode::Unsupported, format!("{method} is not supported: this registry is a read-only pull-through mirror")));
+        return Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            format!("{method} is not supported: this registry is a read-only pull-through mirror"),
+        ));
     }
     let repo = RepoPath::resolve(name, query_param(query, "ns").as_deref())?;
     let head = method == Method::HEAD;
@@ -188,8 +194,10 @@ async fn blob_get(state: &AppState, repo: &RepoPath, digest: &Digest, path: &str
                 return Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched from upstream"))
                     .with_retry_after(Some(10)));
             }
-            let mut q: Vec<(String, String)> =
-                url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != WAIT_PARAM).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+            let mut q: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(k, _)| k != WAIT_PARAM)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
             q.push((WAIT_PARAM.to_owned(), (waited + 1).to_string()));
             let q = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(q).finish();
             format!("{path}?{q}")
@@ -260,7 +268,10 @@ async fn local_blob(State(state): State<AppState>, req: Request) -> Result<Respo
     if !store.verify(&digest, expires, &sig) {
         return Err(RegistryError::new(ErrorCode::Denied, "blob URL signature invalid or expired"));
     }
-    let served = tower_http::services::ServeFile::new(store.path(&digest)).oneshot(req).await.map_err(|e| RegistryError::code(ErrorCode::Unknown).with_internal(e))?;
+    let served = tower_http::services::ServeFile::new(store.path(&digest))
+        .oneshot(req)
+        .await
+        .map_err(|e| RegistryError::code(ErrorCode::Unknown).with_internal(e))?;
     if served.status() == StatusCode::NOT_FOUND {
         return Err(RegistryError::code(ErrorCode::BlobUnknown));
     }

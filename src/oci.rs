@@ -189,18 +189,12 @@ impl RepoPath {
         let (registry, name) = match ns {
             Some(ns) if !ns.is_empty() => (canonical_registry(ns)?, raw_name),
             _ => match raw_name.split_once('/') {
-                Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
-                    (canonical_registry(first)?, rest)
-                }
+                Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (canonical_registry(first)?, rest),
                 _ => (DOCKER_HUB.to_owned(), raw_name),
             },
         };
         validate_name(name)?;
-        let name = if registry == DOCKER_HUB && !name.contains('/') {
-            format!("library/{name}")
-        } else {
-            name.to_owned()
-        };
+        let name = if registry == DOCKER_HUB && !name.contains('/') { format!("library/{name}") } else { name.to_owned() };
         Ok(RepoPath { registry, name })
     }
 

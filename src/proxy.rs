@@ -178,14 +178,17 @@ fn upstream_error(e: UpstreamError, repo: &RepoPath, not_found: ErrorCode) -> Re
 }
 
 fn not_acceptable(m: &ManifestRecord) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::ManifestUnknown,
-        format!("manifest {} is {}, which the client does not accept", m.digest, m.media_type),
-    )
+    RegistryError::new(ErrorCode::ManifestUnknown, format!("manifest {} is {}, which the client does not accept", m.digest, m.media_type))
 }
 
 impl Mirror {
-    pub fn new(index: Arc<dyn Index>, store: Arc<dyn BlobStore>, queue: Arc<dyn FetchQueue>, upstreams: Arc<Upstreams>, cfg: MirrorConfig) -> Mirror {
+    pub fn new(
+        index: Arc<dyn Index>,
+        store: Arc<dyn BlobStore>,
+        queue: Arc<dyn FetchQueue>,
+        upstreams: Arc<Upstreams>,
+        cfg: MirrorConfig,
+    ) -> Mirror {
         Mirror { index, store, queue, upstreams, cfg, flights: Flights::default() }
     }
 
@@ -208,7 +211,12 @@ impl Mirror {
 
     // -- manifests ----------------------------------------------------------
 
-    pub async fn manifest(&self, repo: &RepoPath, reference: &Reference, accept: &Accept) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
+    pub async fn manifest(
+        &self,
+        repo: &RepoPath,
+        reference: &Reference,
+        accept: &Accept,
+    ) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
         match reference {
             Reference::Digest(d) => self.manifest_by_digest(repo, d, accept).await,
             Reference::Tag(t) => {
@@ -227,7 +235,12 @@ impl Mirror {
         }
     }
 
-    async fn manifest_by_digest(&self, repo: &RepoPath, digest: &Digest, accept: &Accept) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
+    async fn manifest_by_digest(
+        &self,
+        repo: &RepoPath,
+        digest: &Digest,
+        accept: &Accept,
+    ) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
         let key = repo.key();
         let found = self.index.manifest(&key, digest).await?;
         let (m, status) = match found.record {
@@ -269,12 +282,11 @@ impl Mirror {
     async fn resolve_tag(&self, repo: &RepoPath, tag: &str, accept: &Accept) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
         let key = repo.key();
         let variant = accept.key();
-        if let Some(t) = self.index.tag(&key, tag, &variant).await? {
-            if self.tag_is_fresh(&t) {
-                if let Some(m) = self.index.manifest(&key, &t.digest).await?.record {
-                    return Ok((m, CacheStatus::Hit));
-                }
-            }
+        if let Some(t) = self.index.tag(&key, tag, &variant).await?
+            && self.tag_is_fresh(&t)
+            && let Some(m) = self.index.manifest(&key, &t.digest).await?.record
+        {
+            return Ok((m, CacheStatus::Hit));
         }
         let _flight = self.flights.lock(format!("t {key}:{tag}#{variant}")).await;
         let cached = match self.index.tag(&key, tag, &variant).await? {
@@ -360,16 +372,18 @@ impl Mirror {
             .await
             .map_err(|e| upstream_error(e, repo, ErrorCode::ManifestUnknown))?;
         let digest = Digest::of(&got.body);
-        let lie = |what: String| RegistryError::new(ErrorCode::ManifestInvalid, format!("upstream {} sent a bad manifest: {what}", repo.registry));
-        if let Some(claimed) = &got.digest {
-            if *claimed != digest {
-                return Err(lie(format!("its bytes hash to {digest}, not the {claimed} it claimed")));
-            }
+        let lie = |what: String| {
+            RegistryError::new(ErrorCode::ManifestInvalid, format!("upstream {} sent a bad manifest: {what}", repo.registry))
+        };
+        if let Some(claimed) = &got.digest
+            && *claimed != digest
+        {
+            return Err(lie(format!("its bytes hash to {digest}, not the {claimed} it claimed")));
         }
-        if let Some(want) = expect {
-            if *want != digest {
-                return Err(lie(format!("asked for {want}, got {digest}")));
-            }
+        if let Some(want) = expect
+            && *want != digest
+        {
+            return Err(lie(format!("asked for {want}, got {digest}")));
         }
         let info = parse_manifest(&got.body, got.content_type.as_deref())?;
         let record = ManifestRecord { digest, media_type: info.media_type.clone(), body: got.body };

@@ -65,7 +65,8 @@ pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credentials>, Box
         let creds = match (e.username, e.password, e.auth) {
             (Some(u), Some(p), _) => Credentials { username: u, password: p },
             (_, _, Some(a)) => {
-                let decoded = base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| format!("credentials for {host}: bad auth"))?;
+                let decoded =
+                    base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| format!("credentials for {host}: bad auth"))?;
                 let decoded = String::from_utf8(decoded).map_err(|_| format!("credentials for {host}: bad auth"))?;
                 let (u, p) = decoded.split_once(':').ok_or_else(|| format!("credentials for {host}: auth is not user:password"))?;
                 Credentials { username: u.to_owned(), password: p.to_owned() }

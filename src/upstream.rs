@@ -189,9 +189,7 @@ impl Upstream {
     /// not contain it.
     pub async fn head_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<Option<u64>> {
         match self.send(Method::HEAD, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await {
-            Ok(resp) => Ok(Some(
-                header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()).unwrap_or(0),
-            )),
+            Ok(resp) => Ok(Some(header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()).unwrap_or(0))),
             Err(UpstreamError::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
@@ -311,12 +309,18 @@ impl Upstream {
                     s => return Err(UpstreamError::Denied(format!("token endpoint answered HTTP {} for {repo}", s.as_u16()))),
                 }
                 let raw = resp.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
-                let token: TokenResponse = serde_json::from_slice(&raw).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
-                let value = token.token.or(token.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
+                let token: TokenResponse =
+                    serde_json::from_slice(&raw).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+                let value =
+                    token.token.or(token.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
                 let ttl = token.expires_in.unwrap_or(60).max(10);
                 // Refresh a little before upstream's expiry.
                 let expires = Instant::now() + Duration::from_secs(ttl - ttl / 10);
-                (HeaderValue::from_str(&format!("Bearer {value}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?, expires)
+                (
+                    HeaderValue::from_str(&format!("Bearer {value}"))
+                        .map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?,
+                    expires,
+                )
             }
             "basic" => {
                 let c = self.credentials.as_ref().ok_or_else(|| UpstreamError::Denied("upstream wants credentials".into()))?;
@@ -334,10 +338,10 @@ impl Upstream {
     }
 
     fn note_ratelimit(&self, headers: &HeaderMap) {
-        if let Some(v) = header_str(headers, "ratelimit-remaining") {
-            if let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>() {
-                self.ratelimit_remaining.store(n, Ordering::Relaxed);
-            }
+        if let Some(v) = header_str(headers, "ratelimit-remaining")
+            && let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>()
+        {
+            self.ratelimit_remaining.store(n, Ordering::Relaxed);
         }
     }
 }
@@ -436,7 +440,8 @@ mod tests {
 
     #[test]
     fn challenges_keep_quoted_commas() {
-        let (scheme, p) = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
+        let (scheme, p) =
+            parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
         assert_eq!(scheme, "bearer");
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "registry.example");

@@ -291,7 +291,10 @@ async fn containerd_pulls_through_hosts_toml_with_ns() {
         assert!(path.exists(), "{digest} fetched");
     }
     let log = w.mirror.log();
-    assert!(log.contains("ns=\"docker.io\"") || log.contains("ns=docker.io") || log.contains("ns=Some(\"docker.io\")"), "ctr sent ?ns=docker.io:\n{log}");
+    assert!(
+        log.contains("ns=\"docker.io\"") || log.contains("ns=docker.io") || log.contains("ns=Some(\"docker.io\")"),
+        "ctr sent ?ns=docker.io:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

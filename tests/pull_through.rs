@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fakehub::{Fault, FakeHub};
+use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published};
 use common::{Hubcap, client, config, error_code, get_blob, get_manifest, pull};
 
@@ -110,7 +110,8 @@ async fn when_upstream_is_down_cached_tags_are_still_served() {
 
     for fault in [Fault::ServerError, Fault::Slow(Duration::from_secs(5)), Fault::RateLimit] {
         hub.set_fault(fault.clone());
-        let resp = http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+        let resp =
+            http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{fault:?}");
         assert_eq!(resp.headers()["x-cache"], "stale", "{fault:?}");
         // Let the mirror's back-off after a failure pass, so the next fault is really asked.
@@ -157,10 +158,8 @@ async fn a_corrupted_or_truncated_blob_is_never_served_nor_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_pulls_fetch_each_blob_once() {
     let (hub, _dir, mirror) = setup().await;
-    let img = images::index(
-        Format::Oci,
-        vec![images::small_image(Format::Oci, "amd64", 7, 4), images::small_image(Format::Oci, "arm64", 8, 2)],
-    );
+    let img =
+        images::index(Format::Oci, vec![images::small_image(Format::Oci, "amd64", 7, 4), images::small_image(Format::Oci, "arm64", 8, 2)]);
     hub.publish("library/python", "3.12", &img);
     let http = client();
     let url = Arc::new(mirror.url.clone());
@@ -262,7 +261,12 @@ async fn manifests_are_negotiated_and_never_of_a_type_the_client_refused() {
     assert_eq!(hub.count(|c| &c.manifest_get), gets);
 
     // A digest whose type the client refuses is not served.
-    let resp = http.get(format!("{}/v2/golang/manifests/{}", mirror.url, img.digest())).header("accept", images::OCI_MANIFEST).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/v2/golang/manifests/{}", mirror.url, img.digest()))
+        .header("accept", images::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
 }
@@ -275,10 +279,7 @@ async fn content_cached_for_one_repository_never_leaks_into_another() {
     let http = client();
     pull(&http, &mirror.url, "team/private-ish", "1").await;
     let layer = &img.layers[0].0;
-    for url in [
-        format!("{}/v2/other/repo/blobs/{layer}", mirror.url),
-        format!("{}/v2/other/repo/manifests/{}", mirror.url, img.digest),
-    ] {
+    for url in [format!("{}/v2/other/repo/blobs/{layer}", mirror.url), format!("{}/v2/other/repo/manifests/{}", mirror.url, img.digest)] {
         let resp = http.get(&url).send().await.unwrap();
         assert_eq!(resp.status(), 404, "{url}");
         let resp = http.head(&url).send().await.unwrap();

@@ -273,8 +273,7 @@ impl Index for SqliteIndex {
                 })
                 .optional()?;
             let linked = record.is_some()
-                && c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?
-                    .exists(params![repo, digest.as_str()])?;
+                && c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?.exists(params![repo, digest.as_str()])?;
             Ok(Linked { linked, record })
         })
     }
@@ -322,11 +321,7 @@ impl Index for SqliteIndex {
     }
 
     async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
-        self.with(|c| {
-            c.prepare_cached(PEND_BLOB)?
-                .execute(params![digest.as_str(), size.map(|s| s as i64), source, now()])
-                .map(|n| n > 0)
-        })
+        self.with(|c| c.prepare_cached(PEND_BLOB)?.execute(params![digest.as_str(), size.map(|s| s as i64), source, now()]).map(|n| n > 0))
     }
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {

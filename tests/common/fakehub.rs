@@ -53,11 +53,14 @@ impl Counters {
     }
 }
 
+/// reference (tag or digest) -> (media type, bytes), for one repository.
+type Refs = BTreeMap<String, (String, Bytes)>;
+
 pub struct HubState {
     cdn_url: Mutex<String>,
     realm: Mutex<String>,
     /// repo -> reference (tag or digest) -> (media type, bytes)
-    manifests: Mutex<HashMap<String, BTreeMap<String, (String, Bytes)>>>,
+    manifests: Mutex<HashMap<String, Refs>>,
     blobs: Mutex<HashMap<String, Bytes>>,
     repo_blobs: Mutex<HashMap<String, HashSet<String>>>,
     pub counters: Counters,
@@ -215,7 +218,8 @@ async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request)
 }
 
 fn oci_error(status: StatusCode, code: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], format!(r#"{{"errors":[{{"code":"{code}","message":"fake"}}]}}"#)).into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], format!(r#"{{"errors":[{{"code":"{code}","message":"fake"}}]}}"#))
+        .into_response()
 }
 
 fn ratelimit(s: &HubState, resp: &mut Response, spend: bool) {
@@ -234,7 +238,13 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| s.tokens.lock().unwrap().contains(t));
-    let name = path.rsplit_once("/manifests/").or_else(|| path.rsplit_once("/blobs/")).map(|(n, _)| n).or_else(|| path.strip_suffix("/tags/list")).unwrap_or("").to_owned();
+    let name = path
+        .rsplit_once("/manifests/")
+        .or_else(|| path.rsplit_once("/blobs/"))
+        .map(|(n, _)| n)
+        .or_else(|| path.strip_suffix("/tags/list"))
+        .unwrap_or("")
+        .to_owned();
     if !authorized {
         let realm = s.realm.lock().unwrap().clone();
         let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
@@ -269,14 +279,14 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
             m.get(name).and_then(|r| r.get(reference).cloned()).map(|(mt, body)| {
                 // Like Docker Hub: a client that takes no index gets the
                 // first child manifest it does accept.
-                if (mt.contains("index") || mt.contains("list")) && !accept.iter().any(|a| *a == mt) && !reference.starts_with("sha256:") {
+                if (mt.contains("index") || mt.contains("list")) && !accept.contains(&mt) && !reference.starts_with("sha256:") {
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
                     for child in v["manifests"].as_array().unwrap() {
                         let d = child["digest"].as_str().unwrap();
-                        if let Some((cmt, cbody)) = m[name].get(d) {
-                            if accept.iter().any(|a| a == cmt) {
-                                return (cmt.clone(), cbody.clone());
-                            }
+                        if let Some((cmt, cbody)) = m[name].get(d)
+                            && accept.iter().any(|a| a == cmt)
+                        {
+                            return (cmt.clone(), cbody.clone());
                         }
                     }
                 }
@@ -331,14 +341,19 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
         if more {
             let last = tags.last().unwrap();
-            resp.headers_mut().insert(header::LINK, HeaderValue::from_str(&format!(r#"</v2/{name}/tags/list?last={last}&n={n}>; rel="next""#)).unwrap());
+            resp.headers_mut()
+                .insert(header::LINK, HeaderValue::from_str(&format!(r#"</v2/{name}/tags/list?last={last}&n={n}>; rel="next""#)).unwrap());
         }
         return resp;
     }
     oci_error(StatusCode::NOT_FOUND, "NOT_FOUND")
 }
 
-async fn cdn_blob(State(s): State<Arc<HubState>>, axum::extract::Path(digest): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+async fn cdn_blob(
+    State(s): State<Arc<HubState>>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
     s.counters.cdn_get.fetch_add(1, Ordering::SeqCst);
     if headers.contains_key(header::AUTHORIZATION) {
         s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);

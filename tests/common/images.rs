@@ -106,7 +106,9 @@ pub fn layer(files: &[(String, Vec<u8>)]) -> (Bytes, String) {
 pub fn image(format: Format, arch: &str, layers: Vec<Vec<(String, Vec<u8>)>>) -> Image {
     let (config_mt, layer_mt, manifest_mt) = match format {
         Format::Oci => ("application/vnd.oci.image.config.v1+json", "application/vnd.oci.image.layer.v1.tar+gzip", OCI_MANIFEST),
-        Format::Docker => ("application/vnd.docker.container.image.v1+json", "application/vnd.docker.image.rootfs.diff.tar.gzip", DOCKER_MANIFEST),
+        Format::Docker => {
+            ("application/vnd.docker.container.image.v1+json", "application/vnd.docker.image.rootfs.diff.tar.gzip", DOCKER_MANIFEST)
+        }
     };
     let built: Vec<(Bytes, String)> = layers.iter().map(|files| layer(files)).collect();
     let diff_ids: Vec<&String> = built.iter().map(|(_, d)| d).collect();
@@ -132,14 +134,19 @@ pub fn image(format: Format, arch: &str, layers: Vec<Vec<(String, Vec<u8>)>>) ->
         manifest["mediaType"] = serde_json::json!(manifest_mt);
     }
     let manifest = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
-    Image { digest: sha256(&manifest), manifest, media_type: manifest_mt.to_owned(), config: (config_digest, config), layers, arch: arch.to_owned() }
+    Image {
+        digest: sha256(&manifest),
+        manifest,
+        media_type: manifest_mt.to_owned(),
+        config: (config_digest, config),
+        layers,
+        arch: arch.to_owned(),
+    }
 }
 
 /// A small image with `n` layers, unique per `seed`.
 pub fn small_image(format: Format, arch: &str, seed: u64, n: usize) -> Image {
-    let layers = (0..n)
-        .map(|i| vec![(format!("layer{i}/data-{seed}.bin"), noise(4096 + i * 1000, seed * 31 + i as u64))])
-        .collect();
+    let layers = (0..n).map(|i| vec![(format!("layer{i}/data-{seed}.bin"), noise(4096 + i * 1000, seed * 31 + i as u64))]).collect();
     image(format, arch, layers)
 }
 
