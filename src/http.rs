@@ -90,7 +90,7 @@ async fn access_log(req: Request, next: Next) -> Response {
     }
     let cache = resp.extensions().get::<CacheStatus>().map_or("-", |c| c.as_str());
     let status = resp.status().as_u16();
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let ms = (start.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     match resp.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => {
             tracing::error!(target: "hubcap::access", %method, path, ns, status, cache, ms, error = %cause, "request failed")
