@@ -22,6 +22,10 @@ use crate::upstream::{Retry, UpstreamError};
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;
 
+/// How long a claimed fetch is exclusive; after it, another fetcher may take
+/// over a copy whose fetcher died. Longer than a Lambda can run.
+pub const FETCH_LEASE: Duration = Duration::from_secs(16 * 60);
+
 /// One blob to copy into the store, and where to copy it from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchJob {
@@ -59,14 +63,17 @@ impl Fetcher {
     }
 
     /// Brings the blob into the store (or finds it there) and marks it
-    /// `ready`; on failure marks it `failed` with the error. Returns its size.
-    pub async fn fetch(&self, job: &FetchJob) -> Result<u64, FetchError> {
+    /// `ready`; on failure marks it `failed` with the error. Returns its
+    /// size, or `None` when another fetcher holds it (and will finish it).
+    pub async fn fetch(&self, job: &FetchJob) -> Result<Option<u64>, FetchError> {
         if let Some(size) = self.store.size(&job.digest).await? {
             // Only verified blobs are ever committed, so a stored one is good.
             self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
-            return Ok(size);
+            return Ok(Some(size));
         }
-        self.index.set_blob_state(&job.digest, BlobState::Fetching, None, None).await?;
+        if !self.index.claim_blob(&job.digest, FETCH_LEASE).await? {
+            return Ok(None);
+        }
         let mut attempt = 0;
         let err = loop {
             attempt += 1;
@@ -74,7 +81,7 @@ impl Fetcher {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
                     tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
-                    return Ok(size);
+                    return Ok(Some(size));
                 }
                 Err(e) if e.is_permanent() || attempt >= ATTEMPTS => break e,
                 Err(e) => {
@@ -199,5 +206,19 @@ impl FetchQueue for LocalQueue {
             Ok(_) => WaitOutcome::Done,
             Err(_) => WaitOutcome::TimedOut,
         }
+    }
+}
+
+/// The queue when the index itself is the queue (AWS): writing a `pending`
+/// blob item emits the stream record that runs the fetcher Lambda, so there
+/// is nothing to enqueue here, and waiting means polling the index.
+pub struct IndexQueue;
+
+#[async_trait]
+impl FetchQueue for IndexQueue {
+    fn enqueue(&self, _job: FetchJob) {}
+
+    async fn wait(&self, _digest: &Digest, _timeout: Duration) -> WaitOutcome {
+        WaitOutcome::Done
     }
 }

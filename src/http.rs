@@ -35,6 +35,11 @@ const WAIT_PARAM: &str = "hubcap-wait";
 /// Self-redirects before a still-pending blob gets a 503.
 const MAX_WAIT_REDIRECTS: u32 = 5;
 
+/// The client's address as the platform saw it (a Lambda's request context);
+/// `hubcap serve` uses the TCP peer instead.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 #[derive(Clone)]
 pub struct AppState {
     pub mirror: Arc<Mirror>,
@@ -82,6 +87,11 @@ async fn access_log(req: Request, next: Next) -> Response {
     // The path only: signed URLs carry their signature in the query.
     let path = req.uri().path().to_owned();
     let ns = req.uri().query().and_then(|q| query_param(q, "ns"));
+    let client = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()));
     let mut resp = next.run(req).await;
     resp.headers_mut().insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD && resp.status().is_client_error() | resp.status().is_server_error() {
@@ -93,9 +103,9 @@ async fn access_log(req: Request, next: Next) -> Response {
     let ms = (start.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     match resp.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => {
-            tracing::error!(target: "hubcap::access", %method, path, ns, status, cache, ms, error = %cause, "request failed")
+            tracing::error!(target: "hubcap::access", %method, path, ns, status, cache, ms, client = ?client, error = %cause, "request failed")
         }
-        None => tracing::info!(target: "hubcap::access", %method, path, ns, status, cache, ms, "request"),
+        None => tracing::info!(target: "hubcap::access", %method, path, ns, status, cache, ms, client = ?client, "request"),
     }
     resp
 }

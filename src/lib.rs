@@ -9,16 +9,21 @@
 //!   then upstream, write through. Knows the storage traits, not backends.
 //! - `upstream`: the client for upstream registries (token auth, retries,
 //!   redirects, rate-limit headers).
-//! - `storage`: the `BlobStore` and `Index` traits and the embedded backend
-//!   (`storage::local`: files + SQLite).
+//! - `storage`: the `BlobStore` and `Index` traits; the embedded backend
+//!   (`storage::local`: files + SQLite), the AWS one (`storage::aws`: S3 +
+//!   DynamoDB) and the warm in-memory cache (`storage::cached`).
 //! - `fetch`: the blob fetch job (upstream -> store, verified) and the
 //!   in-process queue that runs it.
 //! - `serve`: wiring for `hubcap serve` and the TCP server.
+//! - `lambda`: the adapters the `api` and `fetcher` Lambda binaries run.
+//! - `config`: settings shared by the CLI and the Lambdas (flags + env).
 //!
 //! Controllers call services; services never call controllers.
 
+pub mod config;
 pub mod fetch;
 pub mod http;
+pub mod lambda;
 pub mod oci;
 pub mod proxy;
 pub mod serve;

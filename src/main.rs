@@ -2,12 +2,10 @@
 //! sets up logging and runs a subcommand.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::proxy::MirrorConfig;
-use hubcap::serve::{self, ServeOptions};
+use hubcap::config::{AwsArgs, MirrorArgs, StorageArgs, StorageKind};
+use hubcap::serve::{self, Backend, ServeOptions};
 
 #[derive(Parser)]
 #[command(name = "hubcap", version, about = "A pull-through mirror for Docker Hub and other OCI registries")]
@@ -27,8 +25,11 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the mirror on this host with the embedded backend.
+    /// Run the mirror on this host (embedded backend by default).
     Serve(ServeArgs),
+    /// Create the S3 bucket and the DynamoDB table (stream, TTL) the AWS
+    /// backend uses; harmless when they exist.
+    AwsSetup(AwsArgs),
 }
 
 #[derive(clap::Args)]
@@ -36,36 +37,10 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "HUBCAP_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
-    /// Directory for the cache (blobs, index, signing key).
-    #[arg(long, env = "HUBCAP_DATA", default_value = "hubcap-data")]
-    data: PathBuf,
-    /// An upstream registry: REGISTRY=URL, or REGISTRY for https://REGISTRY.
-    /// Repeatable (comma-separated in the variable). docker.io is always
-    /// configured (default https://registry-1.docker.io).
-    #[arg(long = "upstream", env = "HUBCAP_UPSTREAM", value_delimiter = ',')]
-    upstreams: Vec<String>,
-    /// Seconds a tag is trusted before it is re-validated upstream (0: every time).
-    #[arg(long, env = "HUBCAP_TAG_TTL", default_value_t = 600.0)]
-    tag_ttl: f64,
-    /// Seconds a blob request waits for an in-flight fetch before redirecting back.
-    #[arg(long, env = "HUBCAP_BLOB_WAIT", default_value_t = 20.0)]
-    blob_wait: f64,
-    /// Seconds a signed blob URL stays valid.
-    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0)]
-    url_ttl: f64,
-    /// Seconds a tag re-validation may take before the cached tag is served.
-    #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0)]
-    revalidate_timeout: f64,
-    /// Blob copies from upstream running at once.
-    #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
-    fetch_concurrency: usize,
-    /// Upstream credentials, in docker's config.json format ({"auths": {...}}).
-    #[arg(long, env = "HUBCAP_CREDENTIALS")]
-    credentials: Option<PathBuf>,
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+    #[command(flatten)]
+    storage: StorageArgs,
+    #[command(flatten)]
+    mirror: MirrorArgs,
 }
 
 fn init_logging(format: LogFormat) {
@@ -84,6 +59,7 @@ async fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve_cmd(args).await,
+        Command::AwsSetup(args) => aws_setup(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -94,29 +70,33 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+fn backend(args: &StorageArgs) -> Result<Backend, serve::BoxError> {
+    Ok(match args.storage {
+        StorageKind::Local => Backend::Local(args.data.clone()),
+        StorageKind::Aws => Backend::Aws(args.aws.storage()?),
+    })
+}
+
 async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
     let opts = ServeOptions {
-        data_dir: args.data,
-        upstreams: args.upstreams,
-        credentials: args.credentials,
-        mirror: MirrorConfig {
-            tag_ttl: secs(args.tag_ttl),
-            blob_wait: secs(args.blob_wait),
-            url_ttl: secs(args.url_ttl),
-            revalidate_timeout: secs(args.revalidate_timeout),
-            ..MirrorConfig::default()
-        },
-        fetch_concurrency: args.fetch_concurrency,
+        backend: backend(&args.storage)?,
+        upstreams: args.mirror.upstreams.clone(),
+        credentials: args.mirror.credentials.clone(),
+        mirror: args.mirror.mirror_config(),
+        fetch_concurrency: args.mirror.fetch_concurrency,
     };
     let (router, mirror) = serve::build_local(&opts).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        data = %opts.data_dir.display(),
-        upstreams = ?upstreams,
-        "hubcap serving"
-    );
+    tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
     serve::run(listener, router, serve::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn aws_setup(args: AwsArgs) -> Result<(), serve::BoxError> {
+    let cfg = args.storage()?;
+    let (bucket, table) = hubcap::storage::aws::setup(&cfg).await?;
+    println!("bucket {}: {}", cfg.bucket, if bucket { "created" } else { "exists" });
+    println!("table {}: {}", cfg.table, if table { "created (stream, TTL on expires_at)" } else { "exists" });
     Ok(())
 }

@@ -282,16 +282,15 @@ impl Mirror {
     async fn resolve_tag(&self, repo: &RepoPath, tag: &str, accept: &Accept) -> Result<(ManifestRecord, CacheStatus), RegistryError> {
         let key = repo.key();
         let variant = accept.key();
-        if let Some(t) = self.index.tag(&key, tag, &variant).await?
+        if let Some((t, Some(m))) = self.index.tag_manifest(&key, tag, &variant).await?
             && self.tag_is_fresh(&t)
-            && let Some(m) = self.index.manifest(&key, &t.digest).await?.record
         {
             return Ok((m, CacheStatus::Hit));
         }
         let _flight = self.flights.lock(format!("t {key}:{tag}#{variant}")).await;
-        let cached = match self.index.tag(&key, tag, &variant).await? {
-            Some(t) => self.index.manifest(&key, &t.digest).await?.record.map(|m| (t, m)),
-            None => None,
+        let cached = match self.index.tag_manifest(&key, tag, &variant).await? {
+            Some((t, Some(m))) => Some((t, m)),
+            _ => None,
         };
         let upstream = self.upstreams.get(&repo.registry)?;
         let types = accept.upstream_types();
@@ -354,7 +353,7 @@ impl Mirror {
             media_type: m.media_type.clone(),
             checked_at: now(),
         };
-        Ok(self.index.put_tag(&record).await?)
+        Ok(self.index.put_tag(&record, m).await?)
     }
 
     /// GETs a manifest upstream, verifies its digest, stores it (linking and
@@ -436,20 +435,32 @@ impl Mirror {
         }
         self.index.create_pending_blob(digest, &key, size).await?;
         self.start_fetch(repo, digest, size);
-        if self.queue.wait(digest, self.cfg.blob_wait).await == WaitOutcome::TimedOut {
-            return Ok((BlobAnswer::Pending, CacheStatus::Miss));
-        }
-        let record = self.index.blob(&key, digest).await?.record;
-        match record {
-            Some(r) if r.state == BlobState::Ready => {
-                Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Miss))
+        // Wait, bounded, for the copy: on the in-process queue directly; when
+        // the fetch runs elsewhere (another instance, the fetcher Lambda), by
+        // polling the index.
+        let deadline = Instant::now() + self.cfg.blob_wait;
+        let mut poll = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.queue.wait(digest, left).await == WaitOutcome::TimedOut {
+                return Ok((BlobAnswer::Pending, CacheStatus::Miss));
             }
-            Some(r) if r.state == BlobState::Failed => {
-                let why = r.last_error.unwrap_or_default();
-                let code = if why.contains("not found upstream") { ErrorCode::BlobUnknown } else { ErrorCode::Unavailable };
-                Err(RegistryError::new(code, format!("fetching {digest} from {} failed", repo.registry)).with_internal(why))
+            let record = self.index.blob(&key, digest).await?.record;
+            match record {
+                Some(r) if r.state == BlobState::Ready => {
+                    return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Miss));
+                }
+                Some(r) if r.state == BlobState::Failed => {
+                    let why = r.last_error.unwrap_or_default();
+                    let code = if why.contains("not found upstream") { ErrorCode::BlobUnknown } else { ErrorCode::Unavailable };
+                    return Err(RegistryError::new(code, format!("fetching {digest} from {} failed", repo.registry)).with_internal(why));
+                }
+                _ if Instant::now() + poll >= deadline => return Ok((BlobAnswer::Pending, CacheStatus::Miss)),
+                _ => {
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(Duration::from_millis(500));
+                }
             }
-            _ => Ok((BlobAnswer::Pending, CacheStatus::Miss)),
         }
     }
 

@@ -1,6 +1,6 @@
-//! `hubcap serve`: assembles the embedded backend (files + SQLite), the
-//! in-process fetcher and the configured upstreams into the router, and runs
-//! it on a TCP listener until SIGTERM/SIGINT.
+//! `hubcap serve`: assembles a backend (embedded files + SQLite, or S3 +
+//! DynamoDB), the in-process fetcher and the configured upstreams into the
+//! router, and runs it on a TCP listener until SIGTERM/SIGINT.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,17 +13,32 @@ use crate::fetch::{Fetcher, LocalQueue};
 use crate::http::{AppState, app};
 use crate::oci::{DOCKER_HUB, canonical_registry};
 use crate::proxy::{Mirror, MirrorConfig, Upstreams};
+use crate::storage::aws::{self, AwsStorage};
+use crate::storage::cached::CachedIndex;
 use crate::storage::local::{FsBlobStore, SqliteIndex};
+use crate::storage::{BlobStore, Index};
 use crate::upstream::{Credentials, Upstream};
+
+/// Facts per kind kept in the in-memory cache in front of the index.
+pub const MEMORY_CACHE_ENTRIES: usize = 10_000;
 
 /// Docker Hub's registry endpoint, the default upstream.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where the cache lives.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Files and SQLite in this directory.
+    Local(PathBuf),
+    /// S3 and DynamoDB.
+    Aws(AwsStorage),
+}
+
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    pub data_dir: PathBuf,
+    pub backend: Backend,
     /// `REGISTRY=URL` or `REGISTRY` (then `https://REGISTRY`); docker.io is
     /// always configured, by default as Docker Hub.
     pub upstreams: Vec<String>,
@@ -93,31 +108,57 @@ pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentia
     Ok(Upstreams::new(list))
 }
 
-/// The mirror on the embedded backend, and its router.
-pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), BoxError> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("data directory {}: {e}", opts.data_dir.display()))?;
-    let store = Arc::new(FsBlobStore::open(&opts.data_dir)?);
-    let index = Arc::new(SqliteIndex::open(&opts.data_dir.join("index.db"))?);
-    let credentials = match &opts.credentials {
+/// The upstreams configured by `--upstream` and `--credentials`.
+pub fn upstreams_from(specs: &[String], credentials: Option<&Path>) -> Result<Upstreams, BoxError> {
+    let credentials = match credentials {
         Some(path) => load_credentials(path)?,
         None => HashMap::new(),
     };
-    let upstreams = Arc::new(build_upstreams(&opts.upstreams, &credentials)?);
+    build_upstreams(specs, &credentials)
+}
+
+/// Opens a backend: the index (behind the in-memory cache) and the blob
+/// store; for the embedded backend also the store whose URLs this server serves.
+pub async fn open_backend(
+    backend: &Backend,
+    tag_ttl: std::time::Duration,
+) -> Result<(Arc<dyn Index>, Arc<dyn BlobStore>, Option<Arc<FsBlobStore>>), BoxError> {
+    Ok(match backend {
+        Backend::Local(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+            let store = Arc::new(FsBlobStore::open(dir)?);
+            let index = SqliteIndex::open(&dir.join("index.db"))?;
+            (Arc::new(CachedIndex::new(index, MEMORY_CACHE_ENTRIES, tag_ttl)), store.clone(), Some(store))
+        }
+        Backend::Aws(cfg) => {
+            let (store, index) = aws::connect(cfg).await;
+            (Arc::new(CachedIndex::new(index, MEMORY_CACHE_ENTRIES, tag_ttl)), Arc::new(store), None)
+        }
+    })
+}
+
+/// The mirror with an in-process fetcher, and its router.
+pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), BoxError> {
+    let (index, store, local_blobs) = open_backend(&opts.backend, opts.mirror.tag_ttl).await?;
+    let upstreams = Arc::new(upstreams_from(&opts.upstreams, opts.credentials.as_deref())?);
     let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
     let queue = Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency));
-    let mirror = Arc::new(Mirror::new(index, store.clone(), queue, upstreams, opts.mirror.clone()));
-    let resumed = mirror.resume_fetches().await?;
-    if resumed > 0 {
-        tracing::info!(resumed, "resuming unfinished blob fetches");
+    let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));
+    if matches!(opts.backend, Backend::Local(_)) {
+        // Shared AWS tables are re-driven by their stream, not by each server.
+        let resumed = mirror.resume_fetches().await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming unfinished blob fetches");
+        }
     }
-    let router = app(AppState { mirror: mirror.clone(), local_blobs: Some(store) });
+    let router = app(AppState { mirror: mirror.clone(), local_blobs });
     Ok((router, mirror))
 }
 
 /// Serves `router` on an already bound listener until `shutdown` resolves,
 /// then lets in-flight requests finish.
 pub async fn run(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown).await
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -409,7 +409,7 @@ async fn upstream_credentials_are_used_for_tokens() {
     let creds = dir.path().join("auth.json");
     std::fs::write(&creds, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"Y2ktYm90OmRja3JfcGF0X3NlY3JldA=="}}}"#).unwrap();
     let opts = hubcap::serve::ServeOptions {
-        data_dir: dir.path().join("data"),
+        backend: hubcap::serve::Backend::Local(dir.path().join("data")),
         upstreams: vec![format!("docker.io={}", hub.url)],
         credentials: Some(creds),
         mirror: config(),

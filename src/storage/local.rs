@@ -185,6 +185,9 @@ impl SqliteIndex {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // This process is the only one using this database: fetches another
+        // run left half-done are nobody's any more.
+        conn.execute("UPDATE blobs SET state = 'pending' WHERE state = 'fetching'", []).map_err(db_err)?;
         Ok(SqliteIndex { conn: Mutex::new(conn) })
     }
 
@@ -235,7 +238,7 @@ impl Index for SqliteIndex {
         })
     }
 
-    async fn put_tag(&self, t: &TagRecord) -> Result<()> {
+    async fn put_tag(&self, t: &TagRecord, _manifest: &ManifestRecord) -> Result<()> {
         self.with(|c| {
             c.prepare_cached(
                 "INSERT INTO tags (repo, tag, variant, digest, media_type, checked_at, last_pulled)
@@ -324,11 +327,22 @@ impl Index for SqliteIndex {
         self.with(|c| c.prepare_cached(PEND_BLOB)?.execute(params![digest.as_str(), size.map(|s| s as i64), source, now()]).map(|n| n > 0))
     }
 
+    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
+        let t = now();
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'fetching', attempts = attempts + 1, updated_at = ?2
+                 WHERE digest = ?1 AND (state IN ('pending', 'failed') OR (state = 'fetching' AND updated_at < ?3))",
+            )?
+            .execute(params![digest.as_str(), t, t - lease.as_secs() as i64])
+            .map(|n| n > 0)
+        })
+    }
+
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         self.with(|c| {
             c.prepare_cached(
-                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
-                     attempts = attempts + (CASE WHEN ?2 = 'fetching' THEN 1 ELSE 0 END)
+                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5
                  WHERE digest = ?1",
             )?
             .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])

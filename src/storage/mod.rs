@@ -6,6 +6,8 @@
 //!
 //! Nothing here knows HTTP or upstream registries.
 
+pub mod aws;
+pub mod cached;
 pub mod local;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -114,7 +116,17 @@ pub struct Linked<T> {
 #[async_trait]
 pub trait Index: Send + Sync {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>>;
-    async fn put_tag(&self, tag: &TagRecord) -> Result<()>;
+
+    /// The tag and the manifest it leads to (linked to `repo`), in as few
+    /// reads as the backend allows.
+    async fn tag_manifest(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<(TagRecord, Option<ManifestRecord>)>> {
+        let Some(t) = self.tag(repo, tag, variant).await? else { return Ok(None) };
+        let m = self.manifest(repo, &t.digest).await?;
+        Ok(Some((t, m.record.filter(|_| m.linked))))
+    }
+
+    /// Points the tag at `manifest` (already stored with `put_manifest`).
+    async fn put_tag(&self, tag: &TagRecord, manifest: &ManifestRecord) -> Result<()>;
     async fn touch_tag(&self, repo: &str, tag: &str, variant: &str, checked_at: i64) -> Result<()>;
     async fn delete_tag(&self, repo: &str, tag: &str, variant: &str) -> Result<()>;
 
@@ -136,6 +148,11 @@ pub trait Index: Send + Sync {
     /// Makes the blob `pending` if it is unknown or `failed`. True when this
     /// call did so (the caller then enqueues it).
     async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool>;
+
+    /// Takes the fetch of a blob: succeeds when it is `pending` or `failed`,
+    /// or `fetching` under a lease older than `lease`. At most one fetcher
+    /// holds a blob at a time.
+    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool>;
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()>;
 

@@ -45,7 +45,14 @@ pub struct Hubcap {
 
 impl Hubcap {
     pub async fn start(data: &Path, upstreams: Vec<String>, mirror: MirrorConfig) -> Hubcap {
-        Hubcap::start_opts(ServeOptions { data_dir: data.to_owned(), upstreams, credentials: None, mirror, fetch_concurrency: 8 }).await
+        Hubcap::start_opts(ServeOptions {
+            backend: hubcap::serve::Backend::Local(data.to_owned()),
+            upstreams,
+            credentials: None,
+            mirror,
+            fetch_concurrency: 8,
+        })
+        .await
     }
 
     pub async fn start_opts(opts: ServeOptions) -> Hubcap {

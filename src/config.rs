@@ -1,0 +1,114 @@
+//! Settings shared by the `hubcap` CLI and the Lambda binaries: each is a
+//! flag and a `HUBCAP_*` environment variable (the Lambdas read only the
+//! variables), parsed once by clap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::proxy::MirrorConfig;
+use crate::storage::aws::{AwsStorage, Encryption};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct MirrorArgs {
+    /// An upstream registry: REGISTRY=URL, or REGISTRY for https://REGISTRY.
+    /// Repeatable (comma-separated in the variable). docker.io is always
+    /// configured (default https://registry-1.docker.io).
+    #[arg(long = "upstream", env = "HUBCAP_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Upstream credentials, in docker's config.json format ({"auths": {...}}).
+    #[arg(long, env = "HUBCAP_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Seconds a tag is trusted before it is re-validated upstream (0: every time).
+    #[arg(long, env = "HUBCAP_TAG_TTL", default_value_t = 600.0)]
+    pub tag_ttl: f64,
+    /// Seconds a blob request waits for an in-flight fetch before redirecting back.
+    #[arg(long, env = "HUBCAP_BLOB_WAIT", default_value_t = 20.0)]
+    pub blob_wait: f64,
+    /// Seconds a signed blob URL stays valid.
+    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0)]
+    pub url_ttl: f64,
+    /// Seconds a tag re-validation may take before the cached tag is served.
+    #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0)]
+    pub revalidate_timeout: f64,
+    /// Blob copies from upstream running at once (in-process fetcher).
+    #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
+    pub fetch_concurrency: usize,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+impl MirrorArgs {
+    pub fn mirror_config(&self) -> MirrorConfig {
+        MirrorConfig {
+            tag_ttl: secs(self.tag_ttl),
+            blob_wait: secs(self.blob_wait),
+            url_ttl: secs(self.url_ttl),
+            revalidate_timeout: secs(self.revalidate_timeout),
+            ..MirrorConfig::default()
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageKind {
+    /// Files and SQLite under --data.
+    Local,
+    /// S3 (--bucket) and DynamoDB (--table).
+    Aws,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StorageArgs {
+    /// Where the cache lives.
+    #[arg(long, env = "HUBCAP_STORAGE", value_enum, default_value_t = StorageKind::Local)]
+    pub storage: StorageKind,
+    /// Cache directory for --storage local (blobs, index, signing key).
+    #[arg(long, env = "HUBCAP_DATA", default_value = "hubcap-data")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct AwsArgs {
+    /// S3 bucket for blobs (--storage aws).
+    #[arg(long, env = "HUBCAP_BUCKET")]
+    pub bucket: Option<String>,
+    /// DynamoDB table for the index (--storage aws).
+    #[arg(long, env = "HUBCAP_TABLE")]
+    pub table: Option<String>,
+    /// Server-side encryption of stored objects: AES256 or aws:kms (default: the bucket's).
+    #[arg(long, env = "HUBCAP_SSE", default_value = "")]
+    pub sse: String,
+    /// KMS key for --sse aws:kms (default: the AWS managed key).
+    #[arg(long, env = "HUBCAP_SSE_KMS_KEY_ID")]
+    pub sse_kms_key_id: Option<String>,
+}
+
+impl AwsArgs {
+    pub fn storage(&self) -> Result<AwsStorage, String> {
+        let bucket = self.bucket.clone().filter(|b| !b.is_empty()).ok_or("the AWS backend needs --bucket (HUBCAP_BUCKET)")?;
+        let table = self.table.clone().filter(|t| !t.is_empty()).ok_or("the AWS backend needs --table (HUBCAP_TABLE)")?;
+        Ok(AwsStorage { bucket, table, encryption: Encryption::parse(&self.sse, self.sse_kms_key_id.clone())? })
+    }
+}
+
+/// Settings of a Lambda function, from its environment variables only.
+#[derive(clap::Parser, Clone, Debug)]
+pub struct LambdaSettings {
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    /// Facts kept in the warm instance's in-memory cache, per kind.
+    #[arg(long, env = "HUBCAP_MEMORY_CACHE_ENTRIES", default_value_t = 10_000)]
+    pub memory_cache_entries: usize,
+}
+
+impl LambdaSettings {
+    pub fn from_env() -> Result<LambdaSettings, clap::Error> {
+        <LambdaSettings as clap::Parser>::try_parse_from(["hubcap-lambda"])
+    }
+}

@@ -1,0 +1,124 @@
+//! What the Lambda binaries run. The `api` function serves the same axum
+//! router as `hubcap serve`, on the AWS backends, with the index as its
+//! fetch queue; this module only adapts Lambda's request context to it (the
+//! API Gateway stage prefix, the client's source IP). The `fetcher` function
+//! turns DynamoDB Stream records of pending blobs into `Fetcher::fetch` calls
+//! and reports partial batch failures.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::dynamodb::{Event, EventRecord};
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use axum::Router;
+
+use crate::config::LambdaSettings;
+use crate::fetch::{FetchJob, Fetcher, IndexQueue};
+use crate::http::{AppState, ClientAddr, app};
+use crate::oci::{Digest, RepoPath};
+use crate::proxy::Mirror;
+use crate::serve::{BoxError, upstreams_from};
+use crate::storage::aws;
+use crate::storage::cached::CachedIndex;
+
+/// JSON logs without colour, as CloudWatch wants them.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUBCAP_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).json().flatten_event(true).with_ansi(false).without_time().try_init();
+}
+
+/// The `api` function's router: the mirror on S3 + DynamoDB, whose blob
+/// misses are fetched by the `fetcher` function.
+pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
+    let storage = settings.aws.storage()?;
+    let cfg = settings.mirror.mirror_config();
+    let (store, index) = aws::connect(&storage).await;
+    let index = Arc::new(CachedIndex::new(index, settings.memory_cache_entries, cfg.tag_ttl));
+    let upstreams = Arc::new(upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?);
+    let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), upstreams, cfg));
+    Ok((app(AppState { mirror: mirror.clone(), local_blobs: None }), mirror))
+}
+
+/// The `fetcher` function's worker.
+pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
+    let storage = settings.aws.storage()?;
+    let (store, index) = aws::connect(&storage).await;
+    let upstreams = Arc::new(upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?);
+    Ok(Fetcher::new(Arc::new(index), Arc::new(store), upstreams))
+}
+
+/// Fits a Lambda HTTP request to the router: removes an API Gateway stage
+/// prefix (`/prod/v2/...` -> `/v2/...`) and records the client's source IP.
+pub fn prepare_request(mut req: lambda_http::Request) -> lambda_http::Request {
+    use lambda_http::request::RequestContext;
+    let (stage, ip) = match req.extensions().get::<RequestContext>() {
+        Some(RequestContext::ApiGatewayV1(c)) => (c.stage.clone(), c.identity.source_ip.clone()),
+        Some(RequestContext::ApiGatewayV2(c)) => (c.stage.clone(), c.http.source_ip.clone()),
+        _ => (None, None),
+    };
+    if let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") {
+        let prefix = format!("/{stage}");
+        let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix(&prefix).filter(|r| r.starts_with('/')) {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{rest}?{q}"),
+                None => rest.to_owned(),
+            };
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(pq) = pq.parse() {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+    if let Some(ip) = ip.and_then(|ip| ip.parse().ok()) {
+        req.extensions_mut().insert(ClientAddr(ip));
+    }
+    req
+}
+
+/// The fetch job a stream record asks for: an INSERT or MODIFY that leaves a
+/// blob item `pending`. Other records (claims, completions, other items)
+/// need nothing.
+pub fn job_from_record(record: &EventRecord) -> Result<Option<FetchJob>, String> {
+    if !matches!(record.event_name.as_str(), "INSERT" | "MODIFY") {
+        return Ok(None);
+    }
+    let image = serde_json::to_value(&record.change.new_image).map_err(|e| e.to_string())?;
+    let attr = |name: &str, ty: &str| image.get(name).and_then(|v| v.get(ty)).and_then(|v| v.as_str()).map(str::to_owned);
+    if attr("sk", "S").as_deref() != Some("blob") || attr("state", "S").as_deref() != Some("pending") {
+        return Ok(None);
+    }
+    let pk = attr("pk", "S").unwrap_or_default();
+    let digest = Digest::parse(pk.strip_prefix("blob#").unwrap_or(&pk)).map_err(|e| e.to_string())?;
+    let source = attr("source", "S").ok_or("pending blob without source")?;
+    let (registry, name) = source.split_once('/').ok_or_else(|| format!("bad source {source:?}"))?;
+    let size = attr("size", "N").and_then(|s| s.parse().ok());
+    Ok(Some(FetchJob { digest, source: RepoPath { registry: registry.to_owned(), name: name.to_owned() }, size }))
+}
+
+/// Runs the fetches a batch of stream records asks for. Only records whose
+/// fetch failed are reported, so only they are retried; a record delivered
+/// twice finds its blob claimed or stored and does nothing.
+pub async fn handle_stream(fetcher: &Fetcher, event: Event) -> DynamoDbEventResponse {
+    let mut response = DynamoDbEventResponse::default();
+    for record in &event.records {
+        let id = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
+        match job_from_record(record) {
+            Ok(None) => {}
+            Ok(Some(job)) => match fetcher.fetch(&job).await {
+                Ok(size) => tracing::info!(digest = %job.digest, source = %job.source, ?size, "fetched"),
+                Err(e) => {
+                    tracing::warn!(digest = %job.digest, source = %job.source, error = %e, "fetch failed");
+                    let mut failure = DynamoDbBatchItemFailure::default();
+                    failure.item_identifier = Some(id);
+                    response.batch_item_failures.push(failure);
+                }
+            },
+            // Retrying a record that cannot be read would fail the same way.
+            Err(e) => tracing::error!(record = %id, error = %e, "unreadable stream record skipped"),
+        }
+    }
+    response
+}
