@@ -91,7 +91,7 @@ impl AwsArgs {
     pub fn storage(&self) -> Result<AwsStorage, String> {
         let bucket = self.bucket.clone().filter(|b| !b.is_empty()).ok_or("the AWS backend needs --bucket (HUBCAP_BUCKET)")?;
         let table = self.table.clone().filter(|t| !t.is_empty()).ok_or("the AWS backend needs --table (HUBCAP_TABLE)")?;
-        Ok(AwsStorage { bucket, table, encryption: Encryption::parse(&self.sse, self.sse_kms_key_id.clone())? })
+        Ok(AwsStorage { bucket, table, encryption: Encryption::parse(&self.sse, self.sse_kms_key_id.clone())?, sdk: None })
     }
 }
 

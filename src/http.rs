@@ -91,7 +91,8 @@ async fn access_log(req: Request, next: Next) -> Response {
         .extensions()
         .get::<ClientAddr>()
         .map(|c| c.0)
-        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()));
+        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()))
+        .map_or_else(String::new, |ip| ip.to_string());
     let mut resp = next.run(req).await;
     resp.headers_mut().insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD && resp.status().is_client_error() | resp.status().is_server_error() {
@@ -103,9 +104,9 @@ async fn access_log(req: Request, next: Next) -> Response {
     let ms = (start.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     match resp.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => {
-            tracing::error!(target: "hubcap::access", %method, path, ns, status, cache, ms, client = ?client, error = %cause, "request failed")
+            tracing::error!(target: "hubcap::access", %method, path, ns, status, cache, ms, client, error = %cause, "request failed")
         }
-        None => tracing::info!(target: "hubcap::access", %method, path, ns, status, cache, ms, client = ?client, "request"),
+        None => tracing::info!(target: "hubcap::access", %method, path, ns, status, cache, ms, client, "request"),
     }
     resp
 }

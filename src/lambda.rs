@@ -15,9 +15,9 @@ use crate::config::LambdaSettings;
 use crate::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
 use crate::oci::{Digest, RepoPath};
-use crate::proxy::Mirror;
+use crate::proxy::{Mirror, MirrorConfig, Upstreams};
 use crate::serve::{BoxError, upstreams_from};
-use crate::storage::aws;
+use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
 
 /// JSON logs without colour, as CloudWatch wants them.
@@ -29,21 +29,31 @@ pub fn init_logging() {
 /// The `api` function's router: the mirror on S3 + DynamoDB, whose blob
 /// misses are fetched by the `fetcher` function.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
-    let storage = settings.aws.storage()?;
-    let cfg = settings.mirror.mirror_config();
-    let (store, index) = aws::connect(&storage).await;
-    let index = Arc::new(CachedIndex::new(index, settings.memory_cache_entries, cfg.tag_ttl));
-    let upstreams = Arc::new(upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?);
-    let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), upstreams, cfg));
+    let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
+    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
+}
+
+pub async fn api_router_with(
+    storage: &AwsStorage,
+    upstreams: Upstreams,
+    cfg: MirrorConfig,
+    memory_cache_entries: usize,
+) -> Result<(Router, Arc<Mirror>), BoxError> {
+    let (store, index) = aws::connect(storage).await;
+    let index = Arc::new(CachedIndex::new(index, memory_cache_entries, cfg.tag_ttl));
+    let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), Arc::new(upstreams), cfg));
     Ok((app(AppState { mirror: mirror.clone(), local_blobs: None }), mirror))
 }
 
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
-    let storage = settings.aws.storage()?;
-    let (store, index) = aws::connect(&storage).await;
-    let upstreams = Arc::new(upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?);
-    Ok(Fetcher::new(Arc::new(index), Arc::new(store), upstreams))
+    let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
+    Ok(fetcher_with(&settings.aws.storage()?, upstreams).await)
+}
+
+pub async fn fetcher_with(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
+    let (store, index) = aws::connect(storage).await;
+    Fetcher::new(Arc::new(index), Arc::new(store), Arc::new(upstreams))
 }
 
 /// Fits a Lambda HTTP request to the router: removes an API Gateway stage

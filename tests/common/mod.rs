@@ -5,6 +5,7 @@
 
 pub mod fakehub;
 pub mod images;
+pub mod moto;
 
 use std::net::SocketAddr;
 use std::path::Path;
