@@ -10,55 +10,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::images::{self, Format, Published, sha256};
-
-/// A child process killed when the test ends.
-struct Proc {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(cmd: &mut std::process::Command, log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (the test command installs it)"));
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn wait_ready(url: &str, what: &Proc) {
-    let http = reqwest::Client::new();
-    for _ in 0..200 {
-        if http.get(url).send().await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never came up:\n{}", what.log());
-}
+use common::procs::{Proc, free_port, run, wait_ready};
 
 /// Debian's docker-registry on a loopback port, empty.
 async fn upstream_registry(dir: &Path) -> (Proc, String) {
@@ -132,13 +87,6 @@ async fn world() -> World {
     }
     let (mirror, mirror_url) = hubcap(dir.path(), &registry_url).await;
     World { dir, _registry: registry, mirror, mirror_url, images }
-}
-
-async fn run(cmd: &mut tokio::process::Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().await.unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
 }
 
 /// A registries.conf that sends docker.io to the mirror. The registry's own

@@ -181,6 +181,14 @@ impl FakeHub {
             .insert(image.digest.clone(), (image.media_type.clone(), image.manifest.clone()));
     }
 
+    /// Puts a lone blob into a repository.
+    pub fn put_blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let digest = super::images::sha256(bytes);
+        self.state.blobs.lock().unwrap().insert(digest.clone(), Bytes::copy_from_slice(bytes));
+        self.state.repo_blobs.lock().unwrap().entry(repo.to_owned()).or_default().insert(digest.clone());
+        digest
+    }
+
     /// Removes a tag upstream.
     pub fn untag(&self, repo: &str, tag: &str) {
         if let Some(m) = self.state.manifests.lock().unwrap().get_mut(repo) {

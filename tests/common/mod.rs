@@ -6,6 +6,7 @@
 pub mod fakehub;
 pub mod images;
 pub mod moto;
+pub mod procs;
 
 use std::net::SocketAddr;
 use std::path::Path;

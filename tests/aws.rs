@@ -1,0 +1,345 @@
+//! The mirror on S3 + DynamoDB (moto_server on loopback): what a hit costs,
+//! the fetcher fed by real DynamoDB Stream records, instances sharing one
+//! table, an unreachable backend, the sample events in `events/`, and skopeo
+//! pulling through the `api` binary under `cargo lambda watch`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::fakehub::{FakeHub, Fault};
+use common::images::{self, Format, Published, sha256};
+use common::moto::{CountingProxy, Moto, StreamPump, storage_at};
+use common::procs::{Proc, free_port, run, wait_ready};
+use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_manifest, pull};
+use hubcap::fetch::Fetcher;
+use hubcap::proxy::Upstreams;
+use hubcap::serve::{Backend, ServeOptions, build_upstreams};
+use hubcap::storage::aws::AwsStorage;
+use tower::ServiceExt;
+
+fn upstreams(hub: &FakeHub) -> Upstreams {
+    build_upstreams(&[format!("docker.io={}", hub.url)], &HashMap::new()).unwrap()
+}
+
+fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
+    ServeOptions {
+        backend: Backend::Aws(storage),
+        upstreams: vec![format!("docker.io={}", hub.url)],
+        credentials: None,
+        mirror: config(),
+        fetch_concurrency: 4,
+    }
+}
+
+/// Serves a router on a loopback port (the `api` function, minus Lambda).
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// Feeds the fetcher from the table's stream until dropped, as the event
+/// source mapping does.
+struct Pump {
+    stop: Arc<AtomicBool>,
+}
+
+impl Pump {
+    fn start(moto_url: &str, table: &str, fetcher: Arc<Fetcher>) -> Pump {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, mut pump) = (stop.clone(), StreamPump::new(moto_url, table));
+        tokio::spawn(async move {
+            while !flag.load(Ordering::SeqCst) {
+                let event = pump.poll().await;
+                if !event.records.is_empty() {
+                    hubcap::lambda::handle_stream(&fetcher, event).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Pump { stop }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn calls(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hit_costs_one_get_item_and_no_s3_call_and_nothing_when_warm() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 200, 2);
+    hub.publish("library/counted", "1", &Published::Image(img.clone()));
+    let moto = Moto::start().await;
+    moto.setup("hits-bucket", "hits").await;
+    let proxy = CountingProxy::start(&moto.url).await;
+    let storage = storage_at(&proxy.url, "hits-bucket", "hits").await;
+    let http = client();
+    let first = Hubcap::start_opts(aws_opts(storage.clone(), &hub)).await;
+    pull(&http, &first.url, "counted", "1").await;
+
+    // A fresh instance: nothing in its memory, everything in DynamoDB.
+    let cold = Hubcap::start_opts(aws_opts(storage, &hub)).await;
+    let layer = &img.layers[0].0;
+    for round in ["cold", "warm"] {
+        proxy.take();
+        let resp = http.get(format!("{}/v2/counted/manifests/1", cold.url)).header("accept", ALL_MANIFESTS).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let by_tag = proxy.take();
+        let resp =
+            http.get(format!("{}/v2/counted/manifests/{}", cold.url, img.digest)).header("accept", ALL_MANIFESTS).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let by_digest = proxy.take();
+        let resp = http.get(format!("{}/v2/counted/blobs/{layer}", cold.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 307);
+        let blob = proxy.take();
+        let want = if round == "cold" { calls(&[("DynamoDB.GetItem", 1)]) } else { calls(&[]) };
+        assert_eq!(by_tag, want, "{round} manifest hit by tag");
+        assert_eq!(by_digest, want, "{round} manifest hit by digest");
+        assert_eq!(blob, want, "{round} blob hit");
+    }
+    assert_eq!(hub.count(|c| &c.manifest_get), 1, "upstream was asked once, by the first instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fetcher_consumes_real_stream_records() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Docker, "amd64", 201, 3);
+    hub.publish("library/streamed", "1", &Published::Image(img.clone()));
+    let moto = Moto::start().await;
+    let storage = moto.setup("stream-bucket", "stream").await;
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_millis(200);
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100).await.unwrap();
+    let api = serve(router).await;
+    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await;
+    let mut pump = StreamPump::new(&moto.url, "stream");
+    let http = client();
+
+    // The manifest miss writes pending blob items: the stream carries them.
+    get_manifest(&http, &api, "streamed", "1", ALL_MANIFESTS).await;
+    let event = pump.poll().await;
+    let jobs: Vec<String> =
+        event.records.iter().filter_map(|r| hubcap::lambda::job_from_record(r).unwrap()).map(|j| j.digest.to_string()).collect();
+    let mut want: Vec<String> = img.blobs().into_iter().map(|(d, _)| d).collect();
+    want.sort();
+    let mut got = jobs.clone();
+    got.sort();
+    assert_eq!(got, want, "one pending record per config and layer");
+    let resp = hubcap::lambda::handle_stream(&fetcher, event.clone()).await;
+    assert!(resp.batch_item_failures.is_empty());
+    for (digest, _) in img.blobs() {
+        get_blob(&http, &api, "streamed", &digest).await;
+    }
+    // Delivered again (at-least-once): nothing is fetched twice.
+    let resp = hubcap::lambda::handle_stream(&fetcher, event).await;
+    assert!(resp.batch_item_failures.is_empty());
+    for (digest, _) in img.blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest}");
+    }
+    // The fetcher's own writes (claims, completions) need no fetch.
+    let follow_up = pump.poll().await;
+    assert!(follow_up.records.iter().all(|r| hubcap::lambda::job_from_record(r).unwrap().is_none()));
+
+    // A corrupted upstream: the records fail (and will be retried), nothing is stored.
+    let bad = images::small_image(Format::Oci, "amd64", 202, 1);
+    hub.publish("library/streamed", "bad", &Published::Image(bad.clone()));
+    get_manifest(&http, &api, "streamed", "bad", ALL_MANIFESTS).await;
+    hub.set_fault(Fault::WrongBytes);
+    let event = pump.poll().await;
+    let resp = hubcap::lambda::handle_stream(&fetcher, event).await;
+    assert_eq!(resp.batch_item_failures.len(), 2, "config and layer both failed");
+    // A client asking now sees the failed blob retried (pending again), not served.
+    let resp = http.get(format!("{api}/v2/streamed/blobs/{}", bad.layers[0].0)).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    assert!(resp.headers()["location"].to_str().unwrap().contains("hubcap-wait=1"));
+    let (store, _) = hubcap::storage::aws::connect(&storage).await;
+    use hubcap::storage::BlobStore;
+    let d = hubcap::oci::Digest::parse(&bad.layers[0].0).unwrap();
+    assert_eq!(store.size(&d).await.unwrap(), None, "nothing unverified in S3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_sharing_a_table_and_bucket_fetch_each_blob_once() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 203, 4);
+    hub.publish("library/shared", "1", &Published::Image(img.clone()));
+    let moto = Moto::start().await;
+    let storage = moto.setup("shared-bucket", "shared").await;
+    let a = Hubcap::start_opts(aws_opts(storage.clone(), &hub)).await;
+    let b = Hubcap::start_opts(aws_opts(storage, &hub)).await;
+    let http = client();
+    let pulls: Vec<_> = (0..10)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url.clone() } else { b.url.clone() };
+            let http = http.clone();
+            tokio::spawn(async move { pull(&http, &url, "shared", "1").await })
+        })
+        .collect();
+    for p in pulls {
+        p.await.unwrap();
+    }
+    for (digest, _) in img.blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once across both instances");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_aws_backend_answers_503() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/nowhere", "1", &Published::Image(images::small_image(Format::Oci, "amd64", 204, 1)));
+    let storage = storage_at(&format!("http://127.0.0.1:{}", free_port()), "gone", "gone").await;
+    let mirror = Hubcap::start_opts(aws_opts(storage, &hub)).await;
+    let resp = client().get(format!("{}/v2/nowhere/manifests/1", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(resp).await, "UNAVAILABLE");
+    assert_eq!(hub.count(|c| &c.manifest_get), 0, "nothing fetched that could not be stored");
+}
+
+fn event(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("events").join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sample_events_run_through_the_handlers() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/hello", "latest", &Published::Image(images::small_image(Format::Oci, "amd64", 205, 1)));
+    let sample = hub.put_blob("library/hello", b"hubcap sample blob\n");
+    let moto = Moto::start().await;
+    let storage = moto.setup("events-bucket", "events").await;
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100).await.unwrap();
+    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
+    let _pump = Pump::start(&moto.url, "events", fetcher.clone());
+
+    for kind in ["function-url", "apigw-v2", "apigw-v1"] {
+        for (name, status) in [("base", 200), ("manifest-get", 200), ("manifest-head", 200), ("blob-head", 200), ("blob-get", 307)] {
+            let file = format!("{kind}-{name}.json");
+            let req = lambda_http::request::from_str(&event(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let req = hubcap::lambda::prepare_request(req);
+            let resp = router.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{file}");
+            if name == "blob-get" {
+                assert!(resp.headers()["location"].to_str().unwrap().contains("events-bucket"), "{file}: redirected to S3");
+            }
+        }
+    }
+
+    let stream: aws_lambda_events::event::dynamodb::Event = serde_json::from_str(&event("dynamodb-stream-pending-blob.json")).unwrap();
+    let job = hubcap::lambda::job_from_record(&stream.records[0]).unwrap().unwrap();
+    assert_eq!((job.digest.to_string(), job.source.to_string(), job.size), (sample.clone(), "docker.io/library/hello".into(), Some(19)));
+    let resp = hubcap::lambda::handle_stream(&fetcher, stream).await;
+    assert!(resp.batch_item_failures.is_empty());
+
+    let scheduled: aws_lambda_events::event::eventbridge::EventBridgeEvent = serde_json::from_str(&event("scheduled.json")).unwrap();
+    assert_eq!(scheduled.detail_type, "Scheduled Event");
+}
+
+/// The registries.conf mirror for docker.io, pointing at `host`.
+fn registries_conf(dir: &Path, host: &str) -> std::path::PathBuf {
+    let path = dir.join("registries.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{host}\"\ninsecure = true\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = FakeHub::start().await;
+    // A single-platform image: cargo lambda's Function URL emulator passes
+    // on one of a client's repeated Accept headers (AWS joins them with
+    // commas), so index negotiation is covered by the event tests instead.
+    let img = Published::Image(images::small_image(Format::Oci, "amd64", 206, 3));
+    hub.publish("library/lambda", "1", &img);
+    let moto = Moto::start().await;
+    let storage = moto.setup("watch-bucket", "watch").await;
+    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
+    let _pump = Pump::start(&moto.url, "watch", fetcher);
+
+    // cargo lambda's emulator of the Lambda control plane and Function URLs,
+    // running the `api` binary this test build made.
+    let port = free_port();
+    let _watch = Proc::spawn(
+        std::process::Command::new("cargo").args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "--invoke-address",
+            "127.0.0.1",
+            "--invoke-port",
+            &port.to_string(),
+        ]),
+        d.join("watch.log"),
+    );
+    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_api"));
+    api.env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"))
+        .env("HUBCAP_BUCKET", "watch-bucket")
+        .env("HUBCAP_TABLE", "watch")
+        .env("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url));
+    for (k, v) in moto.env() {
+        api.env(k, v);
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let api = Proc::spawn(&mut api, d.join("api.log"));
+    wait_ready(&format!("{base}/v2/"), &api).await;
+
+    // cargo lambda invoke with a sample event.
+    let out = run(tokio::process::Command::new("cargo").args([
+        "lambda",
+        "invoke",
+        "--invoke-address",
+        "127.0.0.1",
+        "--invoke-port",
+        &port.to_string(),
+        "--data-file",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/events/function-url-base.json"),
+    ]))
+    .await;
+    assert!(out.contains("\"statusCode\":200") || out.contains("\"statusCode\": 200"), "{out}");
+
+    let conf = registries_conf(d, &format!("127.0.0.1:{port}"));
+    let policy = d.join("policy.json");
+    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    let out_dir = d.join("pulled");
+    let mut cmd = tokio::process::Command::new("skopeo");
+    cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy);
+    cmd.args(["copy", "--retry-times", "0", "docker://docker.io/library/lambda:1"]).arg(format!("dir:{}", out_dir.display()));
+    run(&mut cmd).await;
+    let manifest = std::fs::read(out_dir.join("manifest.json")).unwrap();
+    assert_eq!(sha256(&manifest), img.digest(), "{}", String::from_utf8_lossy(&manifest));
+    for (digest, bytes) in img.all_blobs() {
+        let file = out_dir.join(digest.trim_start_matches("sha256:"));
+        let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", api.log()));
+        assert_eq!(got, bytes.to_vec(), "{digest}: every byte");
+    }
+    for (digest, _) in img.all_blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied from upstream once");
+    }
+}
