@@ -101,7 +101,7 @@ pub struct LambdaSettings {
     #[command(flatten)]
     pub mirror: MirrorArgs,
     #[command(flatten)]
-    pub aws: AwsArgs,
+    pub storage: StorageArgs,
     /// Facts kept in the warm instance's in-memory cache, per kind.
     #[arg(long, env = "HUBCAP_MEMORY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub memory_cache_entries: usize,

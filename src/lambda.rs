@@ -11,12 +11,12 @@ use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use axum::Router;
 
-use crate::config::LambdaSettings;
+use crate::config::{LambdaSettings, StorageKind};
 use crate::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
 use crate::oci::{Digest, RepoPath};
 use crate::proxy::{Mirror, MirrorConfig, Upstreams};
-use crate::serve::{BoxError, upstreams_from};
+use crate::serve::{Backend, BoxError, ServeOptions, build_local, upstreams_from};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
 
@@ -28,9 +28,22 @@ pub fn init_logging() {
 
 /// The `api` function's router: the mirror on S3 + DynamoDB, whose blob
 /// misses are fetched by the `fetcher` function.
+///
+/// With `HUBCAP_STORAGE=local` it runs on the embedded backend instead, with
+/// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
+    if settings.storage.storage == StorageKind::Local {
+        let opts = ServeOptions {
+            backend: Backend::Local(settings.storage.data.clone()),
+            upstreams: settings.mirror.upstreams.clone(),
+            credentials: settings.mirror.credentials.clone(),
+            mirror: settings.mirror.mirror_config(),
+            fetch_concurrency: settings.mirror.fetch_concurrency,
+        };
+        return build_local(&opts).await;
+    }
     let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
-    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
+    api_router_with(&settings.storage.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
 }
 
 pub async fn api_router_with(
@@ -48,7 +61,7 @@ pub async fn api_router_with(
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
     let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
-    Ok(fetcher_with(&settings.aws.storage()?, upstreams).await)
+    Ok(fetcher_with(&settings.storage.aws.storage()?, upstreams).await)
 }
 
 pub async fn fetcher_with(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
