@@ -100,8 +100,15 @@ impl AwsArgs {
 pub struct LambdaSettings {
     #[command(flatten)]
     pub mirror: MirrorArgs,
+    /// A Lambda runs on AWS storage unless told `local` (cargo lambda watch
+    /// with no AWS at all).
+    #[arg(long, env = "HUBCAP_STORAGE", value_enum, default_value_t = StorageKind::Aws)]
+    pub storage: StorageKind,
+    /// Cache directory when `HUBCAP_STORAGE=local`.
+    #[arg(long, env = "HUBCAP_DATA", default_value = "/tmp/hubcap-data")]
+    pub data: PathBuf,
     #[command(flatten)]
-    pub storage: StorageArgs,
+    pub aws: AwsArgs,
     /// Facts kept in the warm instance's in-memory cache, per kind.
     #[arg(long, env = "HUBCAP_MEMORY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub memory_cache_entries: usize,

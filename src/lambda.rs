@@ -32,9 +32,9 @@ pub fn init_logging() {
 /// With `HUBCAP_STORAGE=local` it runs on the embedded backend instead, with
 /// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
-    if settings.storage.storage == StorageKind::Local {
+    if settings.storage == StorageKind::Local {
         let opts = ServeOptions {
-            backend: Backend::Local(settings.storage.data.clone()),
+            backend: Backend::Local(settings.data.clone()),
             upstreams: settings.mirror.upstreams.clone(),
             credentials: settings.mirror.credentials.clone(),
             mirror: settings.mirror.mirror_config(),
@@ -43,7 +43,7 @@ pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror
         return build_local(&opts).await;
     }
     let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
-    api_router_with(&settings.storage.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
+    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
 }
 
 pub async fn api_router_with(
@@ -61,7 +61,7 @@ pub async fn api_router_with(
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
     let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
-    Ok(fetcher_with(&settings.storage.aws.storage()?, upstreams).await)
+    Ok(fetcher_with(&settings.aws.storage()?, upstreams).await)
 }
 
 pub async fn fetcher_with(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {

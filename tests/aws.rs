@@ -259,6 +259,62 @@ fn registries_conf(dir: &Path, host: &str) -> std::path::PathBuf {
     path
 }
 
+/// cargo lambda's emulator of the Lambda control plane and Function URLs,
+/// running the `api` binary this test build made. Returns the emulator, the
+/// function, its URL and port.
+async fn lambda_watch(dir: &Path, settings: &[(&str, String)], env: Vec<(&'static str, String)>) -> (Proc, Proc, String, u16) {
+    let port = free_port();
+    let watch = Proc::spawn(
+        std::process::Command::new("cargo").args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "--invoke-address",
+            "127.0.0.1",
+            "--invoke-port",
+            &port.to_string(),
+        ]),
+        dir.join("watch.log"),
+    );
+    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_api"));
+    api.env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"));
+    for (k, v) in settings.iter().cloned().chain(env) {
+        api.env(k, v);
+    }
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let api = Proc::spawn(&mut api, dir.join("api.log"));
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{base}/v2/"), &api).await;
+    (watch, api, base, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Docker, "amd64", 208, 2);
+    hub.publish("library/offline", "1", &Published::Image(img.clone()));
+    let data = dir.path().join("data");
+    let settings = [
+        ("HUBCAP_STORAGE", "local".to_owned()),
+        ("HUBCAP_DATA", data.display().to_string()),
+        ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
+    ];
+    // No AWS at all: not even credentials or an endpoint.
+    let (_watch, _api, base, _) = lambda_watch(dir.path(), &settings, vec![("AWS_EC2_METADATA_DISABLED", "true".into())]).await;
+    let pulled = pull(&client(), &base, "offline", "1").await;
+    assert_eq!(pulled.digest, img.digest);
+    assert!(data.join("index.db").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -274,41 +330,17 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
     let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
     let _pump = Pump::start(&moto.url, "watch", fetcher);
 
-    // cargo lambda's emulator of the Lambda control plane and Function URLs,
-    // running the `api` binary this test build made.
-    let port = free_port();
-    let _watch = Proc::spawn(
-        std::process::Command::new("cargo").args([
-            "lambda",
-            "watch",
-            "--only-lambda-apis",
-            "--invoke-address",
-            "127.0.0.1",
-            "--invoke-port",
-            &port.to_string(),
-        ]),
-        d.join("watch.log"),
-    );
-    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_api"));
-    api.env("AWS_LAMBDA_FUNCTION_NAME", "_")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"))
-        .env("HUBCAP_BUCKET", "watch-bucket")
-        .env("HUBCAP_TABLE", "watch")
-        .env("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url));
-    for (k, v) in moto.env() {
-        api.env(k, v);
-    }
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let api = Proc::spawn(&mut api, d.join("api.log"));
-    wait_ready(&format!("{base}/v2/"), &api).await;
+    let (_watch, api, base, port) = lambda_watch(
+        d,
+        &[
+            ("HUBCAP_BUCKET", "watch-bucket".into()),
+            ("HUBCAP_TABLE", "watch".into()),
+            ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
+        ],
+        moto.env(),
+    )
+    .await;
+    let _ = &base;
 
     // cargo lambda invoke with a sample event.
     let out = run(tokio::process::Command::new("cargo").args([
@@ -339,7 +371,11 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
         let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", api.log()));
         assert_eq!(got, bytes.to_vec(), "{digest}: every byte");
     }
+    let (store, _) = hubcap::storage::aws::connect(&storage).await;
     for (digest, _) in img.all_blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied from upstream once");
+        let d = hubcap::oci::Digest::parse(&digest).unwrap();
+        use hubcap::storage::BlobStore;
+        assert!(store.size(&d).await.unwrap().is_some(), "{digest} is in S3, put there by the fetcher");
     }
 }

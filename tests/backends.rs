@@ -143,3 +143,21 @@ async fn the_aws_backend_keeps_the_contract() {
     });
     contract(Arc::new(index), Arc::new(store), Some(fetch)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_objects_are_encrypted_as_configured() {
+    let moto = common::moto::Moto::start().await;
+    let mut storage = moto.setup("sse-bucket", "sse-table").await;
+    storage.encryption = aws::Encryption::S3;
+    let (store, _) = aws::connect(&storage).await;
+    let (s3, _) = aws::clients(storage.sdk.as_ref().unwrap());
+    for size in [1000usize, 9 * 1024 * 1024] {
+        let data = Bytes::from(common::images::noise(size, size as u64));
+        let d = digest_of(&data);
+        let mut w = store.begin(&d).await.unwrap();
+        w.write(data).await.unwrap();
+        w.commit().await.unwrap();
+        let head = s3.head_object().bucket("sse-bucket").key(aws::blob_key(&d)).send().await.unwrap();
+        assert_eq!(head.server_side_encryption(), Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256), "{size} bytes");
+    }
+}

@@ -62,6 +62,8 @@ pub struct HubState {
     /// repo -> reference (tag or digest) -> (media type, bytes)
     manifests: Mutex<HashMap<String, Refs>>,
     blobs: Mutex<HashMap<String, Bytes>>,
+    /// Blobs generated on the fly: digest -> (size, seed) of `images::noise`.
+    synthetic: Mutex<HashMap<String, (u64, u64)>>,
     repo_blobs: Mutex<HashMap<String, HashSet<String>>>,
     pub counters: Counters,
     pub cdn_per_blob: Mutex<HashMap<String, usize>>,
@@ -91,6 +93,7 @@ impl FakeHub {
             realm: Mutex::default(),
             manifests: Mutex::default(),
             blobs: Mutex::default(),
+            synthetic: Mutex::default(),
             repo_blobs: Mutex::default(),
             counters: Counters::default(),
             cdn_per_blob: Mutex::default(),
@@ -185,6 +188,15 @@ impl FakeHub {
     pub fn put_blob(&self, repo: &str, bytes: &[u8]) -> String {
         let digest = super::images::sha256(bytes);
         self.state.blobs.lock().unwrap().insert(digest.clone(), Bytes::copy_from_slice(bytes));
+        self.state.repo_blobs.lock().unwrap().entry(repo.to_owned()).or_default().insert(digest.clone());
+        digest
+    }
+
+    /// Puts a blob of `size` noise bytes into a repository, generated on
+    /// each request instead of held in memory.
+    pub fn put_synthetic_blob(&self, repo: &str, size: u64, seed: u64) -> String {
+        let digest = super::images::noise_digest(size, seed);
+        self.state.synthetic.lock().unwrap().insert(digest.clone(), (size, seed));
         self.state.repo_blobs.lock().unwrap().entry(repo.to_owned()).or_default().insert(digest.clone());
         digest
     }
@@ -319,7 +331,8 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
     }
     if let Some((name, digest)) = path.rsplit_once("/blobs/") {
         let known = s.repo_blobs.lock().unwrap().get(name).is_some_and(|set| set.contains(digest));
-        let size = s.blobs.lock().unwrap().get(digest).map(|b| b.len());
+        let size =
+            s.blobs.lock().unwrap().get(digest).map(|b| b.len() as u64).or_else(|| s.synthetic.lock().unwrap().get(digest).map(|x| x.0));
         let (true, Some(size)) = (known, size) else { return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN") };
         if method == Method::HEAD {
             s.counters.blob_head.fetch_add(1, Ordering::SeqCst);
@@ -367,6 +380,13 @@ async fn cdn_blob(
         s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);
     }
     *s.cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    if let Some((size, seed)) = s.synthetic.lock().unwrap().get(&digest).copied() {
+        let mut noise = super::images::Noise::new(seed, size);
+        let stream = futures_util::stream::poll_fn(move |_| std::task::Poll::Ready(noise.next_chunk(1 << 20).map(Ok::<_, std::io::Error>)));
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        return resp;
+    }
     let Some(bytes) = s.blobs.lock().unwrap().get(&digest).cloned() else { return StatusCode::NOT_FOUND.into_response() };
     let fault = s.fault.lock().unwrap().clone();
     let len = bytes.len();

@@ -19,16 +19,52 @@ pub fn sha256(b: &[u8]) -> String {
 
 /// Deterministic incompressible bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+    let mut n = Noise::new(seed, len as u64);
+    let mut out = Vec::with_capacity(len);
+    while let Some(chunk) = n.next_chunk(1 << 20) {
+        out.extend_from_slice(&chunk);
     }
-    out.truncate(len);
     out
+}
+
+/// `noise` as a stream of chunks, for blobs too big to hold in memory.
+pub struct Noise {
+    x: u64,
+    left: u64,
+}
+
+impl Noise {
+    pub fn new(seed: u64, len: u64) -> Noise {
+        Noise { x: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, left: len }
+    }
+
+    /// The next chunk of up to `max` bytes (a multiple of 8), `None` at the end.
+    pub fn next_chunk(&mut self, max: usize) -> Option<Bytes> {
+        if self.left == 0 {
+            return None;
+        }
+        let n = (max as u64).min(self.left) as usize;
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            out.extend_from_slice(&self.x.to_le_bytes());
+        }
+        out.truncate(n);
+        self.left -= n as u64;
+        Some(Bytes::from(out))
+    }
+}
+
+/// The digest of `noise(len, seed)`, computed without holding it.
+pub fn noise_digest(len: u64, seed: u64) -> String {
+    let mut h = Sha256::new();
+    let mut n = Noise::new(seed, len);
+    while let Some(c) = n.next_chunk(1 << 20) {
+        h.update(&c);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
 }
 
 #[derive(Clone, Copy, PartialEq)]
