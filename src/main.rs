@@ -73,7 +73,7 @@ async fn main() -> std::process::ExitCode {
 fn backend(args: &StorageArgs) -> Result<Backend, serve::BoxError> {
     Ok(match args.storage {
         StorageKind::Local => Backend::Local(args.data.clone()),
-        StorageKind::Aws => Backend::Aws(args.aws.storage()?),
+        StorageKind::Aws => Backend::Aws(Box::new(args.aws.storage()?)),
     })
 }
 

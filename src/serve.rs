@@ -33,7 +33,7 @@ pub enum Backend {
     /// Files and SQLite in this directory.
     Local(PathBuf),
     /// S3 and DynamoDB.
-    Aws(AwsStorage),
+    Aws(Box<AwsStorage>),
 }
 
 #[derive(Clone, Debug)]

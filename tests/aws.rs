@@ -28,7 +28,7 @@ fn upstreams(hub: &FakeHub) -> Upstreams {
 
 fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
     ServeOptions {
-        backend: Backend::Aws(storage),
+        backend: Backend::Aws(Box::new(storage)),
         upstreams: vec![format!("docker.io={}", hub.url)],
         credentials: None,
         mirror: config(),

@@ -48,6 +48,9 @@ impl Moto {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("moto_server did not start");
     }
 
