@@ -228,6 +228,8 @@ async fn the_sample_events_run_through_the_handlers() {
             let file = format!("{kind}-{name}.json");
             let req = lambda_http::request::from_str(&event(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             let req = hubcap::lambda::prepare_request(req);
+            let client = req.extensions().get::<hubcap::http::ClientAddr>().map(|c| c.0.to_string());
+            assert_eq!(client.as_deref(), Some("203.0.113.10"), "{file}: the source IP from the request context");
             let resp = router.clone().oneshot(req).await.unwrap();
             assert_eq!(resp.status().as_u16(), status, "{file}");
             if name == "blob-get" {

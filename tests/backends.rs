@@ -133,6 +133,8 @@ async fn the_embedded_backend_keeps_the_contract() {
 async fn the_aws_backend_keeps_the_contract() {
     let moto = common::moto::Moto::start().await;
     let storage = moto.setup("suite-bucket", "suite-table").await;
+    let (_, table_created) = aws::setup(&storage).await.unwrap();
+    assert!(!table_created, "aws-setup run twice is harmless");
     let (store, index) = aws::connect(&storage).await;
     let fetch: Fetch = Box::new(|url: String| {
         Box::pin(async move {

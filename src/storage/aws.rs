@@ -14,7 +14,7 @@
 //! | item | pk | sk | attributes |
 //! |---|---|---|---|
 //! | blob | `blob#<digest>` | `blob` | `state` (pending/fetching/ready/failed), `size`, `source` (`registry/repo` to fetch from), `attempts`, `lease_until`, `last_error`, `updated_at` |
-//! | manifest | `manifest#<digest>` | `manifest` | `media_type`, `body` (B, under 350 KB) or `body_key` (S3), `created_at` |
+//! | manifest | `manifest#<digest>` | `manifest` | `media_type`, `body` (B, under 350 KB) or `body_key` (S3), `blobs` (the config and layer digests it references), `created_at` |
 //! | repository's manifest (link) | `repo#<registry/name>` | `manifest#<digest>` | a copy of the manifest item: a digest hit is one GetItem |
 //! | repository's blob (link) | `repo#<registry/name>` | `blob#<digest>` | `ready`, `size` once the blob is known ready: a blob hit is one GetItem |
 //! | tag | `repo#<registry/name>` | `tag#<tag>#<variant>` | `digest`, `media_type`, `checked_at`, `last_pulled`, and a copy of the manifest: a tag hit is one GetItem |
@@ -596,6 +596,8 @@ impl Index for DynamoIndex {
         global.insert("sk".into(), s("manifest"));
         global.insert("kind".into(), s("manifest"));
         global.insert("created_at".into(), n(now()));
+        // What it references, for lifecycle sweeps.
+        global.insert("blobs".into(), AttributeValue::L(blobs.iter().map(|b| s(b.as_str())).collect()));
         self.put(global).await?;
         let mut link = attrs;
         link.insert("pk".into(), s(repo_pk(repo)));
