@@ -51,6 +51,32 @@ impl MirrorArgs {
     }
 }
 
+/// Access control. Not `Debug`: it holds client secrets.
+#[derive(clap::Args, Clone)]
+pub struct AccessArgs {
+    /// Client networks allowed to use the mirror (CIDR or address); default: any.
+    #[arg(long = "allow-cidr", env = "HUBCAP_ALLOW_CIDRS", value_delimiter = ',')]
+    pub allow_cidrs: Vec<String>,
+    /// Repositories served (patterns with `*`; `library/*` means docker.io/library/*); default: all.
+    #[arg(long = "allow-repo", env = "HUBCAP_ALLOW_REPOS", value_delimiter = ',')]
+    pub allow_repos: Vec<String>,
+    /// Repositories refused, even when allowed above.
+    #[arg(long = "deny-repo", env = "HUBCAP_DENY_REPOS", value_delimiter = ',')]
+    pub deny_repos: Vec<String>,
+    /// Client credentials USER:PASSWORD (HTTP basic); when any are set, clients must authenticate.
+    #[arg(long = "client-user", env = "HUBCAP_CLIENT_USERS", value_delimiter = ',', hide_env_values = true)]
+    pub client_users: Vec<String>,
+    /// Static bearer tokens clients may send instead.
+    #[arg(long = "client-token", env = "HUBCAP_CLIENT_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub client_tokens: Vec<String>,
+}
+
+impl AccessArgs {
+    pub fn policy(&self) -> Result<crate::access::AccessPolicy, String> {
+        crate::access::AccessPolicy::new(&self.allow_cidrs, &self.allow_repos, &self.deny_repos, &self.client_users, &self.client_tokens)
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StorageKind {
     /// Files and SQLite under --data.
@@ -96,10 +122,12 @@ impl AwsArgs {
 }
 
 /// Settings of a Lambda function, from its environment variables only.
-#[derive(clap::Parser, Clone, Debug)]
+#[derive(clap::Parser, Clone)]
 pub struct LambdaSettings {
     #[command(flatten)]
     pub mirror: MirrorArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// A Lambda runs on AWS storage unless told `local` (cargo lambda watch
     /// with no AWS at all).
     #[arg(long, env = "HUBCAP_STORAGE", value_enum, default_value_t = StorageKind::Aws)]

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tower::ServiceExt;
 
+use crate::access::AccessPolicy;
 use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
 use crate::proxy::{BlobAnswer, CacheStatus, Mirror};
 use crate::storage::local::{BLOB_URL_PREFIX, FsBlobStore};
@@ -43,6 +44,8 @@ pub struct ClientAddr(pub std::net::IpAddr);
 #[derive(Clone)]
 pub struct AppState {
     pub mirror: Arc<Mirror>,
+    /// Who may use the mirror.
+    pub access: Arc<AccessPolicy>,
     /// Set when blobs live on local disk and this server serves their URLs.
     pub local_blobs: Option<Arc<FsBlobStore>>,
 }
@@ -51,12 +54,14 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v2", get(api_base).head(api_base))
         .route("/v2/", get(api_base).head(api_base))
-        .route("/v2/{*rest}", any(dispatch));
+        .route("/v2/{*rest}", any(dispatch))
+        .route("/_hubcap/stats", get(stats));
     if state.local_blobs.is_some() {
         router = router.route(&format!("{BLOB_URL_PREFIX}{{hex}}"), get(local_blob).head(local_blob));
     }
     router
         .fallback(|| async { RegistryError::new(ErrorCode::Unsupported, "not a registry API route") })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
         .layer(middleware::from_fn(access_log))
 }
@@ -87,12 +92,7 @@ async fn access_log(req: Request, next: Next) -> Response {
     // The path only: signed URLs carry their signature in the query.
     let path = req.uri().path().to_owned();
     let ns = req.uri().query().and_then(|q| query_param(q, "ns"));
-    let client = req
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|c| c.0)
-        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()))
-        .map_or_else(String::new, |ip| ip.to_string());
+    let client = client_ip(&req).map_or_else(String::new, |ip| ip.to_string());
     let mut resp = next.run(req).await;
     resp.headers_mut().insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD && resp.status().is_client_error() | resp.status().is_server_error() {
@@ -109,6 +109,47 @@ async fn access_log(req: Request, next: Next) -> Response {
         None => tracing::info!(target: "hubcap::access", %method, path, ns, status, cache, ms, client, "request"),
     }
     resp
+}
+
+/// The client's address: from the platform (Lambda) or the TCP peer.
+fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()))
+}
+
+/// Network and credential checks for every route. Signed blob URLs carry
+/// their own authorization, so they need no client credentials.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let checked = state.access.check_network(client_ip(&req)).and_then(|()| {
+        if req.uri().path().starts_with(BLOB_URL_PREFIX) {
+            return Ok(());
+        }
+        state.access.check_credentials(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+    });
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            let challenge = e.code == ErrorCode::Unauthorized;
+            let mut resp = e.into_response();
+            if challenge {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"hubcap\""));
+            }
+            resp
+        }
+    }
+}
+
+/// `GET /_hubcap/stats`: what the mirror knows of its upstreams (JSON).
+async fn stats(State(state): State<AppState>) -> Response {
+    let upstreams: Vec<serde_json::Value> = state
+        .mirror
+        .upstreams()
+        .iter()
+        .map(|u| serde_json::json!({ "registry": u.registry, "requests": u.requests(), "ratelimit_remaining": u.ratelimit_remaining() }))
+        .collect();
+    ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "upstreams": upstreams }).to_string()).into_response()
 }
 
 /// `GET /v2/`: the API version check every client starts with.
@@ -159,6 +200,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Result<Respons
         ));
     }
     let repo = RepoPath::resolve(name, query_param(query, "ns").as_deref())?;
+    state.access.check_repo(&repo)?;
     let head = method == Method::HEAD;
     match route {
         Route::Manifest(reference) => manifest(&state, &repo, reference, req.headers(), head).await,

@@ -11,6 +11,7 @@ use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use axum::Router;
 
+use crate::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
 use crate::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
@@ -39,11 +40,13 @@ pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror
             credentials: settings.mirror.credentials.clone(),
             mirror: settings.mirror.mirror_config(),
             fetch_concurrency: settings.mirror.fetch_concurrency,
+            access: settings.access.policy()?,
         };
         return build_local(&opts).await;
     }
     let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
-    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries).await
+    let access = settings.access.policy()?;
+    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries, access).await
 }
 
 pub async fn api_router_with(
@@ -51,11 +54,12 @@ pub async fn api_router_with(
     upstreams: Upstreams,
     cfg: MirrorConfig,
     memory_cache_entries: usize,
+    access: AccessPolicy,
 ) -> Result<(Router, Arc<Mirror>), BoxError> {
     let (store, index) = aws::connect(storage).await;
     let index = Arc::new(CachedIndex::new(index, memory_cache_entries, cfg.tag_ttl));
     let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), Arc::new(upstreams), cfg));
-    Ok((app(AppState { mirror: mirror.clone(), local_blobs: None }), mirror))
+    Ok((app(AppState { mirror: mirror.clone(), access: Arc::new(access), local_blobs: None }), mirror))
 }
 
 /// The `fetcher` function's worker.

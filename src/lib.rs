@@ -17,9 +17,11 @@
 //! - `serve`: wiring for `hubcap serve` and the TCP server.
 //! - `lambda`: the adapters the `api` and `fetcher` Lambda binaries run.
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
+//! - `access`: who may use the mirror (networks, repositories, credentials).
 //!
 //! Controllers call services; services never call controllers.
 
+pub mod access;
 pub mod config;
 pub mod fetch;
 pub mod http;

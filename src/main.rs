@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::config::{AwsArgs, MirrorArgs, StorageArgs, StorageKind};
+use hubcap::config::{AccessArgs, AwsArgs, MirrorArgs, StorageArgs, StorageKind};
 use hubcap::serve::{self, Backend, ServeOptions};
 
 #[derive(Parser)]
@@ -41,6 +41,8 @@ struct ServeArgs {
     storage: StorageArgs,
     #[command(flatten)]
     mirror: MirrorArgs,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 fn init_logging(format: LogFormat) {
@@ -84,6 +86,7 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
         credentials: args.mirror.credentials.clone(),
         mirror: args.mirror.mirror_config(),
         fetch_concurrency: args.mirror.fetch_concurrency,
+        access: args.access.policy()?,
     };
     let (router, mirror) = serve::build_local(&opts).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

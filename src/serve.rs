@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::access::AccessPolicy;
 use crate::fetch::{Fetcher, LocalQueue};
 use crate::http::{AppState, app};
 use crate::oci::{DOCKER_HUB, canonical_registry};
@@ -46,6 +47,7 @@ pub struct ServeOptions {
     pub credentials: Option<PathBuf>,
     pub mirror: MirrorConfig,
     pub fetch_concurrency: usize,
+    pub access: AccessPolicy,
 }
 
 /// Parses one `--upstream` value into a registry name and base URL.
@@ -151,7 +153,7 @@ pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), B
             tracing::info!(resumed, "resuming unfinished blob fetches");
         }
     }
-    let router = app(AppState { mirror: mirror.clone(), local_blobs });
+    let router = app(AppState { mirror: mirror.clone(), access: Arc::new(opts.access.clone()), local_blobs });
     Ok((router, mirror))
 }
 

@@ -33,6 +33,7 @@ fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
         credentials: None,
         mirror: config(),
         fetch_concurrency: 4,
+        access: Default::default(),
     }
 }
 
@@ -122,7 +123,7 @@ async fn the_fetcher_consumes_real_stream_records() {
     let storage = moto.setup("stream-bucket", "stream").await;
     let mut cfg = config();
     cfg.blob_wait = Duration::from_millis(200);
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100).await.unwrap();
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default()).await.unwrap();
     let api = serve(router).await;
     let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await;
     let mut pump = StreamPump::new(&moto.url, "stream");
@@ -219,7 +220,7 @@ async fn the_sample_events_run_through_the_handlers() {
     let sample = hub.put_blob("library/hello", b"hubcap sample blob\n");
     let moto = Moto::start().await;
     let storage = moto.setup("events-bucket", "events").await;
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100).await.unwrap();
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default()).await.unwrap();
     let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
     let _pump = Pump::start(&moto.url, "events", fetcher.clone());
 

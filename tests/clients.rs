@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::images::{self, Format, Published, sha256};
 use common::procs::{Proc, free_port, run, wait_ready};
+use std::process::Stdio;
 
 /// Debian's docker-registry on a loopback port, empty.
 async fn upstream_registry(dir: &Path) -> (Proc, String) {
@@ -35,10 +36,15 @@ async fn upstream_registry(dir: &Path) -> (Proc, String) {
 
 /// The `hubcap` binary this test build made, serving on a loopback port.
 async fn hubcap(dir: &Path, upstream: &str) -> (Proc, String) {
+    hubcap_with(dir, upstream, &[]).await
+}
+
+async fn hubcap_with(dir: &Path, upstream: &str, extra: &[&str]) -> (Proc, String) {
     let port = free_port();
     let proc = Proc::spawn(
         std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .args(extra)
             .arg("--data")
             .arg(dir.join("hubcap-data"))
             .env("HUBCAP_LOG", "info")
@@ -46,7 +52,7 @@ async fn hubcap(dir: &Path, upstream: &str) -> (Proc, String) {
         dir.join("hubcap.log"),
     );
     let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/v2/"), &proc).await;
+    wait_ready(&format!("{url}/_hubcap/stats"), &proc).await;
     (proc, url)
 }
 
@@ -269,4 +275,38 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_keeps_its_cache() {
     let again = common::pull(&http, &url, "org/team/sub/app", "v1").await;
     assert_eq!(again.digest, pulled.digest);
     drop(restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_sends_credentials_to_a_mirror_that_requires_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, registry_url) = upstream_registry(dir.path()).await;
+    let img = Published::Image(images::small_image(Format::Oci, "amd64", 110, 2));
+    images::push(&registry_url, "library/locked", "1", &img).await;
+    let (mirror, url) = hubcap_with(dir.path(), &registry_url, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"]).await;
+    let conf = registries_conf(dir.path(), &url);
+    let policy = policy(dir.path());
+    let copy = |creds: Option<&str>, out: &str| {
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy).args(["copy", "--retry-times", "0"]);
+        if let Some(c) = creds {
+            // Credentials for the mirror are looked up by its own host, as
+            // `podman login 127.0.0.1:PORT` would store them.
+            use base64::Engine as _;
+            let host = url.trim_start_matches("http://");
+            let auth = base64::engine::general_purpose::STANDARD.encode(c);
+            let file = dir.path().join("auth.json");
+            std::fs::write(&file, format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+            cmd.env("REGISTRY_AUTH_FILE", &file);
+        }
+        cmd.arg("docker://docker.io/library/locked:1").arg(format!("dir:{}", dir.path().join(out).display()));
+        cmd
+    };
+    // Without credentials the mirror refuses (and the fallback is a closed port): no pull.
+    let refused = copy(None, "anon").stdin(Stdio::null()).output().await.unwrap();
+    assert!(!refused.status.success());
+    run(&mut copy(Some("ci:pa55word"), "authed")).await;
+    assert_eq!(sha256(&std::fs::read(dir.path().join("authed/manifest.json")).unwrap()), img.digest());
+    assert!(verify_dir(&dir.path().join("authed")) >= 3);
+    assert!(mirror.log().contains("status=401"), "the anonymous attempt was challenged:\n{}", mirror.log());
 }

@@ -414,6 +414,7 @@ async fn upstream_credentials_are_used_for_tokens() {
         credentials: Some(creds),
         mirror: config(),
         fetch_concurrency: 4,
+        access: Default::default(),
     };
     let mirror = Hubcap::start_opts(opts).await;
     pull(&client(), &mirror.url, "alpine", "1").await;
@@ -432,4 +433,71 @@ async fn the_api_base_answers_with_the_version_header() {
     let resp = client().get(format!("{}/v2/", mirror.url)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["docker-distribution-api-version"], "registry/2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_control_by_network_repository_and_credentials() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/alpine", "1", &three_layer(20));
+    hub.publish("bitnami/redis", "1", &three_layer(21));
+    hub.publish("library/secret-db", "1", &three_layer(22));
+    let dir = tempfile::tempdir().unwrap();
+    let access = hubcap::access::AccessPolicy::new(
+        &["127.0.0.0/8".into()],
+        &["library/*".into()],
+        &["library/secret*".into()],
+        &["ci:pa55word".into()],
+        &["static-token".into()],
+    )
+    .unwrap();
+    let opts = hubcap::serve::ServeOptions {
+        backend: hubcap::serve::Backend::Local(dir.path().to_owned()),
+        upstreams: vec![format!("docker.io={}", hub.url)],
+        credentials: None,
+        mirror: config(),
+        fetch_concurrency: 4,
+        access,
+    };
+    let mirror = Hubcap::start_opts(opts).await;
+    let http = client();
+
+    let resp = http.get(format!("{}/v2/", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], r#"Basic realm="hubcap""#);
+    assert_eq!(error_code(resp).await, "UNAUTHORIZED");
+    let resp = http.get(format!("{}/v2/", mirror.url)).basic_auth("ci", Some("wrong")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let authed = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(
+            [(reqwest::header::AUTHORIZATION, reqwest::header::HeaderValue::from_static("Basic Y2k6cGE1NXdvcmQ="))].into_iter().collect(),
+        )
+        .build()
+        .unwrap();
+    pull(&authed, &mirror.url, "alpine", "1").await;
+    let bearer = http.get(format!("{}/v2/", mirror.url)).bearer_auth("static-token").send().await.unwrap();
+    assert_eq!(bearer.status(), 200);
+    for name in ["bitnami/redis", "library/secret-db"] {
+        let resp = authed.get(format!("{}/v2/{name}/manifests/1", mirror.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{name}");
+        assert_eq!(error_code(resp).await, "DENIED");
+    }
+    assert_eq!(hub.count(|c| &c.manifest_get), 1, "refused repositories never reach upstream");
+
+    // A network that is not allowed is refused before anything else.
+    let dir2 = tempfile::tempdir().unwrap();
+    let elsewhere = hubcap::access::AccessPolicy::new(&["10.0.0.0/8".into()], &[], &[], &[], &[]).unwrap();
+    let opts = hubcap::serve::ServeOptions {
+        backend: hubcap::serve::Backend::Local(dir2.path().to_owned()),
+        upstreams: vec![format!("docker.io={}", hub.url)],
+        credentials: None,
+        mirror: config(),
+        fetch_concurrency: 4,
+        access: elsewhere,
+    };
+    let closed = Hubcap::start_opts(opts).await;
+    let resp = http.get(format!("{}/v2/", closed.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_code(resp).await, "DENIED");
 }

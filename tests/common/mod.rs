@@ -53,6 +53,7 @@ impl Hubcap {
             credentials: None,
             mirror,
             fetch_concurrency: 8,
+            access: Default::default(),
         })
         .await
     }
