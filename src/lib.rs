@@ -18,10 +18,12 @@
 //! - `lambda`: the adapters the `api` and `fetcher` Lambda binaries run.
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
 //! - `access`: who may use the mirror (networks, repositories, credentials).
+//! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
 //!
 //! Controllers call services; services never call controllers.
 
 pub mod access;
+pub mod check;
 pub mod config;
 pub mod fetch;
 pub mod http;

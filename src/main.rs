@@ -30,6 +30,23 @@ enum Command {
     /// Create the S3 bucket and the DynamoDB table (stream, TTL) the AWS
     /// backend uses; harmless when they exist.
     AwsSetup(AwsArgs),
+    /// Verify a running mirror end to end (exit 1 on failure).
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The mirror's URL, e.g. https://abc.lambda-url.eu-west-1.on.aws
+    url: String,
+    /// The image to pull through it.
+    #[arg(long, default_value = "library/hello-world:latest")]
+    image: String,
+    /// USER:PASSWORD for a mirror that requires client credentials.
+    #[arg(long, env = "HUBCAP_CHECK_CREDENTIALS", hide_env_values = true)]
+    credentials: Option<String>,
+    /// Seconds each request may take.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +79,19 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve_cmd(args).await,
         Command::AwsSetup(args) => aws_setup(args).await,
+        Command::Check(args) => {
+            let opts = hubcap::check::CheckOptions {
+                url: args.url,
+                image: args.image,
+                credentials: args.credentials,
+                timeout: std::time::Duration::from_secs(args.timeout),
+            };
+            if hubcap::check::check(&opts).await {
+                Ok(())
+            } else {
+                return std::process::ExitCode::FAILURE;
+            }
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

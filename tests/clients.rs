@@ -310,3 +310,28 @@ async fn skopeo_sends_credentials_to_a_mirror_that_requires_them() {
     assert!(verify_dir(&dir.path().join("authed")) >= 3);
     assert!(mirror.log().contains("status=401"), "the anonymous attempt was challenged:\n{}", mirror.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hubcap_check_verifies_a_mirror_and_fails_clearly() {
+    let w = world().await;
+    let check = |url: String, image: &str| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+        cmd.args(["check", &url, "--image", image, "--timeout", "20"]).stdin(Stdio::null());
+        cmd
+    };
+    let out = check(w.mirror_url.clone(), "library/multi:1").output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok    GET /v2/") && text.contains("digest verified") && text.contains("PASS"), "{text}");
+    assert!(text.contains("-> 307 to 127.0.0.1"), "{text}");
+
+    let out = check(w.mirror_url.clone(), "library/absent:1").output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success());
+    assert!(text.contains("FAIL") && text.contains("404"), "{text}");
+
+    let out = check(format!("http://127.0.0.1:{}", free_port()), "library/multi:1").output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success());
+    assert!(text.contains("FAIL") && text.contains("unreachable"), "{text}");
+}
