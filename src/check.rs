@@ -153,8 +153,9 @@ async fn run(opts: &CheckOptions, base: &str) -> Result<String, String> {
     let mut headroom = String::new();
     if let Ok(resp) = mirror.get(format!("{base}/_hubcap/stats")).send().await
         && let Ok(body) = resp.bytes().await
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
     {
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+        {
             for u in v["upstreams"].as_array().into_iter().flatten() {
                 if let Some(n) = u["ratelimit_remaining"].as_i64() {
                     println!("info  upstream {}: {n} pulls left in its rate-limit window", u["registry"].as_str().unwrap_or("?"));

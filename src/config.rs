@@ -18,6 +18,10 @@ pub struct MirrorArgs {
     /// Upstream credentials, in docker's config.json format ({"auths": {...}}).
     #[arg(long, env = "HUBCAP_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// An AWS Secrets Manager secret (name or ARN) holding upstream
+    /// credentials, read once at start-up.
+    #[arg(long, env = "HUBCAP_CREDENTIALS_SECRET")]
+    pub credentials_secret: Option<String>,
     /// Seconds a tag is trusted before it is re-validated upstream (0: every time).
     #[arg(long, env = "HUBCAP_TAG_TTL", default_value_t = 600.0)]
     pub tag_ttl: f64,

@@ -62,6 +62,10 @@ impl Fetcher {
         Fetcher { index, store, upstreams }
     }
 
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// Brings the blob into the store (or finds it there) and marks it
     /// `ready`; on failure marks it `failed` with the error. Returns its
     /// size, or `None` when another fetcher holds it (and will finish it).

@@ -15,8 +15,9 @@ use crate::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
 use crate::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
+use crate::metrics::{UpstreamDeltas, emf_line};
 use crate::oci::{Digest, RepoPath};
-use crate::proxy::{Mirror, MirrorConfig, Upstreams};
+use crate::proxy::{CacheStatus, Mirror, MirrorConfig, Upstreams};
 use crate::serve::{Backend, BoxError, ServeOptions, build_local, upstreams_from};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
@@ -38,13 +39,17 @@ pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror
             backend: Backend::Local(settings.data.clone()),
             upstreams: settings.mirror.upstreams.clone(),
             credentials: settings.mirror.credentials.clone(),
+            credentials_secret: settings.mirror.credentials_secret.clone(),
             mirror: settings.mirror.mirror_config(),
             fetch_concurrency: settings.mirror.fetch_concurrency,
             access: settings.access.policy()?,
         };
-        return build_local(&opts).await;
+        let (router, mirror) = build_local(&opts).await?;
+        return Ok((with_metrics(router, mirror.clone()), mirror));
     }
-    let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
+    let upstreams =
+        upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref(), settings.mirror.credentials_secret.as_deref())
+            .await?;
     let access = settings.access.policy()?;
     api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries, access).await
 }
@@ -59,12 +64,45 @@ pub async fn api_router_with(
     let (store, index) = aws::connect(storage).await;
     let index = Arc::new(CachedIndex::new(index, memory_cache_entries, cfg.tag_ttl));
     let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), Arc::new(upstreams), cfg));
-    Ok((app(AppState { mirror: mirror.clone(), access: Arc::new(access), local_blobs: None }), mirror))
+    let router = app(AppState { mirror: mirror.clone(), access: Arc::new(access), local_blobs: None });
+    Ok((with_metrics(router, mirror.clone()), mirror))
+}
+
+/// Adds one EMF record per request to a router: requests, cache results,
+/// 5xx answers, and what upstream was asked meanwhile.
+pub fn with_metrics(router: Router, mirror: Arc<Mirror>) -> Router {
+    let state = Arc::new((mirror, UpstreamDeltas::default()));
+    router.layer(axum::middleware::from_fn_with_state(state, emit_request_metrics))
+}
+
+async fn emit_request_metrics(
+    axum::extract::State(state): axum::extract::State<Arc<(Arc<Mirror>, UpstreamDeltas)>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let cache = resp.extensions().get::<CacheStatus>().copied();
+    let flag = |c: CacheStatus| if cache == Some(c) { 1.0 } else { 0.0 };
+    let mut metrics = vec![
+        ("Requests", 1.0, "Count"),
+        ("Hit", flag(CacheStatus::Hit), "Count"),
+        ("Miss", flag(CacheStatus::Miss), "Count"),
+        ("Stale", flag(CacheStatus::Stale), "Count"),
+        ("Revalidated", flag(CacheStatus::Revalidated), "Count"),
+        ("Http5xx", if resp.status().is_server_error() { 1.0 } else { 0.0 }, "Count"),
+        ("Latency", started.elapsed().as_secs_f64() * 1000.0, "Milliseconds"),
+    ];
+    metrics.extend(state.1.take(state.0.upstreams()));
+    println!("{}", emf_line("api", &metrics));
+    resp
 }
 
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
-    let upstreams = upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref())?;
+    let upstreams =
+        upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref(), settings.mirror.credentials_secret.as_deref())
+            .await?;
     Ok(fetcher_with(&settings.aws.storage()?, upstreams).await)
 }
 
@@ -130,13 +168,25 @@ pub fn job_from_record(record: &EventRecord) -> Result<Option<FetchJob>, String>
 /// twice finds its blob claimed or stored and does nothing.
 pub async fn handle_stream(fetcher: &Fetcher, event: Event) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
+    let deltas = UpstreamDeltas::default();
+    deltas.take(fetcher.upstreams());
     for record in &event.records {
         let id = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
+        let started = std::time::Instant::now();
         match job_from_record(record) {
             Ok(None) => {}
             Ok(Some(job)) => match fetcher.fetch(&job).await {
-                Ok(size) => tracing::info!(digest = %job.digest, source = %job.source, ?size, "fetched"),
+                Ok(size) => {
+                    tracing::info!(digest = %job.digest, source = %job.source, ?size, "fetched");
+                    let mut m = vec![("BytesFetched", size.unwrap_or(0) as f64, "Bytes"), ("FetchFailures", 0.0, "Count")];
+                    m.push(("FetchDuration", started.elapsed().as_secs_f64() * 1000.0, "Milliseconds"));
+                    m.extend(deltas.take(fetcher.upstreams()));
+                    println!("{}", emf_line("fetcher", &m));
+                }
                 Err(e) => {
+                    let mut m = vec![("FetchFailures", 1.0, "Count")];
+                    m.extend(deltas.take(fetcher.upstreams()));
+                    println!("{}", emf_line("fetcher", &m));
                     tracing::warn!(digest = %job.digest, source = %job.source, error = %e, "fetch failed");
                     let mut failure = DynamoDbBatchItemFailure::default();
                     failure.item_identifier = Some(id);

@@ -19,6 +19,7 @@
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
 //! - `access`: who may use the mirror (networks, repositories, credentials).
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
+//! - `metrics`: CloudWatch Embedded Metric Format records for the Lambdas.
 //!
 //! Controllers call services; services never call controllers.
 
@@ -28,8 +29,10 @@ pub mod config;
 pub mod fetch;
 pub mod http;
 pub mod lambda;
+pub mod metrics;
 pub mod oci;
 pub mod proxy;
+pub mod secrets;
 pub mod serve;
 pub mod storage;
 pub mod upstream;

@@ -26,7 +26,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the mirror on this host (embedded backend by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the S3 bucket and the DynamoDB table (stream, TTL) the AWS
     /// backend uses; harmless when they exist.
     AwsSetup(AwsArgs),
@@ -77,7 +77,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => serve_cmd(args).await,
+        Command::Serve(args) => serve_cmd(*args).await,
         Command::AwsSetup(args) => aws_setup(args).await,
         Command::Check(args) => {
             let opts = hubcap::check::CheckOptions {
@@ -114,6 +114,7 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
         backend: backend(&args.storage)?,
         upstreams: args.mirror.upstreams.clone(),
         credentials: args.mirror.credentials.clone(),
+        credentials_secret: args.mirror.credentials_secret.clone(),
         mirror: args.mirror.mirror_config(),
         fetch_concurrency: args.mirror.fetch_concurrency,
         access: args.access.policy()?,

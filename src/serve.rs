@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub upstreams: Vec<String>,
     /// A docker `config.json`-style file with upstream credentials.
     pub credentials: Option<PathBuf>,
+    /// An AWS Secrets Manager secret (name or ARN) with upstream credentials.
+    pub credentials_secret: Option<String>,
     pub mirror: MirrorConfig,
     pub fetch_concurrency: usize,
     pub access: AccessPolicy,
@@ -61,9 +63,28 @@ pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
     Ok((registry, url))
 }
 
-/// Reads `{"auths": {"docker.io": {"username": .., "password": ..} | {"auth": base64}}}`.
+/// Reads a credentials file: see `parse_credentials`.
 pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credentials>, BoxError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    parse_credentials(&text).map_err(|e| format!("credentials file {}: {e}", path.display()).into())
+}
+
+/// Parses docker's `config.json` shape,
+/// `{"auths": {"docker.io": {"username": .., "password": ..} | {"auth": base64}}}`,
+/// or a single `{"username": .., "password": .., "registry": "docker.io"}`
+/// (registry optional), as a Secrets Manager secret is usually written.
+pub fn parse_credentials(text: &str) -> Result<HashMap<String, Credentials>, BoxError> {
     use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Single {
+        username: String,
+        password: String,
+        registry: Option<String>,
+    }
+    if let Ok(one) = serde_json::from_str::<Single>(text) {
+        let registry = canonical_registry(one.registry.as_deref().unwrap_or(DOCKER_HUB)).map_err(|e| e.message.into_owned())?;
+        return Ok(HashMap::from([(registry, Credentials { username: one.username, password: one.password })]));
+    }
     #[derive(serde::Deserialize)]
     struct File {
         auths: HashMap<String, Entry>,
@@ -74,8 +95,7 @@ pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credentials>, Box
         password: Option<String>,
         auth: Option<String>,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
-    let file: File = serde_json::from_str(&text).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    let file: File = serde_json::from_str(text).map_err(|_| "not a docker config.json (auths) nor {username, password}".to_owned())?;
     let mut out = HashMap::new();
     for (host, e) in file.auths {
         let host = host.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or("").to_owned();
@@ -110,13 +130,18 @@ pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentia
     Ok(Upstreams::new(list))
 }
 
-/// The upstreams configured by `--upstream` and `--credentials`.
-pub fn upstreams_from(specs: &[String], credentials: Option<&Path>) -> Result<Upstreams, BoxError> {
-    let credentials = match credentials {
+/// The upstreams configured by `--upstream`, with credentials from a file
+/// (`--credentials`) and/or an AWS Secrets Manager secret, read once here.
+pub async fn upstreams_from(specs: &[String], credentials: Option<&Path>, secret: Option<&str>) -> Result<Upstreams, BoxError> {
+    let mut all = match credentials {
         Some(path) => load_credentials(path)?,
         None => HashMap::new(),
     };
-    build_upstreams(specs, &credentials)
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        let text = crate::secrets::secret_string(secret).await?;
+        all.extend(parse_credentials(&text).map_err(|e| format!("secret {secret}: {e}"))?);
+    }
+    build_upstreams(specs, &all)
 }
 
 /// Opens a backend: the index (behind the in-memory cache) and the blob
@@ -142,7 +167,7 @@ pub async fn open_backend(
 /// The mirror with an in-process fetcher, and its router.
 pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), BoxError> {
     let (index, store, local_blobs) = open_backend(&opts.backend, opts.mirror.tag_ttl).await?;
-    let upstreams = Arc::new(upstreams_from(&opts.upstreams, opts.credentials.as_deref())?);
+    let upstreams = Arc::new(upstreams_from(&opts.upstreams, opts.credentials.as_deref(), opts.credentials_secret.as_deref()).await?);
     let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
     let queue = Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency));
     let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));

@@ -101,6 +101,7 @@ pub struct Upstream {
     auth: Mutex<HashMap<String, CachedAuth>>,
     ratelimit_remaining: AtomicI64,
     requests: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 impl fmt::Debug for Upstream {
@@ -132,6 +133,7 @@ impl Upstream {
             auth: Mutex::new(HashMap::new()),
             ratelimit_remaining: AtomicI64::new(-1),
             requests: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
         })
     }
 
@@ -139,6 +141,11 @@ impl Upstream {
     pub fn ratelimit_remaining(&self) -> Option<i64> {
         let v = self.ratelimit_remaining.load(Ordering::Relaxed);
         (v >= 0).then_some(v)
+    }
+
+    /// `429 Too Many Requests` answers received so far.
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
     }
 
     /// Requests sent upstream so far (token requests included).
@@ -250,6 +257,7 @@ impl Upstream {
                             return Err(UpstreamError::Denied(format!("HTTP {}", status.as_u16())));
                         }
                         StatusCode::TOO_MANY_REQUESTS => {
+                            self.rate_limited.fetch_add(1, Ordering::Relaxed);
                             let after = retry_after(resp.headers());
                             let wait = Duration::from_secs(after.unwrap_or(1));
                             if !retry.wait_rate_limit || attempt >= retry.attempts || wait > MAX_RETRY_AFTER {

@@ -31,6 +31,7 @@ fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
         backend: Backend::Aws(Box::new(storage)),
         upstreams: vec![format!("docker.io={}", hub.url)],
         credentials: None,
+        credentials_secret: None,
         mirror: config(),
         fetch_concurrency: 4,
         access: Default::default(),
@@ -312,10 +313,15 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
         ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
     ];
     // No AWS at all: not even credentials or an endpoint.
-    let (_watch, _api, base, _) = lambda_watch(dir.path(), &settings, vec![("AWS_EC2_METADATA_DISABLED", "true".into())]).await;
+    let (_watch, api, base, _) = lambda_watch(dir.path(), &settings, vec![("AWS_EC2_METADATA_DISABLED", "true".into())]).await;
     let pulled = pull(&client(), &base, "offline", "1").await;
     assert_eq!(pulled.digest, img.digest);
     assert!(data.join("index.db").exists());
+    // Each request left an EMF record for CloudWatch.
+    let emf: Vec<serde_json::Value> =
+        api.log().lines().filter(|l| l.contains("CloudWatchMetrics")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(emf.iter().any(|r| r["Miss"] == 1.0 && r["UpstreamRequests"].as_f64() > Some(0.0)), "{emf:?}");
+    assert!(emf.iter().all(|r| r["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "hubcap"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -381,4 +387,41 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
         use hubcap::storage::BlobStore;
         assert!(store.size(&d).await.unwrap().is_some(), "{digest} is in S3, put there by the fetcher");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs() {
+    let hub = FakeHub::start_with(Some(("fleet-bot", "dckr_pat_from_secret"))).await;
+    hub.publish("library/private-ish", "1", &Published::Image(images::small_image(Format::Oci, "amd64", 209, 1)));
+    let moto = Moto::start().await;
+    let resp = reqwest::Client::new()
+        .post(&moto.url)
+        .header("x-amz-target", "secretsmanager.CreateSecret")
+        .header("content-type", "application/x-amz-json-1.1")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(r#"{"Name":"hubcap/dockerhub","SecretString":"{\"username\":\"fleet-bot\",\"password\":\"dckr_pat_from_secret\"}"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+        .args(["--credentials-secret", "hubcap/dockerhub"])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env("HUBCAP_LOG", "debug");
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let server = Proc::spawn(&mut cmd, dir.path().join("hubcap.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &server).await;
+    pull(&client(), &url, "private-ish", "1").await;
+    let log = server.log();
+    assert!(!log.contains("dckr_pat_from_secret"), "the secret leaked into the log:\n{log}");
 }

@@ -51,6 +51,7 @@ impl Hubcap {
             backend: hubcap::serve::Backend::Local(data.to_owned()),
             upstreams,
             credentials: None,
+            credentials_secret: None,
             mirror,
             fetch_concurrency: 8,
             access: Default::default(),
