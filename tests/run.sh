@@ -22,12 +22,31 @@ if [ ${#missing[@]} -gt 0 ]; then
     skopeo podman containerd docker-registry >/dev/null
 fi
 
-# PyPI tools, pinned: moto_server (S3, DynamoDB, DynamoDB Streams) and
-# cargo-lambda (the Lambda runtime and Function URL emulator).
-if ! command -v moto_server >/dev/null 2>&1 || ! command -v cargo-lambda >/dev/null 2>&1; then
-  echo "tests/run.sh: installing moto[server] and cargo-lambda"
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1' 'cargo-lambda==1.9.2'
+# PyPI tools, pinned: moto_server (S3, DynamoDB, DynamoDB Streams, Secrets
+# Manager), cargo-lambda (the Lambda runtime and Function URL emulator, and
+# the Lambda build with Zig), cfn-lint and the SAM CLI (template checks, build).
+need_pip=0
+for tool in moto_server cargo-lambda cfn-lint sam python-zig; do
+  command -v "$tool" >/dev/null 2>&1 || need_pip=1
+done
+if [ "$need_pip" = 1 ]; then
+  echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli"
+  python3 -m pip install --quiet --disable-pip-version-check \
+    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.15.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
   hash -r
+fi
+
+# The SAM build of the three Lambdas (cargo lambda, release). The template's
+# default is arm64; where the aarch64 Rust target is not installed (this
+# project's CI machines cannot download it) build x86_64 instead.
+export SAM_CLI_TELEMETRY=0
+arch=arm64
+rustup target list --installed 2>/dev/null | grep -q '^aarch64-unknown-linux-gnu$' || arch=x86_64
+if [ "${HUBCAP_SKIP_SAM_BUILD:-0}" != 1 ]; then
+  echo "tests/run.sh: sam build (Architecture=$arch)"
+  sam build --beta-features --parameter-overrides "Architecture=$arch" >target/sam-build.log 2>&1 \
+    || { tail -50 target/sam-build.log; echo "sam build failed"; exit 1; }
+  echo "tests/run.sh: sam build succeeded: $(ls .aws-sam/build | tr '\n' ' ')"
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
