@@ -32,7 +32,7 @@ done
 if [ "$need_pip" = 1 ]; then
   echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli"
   python3 -m pip install --quiet --disable-pip-version-check \
-    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.15.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
+    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.17.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
   hash -r
 fi
 
