@@ -7,34 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-
-missing=()
-for tool in skopeo podman ctr containerd docker-registry; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "tests/run.sh: installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  # ctr ships in the containerd package.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    skopeo podman containerd docker-registry >/dev/null
-fi
-
-# PyPI tools, pinned: moto_server (S3, DynamoDB, DynamoDB Streams, Secrets
-# Manager), cargo-lambda (the Lambda runtime and Function URL emulator, and
-# the Lambda build with Zig), cfn-lint and the SAM CLI (template checks, build).
-need_pip=0
-for tool in moto_server cargo-lambda cfn-lint sam python-zig; do
-  command -v "$tool" >/dev/null 2>&1 || need_pip=1
-done
-if [ "$need_pip" = 1 ]; then
-  echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli"
-  python3 -m pip install --quiet --disable-pip-version-check \
-    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.17.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
-  hash -r
-fi
+tests/install-tools.sh
 
 # The SAM build of the three Lambdas (cargo lambda, release). The template's
 # default is arm64; where the aarch64 Rust target is not installed (this
@@ -44,6 +17,7 @@ arch=arm64
 rustup target list --installed 2>/dev/null | grep -q '^aarch64-unknown-linux-gnu$' || arch=x86_64
 if [ "${HUBCAP_SKIP_SAM_BUILD:-0}" != 1 ]; then
   echo "tests/run.sh: sam build (Architecture=$arch)"
+  mkdir -p target
   sam build --beta-features --parameter-overrides "Architecture=$arch" >target/sam-build.log 2>&1 \
     || { tail -50 target/sam-build.log; echo "sam build failed"; exit 1; }
   echo "tests/run.sh: sam build succeeded: $(ls .aws-sam/build | tr '\n' ' ')"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The benchmark: hubcap against registry:2 (Debian's docker-registry 2.8 in
+# proxy mode), side by side in one run on this machine; writes BENCHMARKS.md.
+# Installs its tools first (as tests/run.sh does), builds in release, then runs
+# the benchmark driver (tests/bench.rs) in full mode. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/install-tools.sh
+HUBCAP_BENCH=full exec cargo test --release --locked --test bench -- --nocapture

@@ -1,0 +1,552 @@
+//! The benchmark: `hubcap serve` (embedded backend) side by side with
+//! Debian's `docker-registry` 2.8 in proxy mode (`registry:2`), both in
+//! front of the same upstream (another `docker-registry` on loopback) with the
+//! same generated images, in one run. Also a trivial axum server that answers
+//! the same manifest bytes from memory (the limit of this stack), and the
+//! fetcher copying 1 GiB (embedded and S3 on moto).
+//!
+//! `bench/run.sh` runs it in full (release build, `HUBCAP_BENCH=full`) and
+//! writes `BENCHMARKS.md`; in the normal test run it is a smoke run of a few
+//! seconds that proves the benchmark still builds and runs. Medians over
+//! repeated runs; comparisons are ratios.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::images::{self, Format, Published};
+use common::procs::{Proc, free_port, wait_ready};
+
+struct Mode {
+    full: bool,
+    runs: usize,
+    wrk_secs: u64,
+    layer_mib: usize,
+    big_blob: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        / 1024.0
+}
+
+fn registry_config(dir: &Path, port: u16, proxy: Option<&str>, access_log: bool) -> PathBuf {
+    let data = dir.join(format!("registry-{port}"));
+    let mut yaml = format!(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        !access_log,
+        data.display()
+    );
+    if let Some(remote) = proxy {
+        yaml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+    }
+    let path = dir.join(format!("registry-{port}.yml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// A server under test: hubcap or registry:2 in proxy mode.
+struct Server {
+    proc: Proc,
+    url: String,
+}
+
+async fn start_hubcap(dir: &Path, upstream: &str, tag: &str) -> Server {
+    let port = free_port();
+    let data = dir.join(format!("hubcap-{tag}"));
+    let _ = std::fs::remove_dir_all(&data);
+    let proc = Proc::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .arg("--data")
+            .arg(&data)
+            .env("HUBCAP_LOG", "warn"),
+        dir.join(format!("hubcap-{tag}.log")),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &proc).await;
+    Server { proc, url }
+}
+
+async fn start_registry2(dir: &Path, upstream: &str, tag: &str) -> Server {
+    let port = free_port();
+    let _ = std::fs::remove_dir_all(dir.join(format!("registry-{port}")));
+    let cfg = registry_config(dir, port, Some(upstream), false);
+    let proc = Proc::spawn(std::process::Command::new("docker-registry").arg("serve").arg(cfg), dir.join(format!("registry2-{tag}.log")));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &proc).await;
+    Server { proc, url }
+}
+
+/// Runs ApacheBench for HEAD requests (wrk waits for a body after a HEAD
+/// that declares a Content-Length); returns (requests/s, p50 ms, p99 ms).
+async fn ab_head(url: &str, secs: u64) -> (f64, f64, f64) {
+    let out = tokio::process::Command::new("ab")
+        .args(["-k", "-i", "-q", "-c", "64", "-n", "10000000", "-t", &secs.to_string(), "-H", &format!("Accept: {}", images::ALL_MANIFESTS)])
+        .arg(url)
+        .output()
+        .await
+        .expect("ab (tests/run.sh installs apache2-utils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "ab failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let field = |prefix: &str| {
+        text.lines().find(|l| l.trim_start().starts_with(prefix)).and_then(|l| l.split_whitespace().nth(if prefix.ends_with('%') { 1 } else { 3 })).and_then(|v| v.parse::<f64>().ok())
+    };
+    let failed = text.lines().find(|l| l.starts_with("Non-2xx responses")).is_some();
+    assert!(!failed, "{url}: errors under load:\n{text}");
+    (field("Requests per second:").unwrap_or(0.0), field("50%").unwrap_or(f64::NAN), field("99%").unwrap_or(f64::NAN))
+}
+
+/// Runs wrk (or ab for HEAD); returns (requests/s, p50 ms, p99 ms).
+async fn wrk(url: &str, method: &str, accept: bool, secs: u64, dir: &Path) -> (f64, f64, f64) {
+    if method == "HEAD" {
+        return ab_head(url, secs).await;
+    }
+    let script = dir.join(format!("wrk-{method}-{accept}.lua"));
+    let mut lua = format!("wrk.method = \"{method}\"\n");
+    if accept {
+        lua.push_str(&format!("wrk.headers[\"Accept\"] = \"{}\"\n", images::ALL_MANIFESTS));
+    }
+    std::fs::write(&script, lua).unwrap();
+    let out = tokio::process::Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .await
+        .expect("wrk (tests/run.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk failed: {text}");
+    let rps = text.lines().find(|l| l.starts_with("Requests/sec:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let pct = |p: &str| {
+        text.lines().find(|l| l.trim_start().starts_with(p)).and_then(|l| l.split_whitespace().nth(1)).map(parse_latency).unwrap_or(f64::NAN)
+    };
+    assert!(!text.contains("Non-2xx or 3xx responses"), "{url}: errors under load:\n{text}");
+    (rps, pct("50%"), pct("99%"))
+}
+
+fn parse_latency(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        _ => v,
+    }
+}
+
+fn registries_conf(dir: &Path, mirror: &str, name: &str) -> PathBuf {
+    let path = dir.join(format!("registries-{name}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            mirror.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn skopeo_pull(dir: &Path, conf: &Path, image: &str, out: &str) -> f64 {
+    try_skopeo_pull(dir, conf, image, out).await.unwrap_or_else(|e| panic!("skopeo pull of {image} failed: {e}"))
+}
+
+async fn try_skopeo_pull(dir: &Path, conf: &Path, image: &str, out: &str) -> Result<f64, String> {
+    let policy = dir.join("policy.json");
+    let target = dir.join(out);
+    let _ = std::fs::remove_dir_all(&target);
+    let started = Instant::now();
+    let out = tokio::process::Command::new("skopeo")
+        .arg("--registries-conf")
+        .arg(conf)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["copy", "--retry-times", "0", "-q", &format!("docker://docker.io/{image}")])
+        .arg(format!("dir:{}", target.display()))
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_owned());
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Blob GETs the upstream served, per digest, from its access log.
+fn upstream_blob_gets(log: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for line in log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")) {
+        if let Some(d) = line.split("/blobs/").nth(1).and_then(|r| r.split([' ', '?', '"']).next()) {
+            *out.entry(d.to_owned()).or_default() += 1;
+        }
+    }
+    out
+}
+
+async fn startup_ms(dir: &Path, upstream: &str, registry2: bool) -> f64 {
+    let port = free_port();
+    let started = Instant::now();
+    let mut cmd = if registry2 {
+        let cfg = registry_config(dir, port, Some(upstream), false);
+        let mut c = std::process::Command::new("docker-registry");
+        c.arg("serve").arg(cfg);
+        c
+    } else {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+        c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .arg("--data")
+            .arg(dir.join(format!("startup-{port}")))
+            .env("HUBCAP_LOG", "warn");
+        c
+    };
+    let _proc = Proc::spawn(&mut cmd, dir.join(format!("startup-{port}.log")));
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    loop {
+        if let Ok(r) = http.get(&url).send().await
+            && r.status() == 200
+        {
+            return started.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "server never answered");
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// The trivial limit: an axum server answering the same manifest from memory.
+fn trivial_server(body: bytes::Bytes, media_type: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let handler = move || {
+                let (body, mt) = (body.clone(), media_type.clone());
+                async move { ([("content-type", mt)], body) }
+            };
+            let app = axum::Router::new().route("/v2/{*rest}", axum::routing::get(handler));
+            axum::serve(tokio::net::TcpListener::from_std(listener).unwrap(), app).await.unwrap();
+        });
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn benchmark() {
+    common::init_logs();
+    let full = std::env::var("HUBCAP_BENCH").is_ok_and(|v| v == "full");
+    let mode = if full {
+        Mode { full, runs: 3, wrk_secs: 5, layer_mib: 33, big_blob: 1 << 30 }
+    } else {
+        Mode { full, runs: 1, wrk_secs: 1, layer_mib: 1, big_blob: 16 << 20 }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("policy.json"), r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+
+    // The upstream, with its access log on (to count what mirrors ask of it).
+    let up_port = free_port();
+    let upstream_proc =
+        Proc::spawn(std::process::Command::new("docker-registry").arg("serve").arg(registry_config(d, up_port, None, true)), d.join("upstream.log"));
+    let upstream = format!("http://127.0.0.1:{up_port}");
+    wait_ready(&format!("{upstream}/v2/"), &upstream_proc).await;
+    // A 3-layer image of about 100 MiB (full mode), and a small one.
+    let layers = (0..3).map(|i| vec![(format!("layer{i}.bin"), images::noise(mode.layer_mib << 20, 500 + i as u64))]).collect();
+    let big = Published::Image(images::image(Format::Docker, "amd64", layers));
+    let small = Published::Image(images::small_image(Format::Oci, "amd64", 600, 2));
+    images::push(&upstream, "library/big", "1", &big).await;
+    images::push(&upstream, "library/small", "1", &small).await;
+    for i in 0..mode.runs {
+        images::push(&upstream, &format!("library/cold{i}"), "1", &big).await;
+    }
+    let image_size: usize = big.all_blobs().iter().map(|(_, b)| b.len()).sum();
+
+    let mut rows: Vec<(String, String, String, String, String)> = Vec::new(); // figure, hubcap, registry:2, ratio, target
+    let mut detail = String::new();
+    let mut rss: HashMap<&str, f64> = HashMap::new();
+    let mut note_rss = |name: &'static str, s: &Server| {
+        let v = peak_rss_mib(s.proc.child.id());
+        let e = rss.entry(name).or_insert(0.0);
+        *e = e.max(v);
+    };
+
+    // 1, 1b, 2: warm requests.
+    let hub = start_hubcap(d, &upstream, "warm").await;
+    let reg = start_registry2(d, &upstream, "warm").await;
+    let small_img = small.images()[0].clone();
+    let (mt, body) = small.top();
+    let trivial = trivial_server(body, mt);
+    let http = common::client();
+    let follow = reqwest::Client::new();
+    for s in [&hub, &reg] {
+        // Warm the caches: the manifest, then every blob, following redirects.
+        let resp = follow.get(format!("{}/v2/library/small/manifests/1", s.url)).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        for (digest, _) in small.all_blobs() {
+            let resp = follow.get(format!("{}/v2/library/small/blobs/{digest}", s.url)).send().await.unwrap();
+            assert_eq!(images::sha256(&resp.bytes().await.unwrap()), digest);
+        }
+    }
+    let cases = [
+        ("manifest GET by tag", "GET", "manifests/1".to_owned(), true),
+        ("manifest HEAD by tag", "HEAD", "manifests/1".to_owned(), true),
+        ("manifest GET by digest", "GET", format!("manifests/{}", small_img.digest), true),
+        ("manifest HEAD by digest", "HEAD", format!("manifests/{}", small_img.digest), true),
+        ("blob GET (hubcap 307, registry:2 200)", "GET", format!("blobs/{}", small_img.config.0), false),
+    ];
+    for (name, method, path, accept) in &cases {
+        let mut h = (Vec::new(), Vec::new(), Vec::new());
+        let mut r = (Vec::new(), Vec::new(), Vec::new());
+        let mut t = Vec::new();
+        for _ in 0..mode.runs {
+            let (a, b, c) = wrk(&format!("{}/v2/library/small/{path}", hub.url), method, *accept, mode.wrk_secs, d).await;
+            h.0.push(a);
+            h.1.push(b);
+            h.2.push(c);
+            let (a, b, c) = wrk(&format!("{}/v2/library/small/{path}", reg.url), method, *accept, mode.wrk_secs, d).await;
+            r.0.push(a);
+            r.1.push(b);
+            r.2.push(c);
+            if path.starts_with("manifests") && *method == "GET" {
+                t.push(wrk(&format!("{trivial}/v2/library/small/{path}"), method, *accept, mode.wrk_secs, d).await.0);
+            }
+        }
+        let (hr, rr) = (median(h.0), median(r.0));
+        let target = if path.starts_with("blobs") { "≥ 20×" } else { "≥ 20×" };
+        rows.push((
+            format!("{name}: requests/s at 64 connections"),
+            format!("{hr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(h.1), median(h.2)),
+            format!("{rr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(r.1), median(r.2)),
+            format!("{:.1}×", hr / rr),
+            target.into(),
+        ));
+        if !t.is_empty() {
+            let tr = median(t);
+            rows.push((format!("{name}: hubcap vs trivial in-memory axum server"), format!("{hr:.0}"), format!("trivial: {tr:.0}"), format!("{:.2}×", hr / tr), "≥ 0.5×".into()));
+        }
+    }
+    note_rss("hubcap", &hub);
+    note_rss("registry:2", &reg);
+    drop((hub, reg));
+
+    // 3: cold and warm pulls of the ~100 MiB image with skopeo.
+    let (mut hc, mut rc, mut hw, mut rw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..mode.runs {
+        let image = format!("library/cold{i}:1");
+        let hub = start_hubcap(d, &upstream, &format!("cold{i}")).await;
+        let reg = start_registry2(d, &upstream, &format!("cold{i}")).await;
+        let (hconf, rconf) = (registries_conf(d, &hub.url, "hub"), registries_conf(d, &reg.url, "reg"));
+        hc.push(skopeo_pull(d, &hconf, &image, "out-h").await);
+        rc.push(skopeo_pull(d, &rconf, &image, "out-r").await);
+        hw.push(skopeo_pull(d, &hconf, &image, "out-h").await);
+        rw.push(skopeo_pull(d, &rconf, &image, "out-r").await);
+        note_rss("hubcap", &hub);
+        note_rss("registry:2", &reg);
+    }
+    let mib = image_size as f64 / (1 << 20) as f64;
+    for (name, h, r, target) in [("cold pull", median(hc), median(rc), "≤ 1.0×"), ("warm pull", median(hw), median(rw), "≤ 0.8×")] {
+        rows.push((format!("{name} of a 3-layer {mib:.0} MiB image (skopeo): seconds"), format!("{h:.2}"), format!("{r:.2}"), format!("{:.2}×", h / r), target.into()));
+    }
+
+    // 4: 20 concurrent cold pulls.
+    let mut concurrent = Vec::new();
+    for (label, registry2) in [("hubcap", false), ("registry:2", true)] {
+        let image = if registry2 { "library/storm-r" } else { "library/storm-h" };
+        images::push(&upstream, image, "1", &big).await;
+        let server = if registry2 { start_registry2(d, &upstream, "storm").await } else { start_hubcap(d, &upstream, "storm").await };
+        let before = upstream_blob_gets(&upstream_proc.log());
+        let conf = registries_conf(d, &server.url, label);
+        let started = Instant::now();
+        let pulls: Vec<_> = (0..20)
+            .map(|i| {
+                let (d, conf, image) = (d.to_owned(), conf.clone(), format!("{image}:1"));
+                tokio::spawn(async move { try_skopeo_pull(&d, &conf, &image, &format!("storm-{i}")).await })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for p in pulls {
+            if let Err(e) = p.await.unwrap() {
+                failed.push(e);
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let after = upstream_blob_gets(&upstream_proc.log());
+        let fetches: Vec<usize> =
+            big.all_blobs().iter().map(|(dg, _)| after.get(dg).copied().unwrap_or(0) - before.get(dg).copied().unwrap_or(0)).collect();
+        note_rss(if registry2 { "registry:2" } else { "hubcap" }, &server);
+        if let Some(e) = failed.first() {
+            let _ = writeln!(detail, "- 20 concurrent cold pulls through {label}: {} of 20 failed, e.g. `{}`", failed.len(), e.trim());
+        }
+        concurrent.push((secs, fetches, failed.len()));
+    }
+    let fmt_fetch = |f: &Vec<usize>, failed: usize| format!("{f:?} upstream GETs per blob; {} of 20 pulls succeeded", 20 - failed);
+    rows.push((
+        "20 concurrent cold pulls: upstream blob fetches".into(),
+        fmt_fetch(&concurrent[0].1, concurrent[0].2),
+        fmt_fetch(&concurrent[1].1, concurrent[1].2),
+        "-".into(),
+        "hubcap: exactly 1 per blob".into(),
+    ));
+    rows.push((
+        "20 concurrent cold pulls: wall time, seconds".into(),
+        format!("{:.2}", concurrent[0].0),
+        format!("{:.2}", concurrent[1].0),
+        format!("{:.2}×", concurrent[0].0 / concurrent[1].0),
+        "-".into(),
+    ));
+    assert!(concurrent[0].1.iter().all(|&n| n == 1), "hubcap fetched a blob more than once: {:?}", concurrent[0].1);
+    assert_eq!(concurrent[0].2, 0, "every pull through hubcap succeeded");
+
+    // 5: peak RSS over 1-4.
+    rows.push((
+        "peak RSS during 1–4, MiB".into(),
+        format!("{:.0}", rss["hubcap"]),
+        format!("{:.0}", rss["registry:2"]),
+        format!("{:.2}×", rss["hubcap"] / rss["registry:2"]),
+        "≤ 0.5×".into(),
+    ));
+
+    // 6: start-up to the first 200 on /v2/.
+    let (mut hs, mut rs) = (Vec::new(), Vec::new());
+    for _ in 0..mode.runs.max(3) {
+        hs.push(startup_ms(d, &upstream, false).await);
+        rs.push(startup_ms(d, &upstream, true).await);
+    }
+    let (hs, rs) = (median(hs), median(rs));
+    rows.push((
+        "start-up to the first 200 on /v2/, ms".into(),
+        format!("{hs:.1}"),
+        format!("{rs:.1}"),
+        format!("{:.2}×", hs / rs),
+        "hubcap < 50 ms".into(),
+    ));
+
+    // 7: one big blob through the fetcher, embedded and S3 on moto.
+    let big_digest = {
+        let bytes = images::noise(mode.big_blob as usize, 700);
+        let digest = images::sha256(&bytes);
+        push_blob(&upstream, "library/huge", &digest, bytes).await;
+        digest
+    };
+    let moto = common::moto::Moto::start().await;
+    moto.setup("bench-bucket", "bench").await;
+    for (label, extra, env) in [
+        ("embedded", vec![], vec![]),
+        ("S3 (moto)", vec!["--storage", "aws", "--bucket", "bench-bucket", "--table", "bench"], moto.env()),
+    ] {
+        let port = free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .arg("--data")
+            .arg(d.join(format!("huge-{port}")))
+            .args(&extra)
+            .env("HUBCAP_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let server = Proc::spawn(&mut cmd, d.join(format!("huge-{port}.log")));
+        let url = format!("http://127.0.0.1:{port}");
+        wait_ready(&format!("{url}/v2/"), &server).await;
+        let started = Instant::now();
+        assert_eq!(http.head(format!("{url}/v2/huge/blobs/{big_digest}")).send().await.unwrap().status(), 200);
+        loop {
+            let resp = http.get(format!("{url}/v2/huge/blobs/{big_digest}")).send().await.unwrap();
+            assert_eq!(resp.status(), 307, "{}", server.log());
+            if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
+                break;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let rss = peak_rss_mib(server.child.id());
+        rows.push((
+            format!("copy one {} MiB blob through the fetcher, {label}", mode.big_blob >> 20),
+            format!("{:.0} MB/s, peak RSS {rss:.0} MiB", mode.big_blob as f64 / 1e6 / secs),
+            "-".into(),
+            "-".into(),
+            "RSS < 128 MiB".into(),
+        ));
+        assert!(rss < 128.0, "{label}: peak RSS {rss} MiB");
+    }
+
+    // 8: AWS calls per hit, from a counting proxy in front of moto.
+    let proxy = common::moto::CountingProxy::start(&moto.url).await;
+    let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;
+    let opts = |s: hubcap::storage::aws::AwsStorage| hubcap::serve::ServeOptions {
+        backend: hubcap::serve::Backend::Aws(Box::new(s)),
+        upstreams: vec![format!("docker.io={upstream}")],
+        credentials: None,
+        credentials_secret: None,
+        mirror: common::config(),
+        fetch_concurrency: 4,
+        access: Default::default(),
+    };
+    let first = common::Hubcap::start_opts(opts(storage.clone())).await;
+    common::pull(&http, &first.url, "small", "1").await;
+    let fresh = common::Hubcap::start_opts(opts(storage)).await;
+    let mut counts = Vec::new();
+    for _ in ["cold", "warm"] {
+        proxy.take();
+        http.get(format!("{}/v2/small/manifests/{}", fresh.url, small_img.digest)).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
+        let m: usize = proxy.take().values().sum();
+        http.get(format!("{}/v2/small/blobs/{}", fresh.url, small_img.config.0)).send().await.unwrap();
+        let b: usize = proxy.take().values().sum();
+        counts.push((m, b));
+    }
+    rows.push((
+        "AWS calls per manifest hit / blob hit (cold instance, then warm)".into(),
+        format!("cold {} / {}, warm {} / {}", counts[0].0, counts[0].1, counts[1].0, counts[1].1),
+        "-".into(),
+        "-".into(),
+        "1 / 1 cold, 0 / 0 warm".into(),
+    ));
+
+    // Report.
+    let mut table = String::from("| # | figure | hubcap | registry:2 (proxy) | ratio | target |\n|---|---|---|---|---|---|\n");
+    for (i, (f, h, r, ratio, target)) in rows.iter().enumerate() {
+        let _ = writeln!(table, "| {} | {f} | {h} | {r} | **{ratio}** | {target} |", i + 1);
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let _ = writeln!(detail, "- machine: {cores} cores ({cpu}), {}", mem.replace("MemTotal:", "memory").split_whitespace().collect::<Vec<_>>().join(" "));
+    let _ = writeln!(
+        detail,
+        "- runs per figure: {} (medians); GETs: wrk -t2 -c64 -d{}s; HEADs: ab -k -c64 -t{} (wrk cannot do HEAD); everything on loopback, one machine",
+        mode.runs, mode.wrk_secs, mode.wrk_secs
+    );
+    let report = format!(
+        "# Benchmarks\n\nhubcap (`hubcap serve`, embedded backend) against Debian's `docker-registry` 2.8 in proxy mode\n(`registry:2`), both in front of the same upstream `docker-registry` on loopback, with the same generated\nimages, measured in one run. Ratios are hubcap / registry:2 (for throughput higher is better, for times and\nmemory lower is better).\n\nCommand: `bench/run.sh` (a release build, then `HUBCAP_BENCH=full cargo test --release --test bench -- --nocapture`).\n\n{table}\n{detail}"
+    );
+    println!("{report}");
+    if mode.full {
+        std::fs::write(Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"), &report).unwrap();
+    }
+}
+
+/// Pushes one lone blob to a registry (monolithic upload).
+async fn push_blob(registry: &str, repo: &str, digest: &str, bytes: Vec<u8>) {
+    let http = reqwest::Client::new();
+    let start = http.post(format!("{registry}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+    let loc = start.headers()["location"].to_str().unwrap().to_owned();
+    let loc = if loc.starts_with("http") { loc } else { format!("{registry}{loc}") };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let put = http.put(format!("{loc}{sep}digest={digest}")).body(bytes).send().await.unwrap();
+    assert_eq!(put.status(), 201);
+}
