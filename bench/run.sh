@@ -6,4 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/install-tools.sh
+# Where pip put the PyPI tools' commands.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 HUBCAP_BENCH=full exec cargo test --release --locked --test bench -- --nocapture

@@ -14,7 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}"
   $SUDO apt-get update -qq
   # ctr ships in the containerd package.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
     skopeo podman containerd docker-registry wrk apache2-utils >/dev/null
 fi
 
@@ -29,6 +29,7 @@ if [ "$need_pip" = 1 ]; then
   echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli"
   python3 -m pip install --quiet --disable-pip-version-check \
     'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.17.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
   hash -r
 fi
 

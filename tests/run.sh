@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tests/install-tools.sh
+# Where pip put the PyPI tools' commands.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 
 # The SAM build of the three Lambdas (cargo lambda, release). The template's
 # default is arm64; where the aarch64 Rust target is not installed (this
