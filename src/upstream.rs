@@ -95,7 +95,9 @@ struct CachedAuth {
 pub struct Upstream {
     pub registry: String,
     base: String,
-    http: reqwest::Client,
+    /// Built on first use: loading TLS roots is the slowest part of a
+    /// start-up, and a warm mirror may never need upstream.
+    http: std::sync::OnceLock<reqwest::Client>,
     credentials: Option<Credentials>,
     /// Authorization header per scope, until it expires.
     auth: Mutex<HashMap<String, CachedAuth>>,
@@ -116,24 +118,29 @@ impl Upstream {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("upstream {registry}: URL must be http or https"));
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(30))
-            // Docker Hub answers blob GETs with a 307 to its CDN; reqwest
-            // drops our Authorization header when the host changes.
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .build()
-            .map_err(|e| format!("upstream {registry}: {e}"))?;
         Ok(Upstream {
             registry: registry.to_owned(),
             base: base_url.trim_end_matches('/').to_owned(),
-            http,
+            http: std::sync::OnceLock::new(),
             credentials,
             auth: Mutex::new(HashMap::new()),
             ratelimit_remaining: AtomicI64::new(-1),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+        })
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(30))
+                // Docker Hub answers blob GETs with a 307 to its CDN; reqwest
+                // drops our Authorization header when the host changes.
+                .redirect(reqwest::redirect::Policy::limited(5))
+                .build()
+                .expect("the HTTP client has a TLS backend")
         })
     }
 
@@ -232,7 +239,7 @@ impl Upstream {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self.http.request(method.clone(), url).headers(headers.clone());
+            let mut req = self.http().request(method.clone(), url).headers(headers.clone());
             if let Some(auth) = self.cached_auth(&scope) {
                 req = req.header(AUTHORIZATION, auth);
             }
@@ -303,7 +310,7 @@ impl Upstream {
                     }
                     q.append_pair("scope", scope);
                 }
-                let mut req = self.http.get(realm_url);
+                let mut req = self.http().get(realm_url);
                 if let Some(c) = &self.credentials {
                     req = req.basic_auth(&c.username, Some(&c.password));
                 }
