@@ -275,6 +275,7 @@ async fn benchmark() {
 
     let mut rows: Vec<(String, String, String, String, String)> = Vec::new(); // figure, hubcap, registry:2, ratio, target
     let mut detail = String::new();
+    let mut notes = String::new();
     let mut rss: HashMap<&str, f64> = HashMap::new();
     let mut note_rss = |name: &'static str, s: &Server| {
         let v = peak_rss_mib(s.proc.child.id());
@@ -376,8 +377,28 @@ async fn benchmark() {
     }
     let floor = median(floor);
     let mib = image_size as f64 / (1 << 20) as f64;
-    let hw = median(hw);
-    for (name, h, r, target) in [("cold pull", median(hc), median(rc), "≤ 1.0×"), ("warm pull", hw, median(rw), "≤ 0.8×")] {
+    let (hw, rwm, hcm, rcm) = (median(hw), median(rw.clone()), median(hc.clone()), median(rc.clone()));
+    if hw / rwm > 0.8 {
+        let verdict = if floor / rwm > 0.8 {
+            "The 0.8× target is below what this client allows on this machine."
+        } else {
+            "The time above the floor is what hubcap has left to cut."
+        };
+        let _ = writeln!(
+            notes,
+            "- Warm pull (target ≤ 0.8×): skopeo needs {floor:.2} s for this image with no server at all (copying it from a local directory: hashing and writing {mib:.0} MiB), so even a server that answered in zero time could not go below {:.2}× of registry:2's {rwm:.2} s. hubcap takes {hw:.2} s, {:.0} ms above that floor; registry:2 {:.0} ms. {verdict}",
+            floor / rwm,
+            (hw - floor) * 1000.0,
+            (rwm - floor) * 1000.0
+        );
+    }
+    if hcm > rcm {
+        let _ = writeln!(
+            notes,
+            "- Cold pull (target ≤ 1.0×): {hcm:.2} s against {rcm:.2} s (runs: hubcap {hc:.2?}, registry:2 {rc:.2?}). hubcap stores each blob whole and verified before it redirects the client to it (nothing unverified is served), while registry:2 streams upstream bytes to the client as they arrive; on loopback the copy is the extra pass. Both are close to the client's floor of {floor:.2} s."
+        );
+    }
+    for (name, h, r, target) in [("cold pull", hcm, rcm, "≤ 1.0×"), ("warm pull", hw, rwm, "≤ 0.8×")] {
         rows.push((format!("{name} of a 3-layer {mib:.0} MiB image (skopeo): seconds"), format!("{h:.2}"), format!("{r:.2}"), format!("{:.2}×", h / r), target.into()));
     }
     rows.push((
@@ -559,8 +580,11 @@ async fn benchmark() {
         "- runs per figure: {} (medians); GETs: wrk -t2 -c64 -d{}s; HEADs: ab -k -c64 -t{} (wrk cannot do HEAD); everything on loopback, one machine",
         mode.runs, mode.wrk_secs, mode.wrk_secs
     );
+    if notes.is_empty() {
+        notes.push_str("- Every target was met.\n");
+    }
     let report = format!(
-        "# Benchmarks\n\nhubcap (`hubcap serve`, embedded backend) against Debian's `docker-registry` 2.8 in proxy mode\n(`registry:2`), both in front of the same upstream `docker-registry` on loopback, with the same generated\nimages, measured in one run. Ratios are hubcap / registry:2 (for throughput higher is better, for times and\nmemory lower is better).\n\nCommand: `bench/run.sh` (a release build, then `HUBCAP_BENCH=full cargo test --release --test bench -- --nocapture`).\n\n{table}\n{detail}"
+        "# Benchmarks\n\nhubcap (`hubcap serve`, embedded backend) against Debian's `docker-registry` 2.8 in proxy mode\n(`registry:2`), both in front of the same upstream `docker-registry` on loopback, with the same generated\nimages, measured in one run. Ratios are hubcap / registry:2 (for throughput higher is better, for times and\nmemory lower is better).\n\nCommand: `bench/run.sh` (a release build, then `HUBCAP_BENCH=full cargo test --release --test bench -- --nocapture`).\n\n{table}\n{detail}\n## Where a target is missed\n\n{notes}"
     );
     println!("{report}");
     if mode.full {
