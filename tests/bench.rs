@@ -386,7 +386,7 @@ async fn benchmark() {
         };
         let _ = writeln!(
             notes,
-            "- Warm pull (target ≤ 0.8×): skopeo needs {floor:.2} s for this image with no server at all (copying it from a local directory: hashing and writing {mib:.0} MiB), so even a server that answered in zero time could not go below {:.2}× of registry:2's {rwm:.2} s. hubcap takes {hw:.2} s, {:.0} ms above that floor; registry:2 {:.0} ms. {verdict}",
+            "- Warm pull (target ≤ 0.8×): skopeo needs {floor:.2} s for this image with no server at all (copying it from a local directory: hashing and writing {mib:.0} MiB), so even a server that answered in zero time could not go below {:.2}× of registry:2's {rwm:.2} s. hubcap takes {hw:.2} s ({:+.0} ms against that floor), registry:2 {rwm:.2} s ({:+.0} ms). {verdict}",
             floor / rwm,
             (hw - floor) * 1000.0,
             (rwm - floor) * 1000.0
