@@ -20,6 +20,7 @@
 //! - `access`: who may use the mirror (networks, repositories, credentials).
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
 //! - `metrics`: CloudWatch Embedded Metric Format records for the Lambdas.
+//! - `warm`: `hubcap warm`, caching images ahead of time.
 //!
 //! Controllers call services; services never call controllers.
 
@@ -36,3 +37,4 @@ pub mod secrets;
 pub mod serve;
 pub mod storage;
 pub mod upstream;
+pub mod warm;

@@ -32,6 +32,23 @@ enum Command {
     AwsSetup(AwsArgs),
     /// Verify a running mirror end to end (exit 1 on failure).
     Check(CheckArgs),
+    /// Cache images (manifests and every layer) ahead of time, with no
+    /// server running, through the same code path as a pull.
+    Warm(Box<WarmArgs>),
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    /// Images: [registry/]name[:tag|@digest].
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// Only these platforms of a multi-platform image (os/arch[/variant]); default: all.
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    #[command(flatten)]
+    storage: StorageArgs,
+    #[command(flatten)]
+    mirror: MirrorArgs,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +96,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve_cmd(*args).await,
         Command::AwsSetup(args) => aws_setup(args).await,
+        Command::Warm(args) => warm_cmd(*args).await,
         Command::Check(args) => {
             let opts = hubcap::check::CheckOptions {
                 url: args.url,
@@ -125,6 +143,30 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
     serve::run(listener, router, serve::shutdown_signal()).await?;
     Ok(())
+}
+
+async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
+    let opts = ServeOptions {
+        backend: backend(&args.storage)?,
+        upstreams: args.mirror.upstreams.clone(),
+        credentials: args.mirror.credentials.clone(),
+        credentials_secret: args.mirror.credentials_secret.clone(),
+        mirror: args.mirror.mirror_config(),
+        fetch_concurrency: args.mirror.fetch_concurrency,
+        access: Default::default(),
+    };
+    let (_, mirror) = serve::build_local(&opts).await?;
+    let mut failed = 0;
+    for image in &args.images {
+        match hubcap::warm::warm(&mirror, image, &args.platforms).await {
+            Ok(w) => println!("warmed {image}: {} manifests, {} blobs, {:.1} MiB", w.manifests, w.blobs, w.bytes as f64 / 1048576.0),
+            Err(e) => {
+                failed += 1;
+                println!("failed {image}: {e}");
+            }
+        }
+    }
+    if failed > 0 { Err(format!("{failed} of {} images could not be warmed", args.images.len()).into()) } else { Ok(()) }
 }
 
 async fn aws_setup(args: AwsArgs) -> Result<(), serve::BoxError> {

@@ -35,7 +35,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
         / 1024.0
 }
 
@@ -91,7 +96,19 @@ async fn start_registry2(dir: &Path, upstream: &str, tag: &str) -> Server {
 /// that declares a Content-Length); returns (requests/s, p50 ms, p99 ms).
 async fn ab_head(url: &str, secs: u64) -> (f64, f64, f64) {
     let out = tokio::process::Command::new("ab")
-        .args(["-k", "-i", "-q", "-c", "64", "-n", "10000000", "-t", &secs.to_string(), "-H", &format!("Accept: {}", images::ALL_MANIFESTS)])
+        .args([
+            "-k",
+            "-i",
+            "-q",
+            "-c",
+            "64",
+            "-n",
+            "10000000",
+            "-t",
+            &secs.to_string(),
+            "-H",
+            &format!("Accept: {}", images::ALL_MANIFESTS),
+        ])
         .arg(url)
         .output()
         .await
@@ -99,7 +116,10 @@ async fn ab_head(url: &str, secs: u64) -> (f64, f64, f64) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "ab failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     let field = |prefix: &str| {
-        text.lines().find(|l| l.trim_start().starts_with(prefix)).and_then(|l| l.split_whitespace().nth(if prefix.ends_with('%') { 1 } else { 3 })).and_then(|v| v.parse::<f64>().ok())
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(if prefix.ends_with('%') { 1 } else { 3 }))
+            .and_then(|v| v.parse::<f64>().ok())
     };
     let failed = text.lines().find(|l| l.starts_with("Non-2xx responses")).is_some();
     assert!(!failed, "{url}: errors under load:\n{text}");
@@ -126,9 +146,18 @@ async fn wrk(url: &str, method: &str, accept: bool, secs: u64, dir: &Path) -> (f
         .expect("wrk (tests/run.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "wrk failed: {text}");
-    let rps = text.lines().find(|l| l.starts_with("Requests/sec:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let pct = |p: &str| {
-        text.lines().find(|l| l.trim_start().starts_with(p)).and_then(|l| l.split_whitespace().nth(1)).map(parse_latency).unwrap_or(f64::NAN)
+        text.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(parse_latency)
+            .unwrap_or(f64::NAN)
     };
     assert!(!text.contains("Non-2xx or 3xx responses"), "{url}: errors under load:\n{text}");
     (rps, pct("50%"), pct("99%"))
@@ -258,8 +287,10 @@ async fn benchmark() {
 
     // The upstream, with its access log on (to count what mirrors ask of it).
     let up_port = free_port();
-    let upstream_proc =
-        Proc::spawn(std::process::Command::new("docker-registry").arg("serve").arg(registry_config(d, up_port, None, true)), d.join("upstream.log"));
+    let upstream_proc = Proc::spawn(
+        std::process::Command::new("docker-registry").arg("serve").arg(registry_config(d, up_port, None, true)),
+        d.join("upstream.log"),
+    );
     let upstream = format!("http://127.0.0.1:{up_port}");
     wait_ready(&format!("{upstream}/v2/"), &upstream_proc).await;
     // A 3-layer image of about 100 MiB (full mode), and a small one.
@@ -293,7 +324,8 @@ async fn benchmark() {
     let follow = reqwest::Client::new();
     for s in [&hub, &reg] {
         // Warm the caches: the manifest, then every blob, following redirects.
-        let resp = follow.get(format!("{}/v2/library/small/manifests/1", s.url)).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
+        let resp =
+            follow.get(format!("{}/v2/library/small/manifests/1", s.url)).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         for (digest, _) in small.all_blobs() {
             let resp = follow.get(format!("{}/v2/library/small/blobs/{digest}", s.url)).send().await.unwrap();
@@ -335,7 +367,13 @@ async fn benchmark() {
         ));
         if !t.is_empty() {
             let tr = median(t);
-            rows.push((format!("{name}: hubcap vs trivial in-memory axum server"), format!("{hr:.0}"), format!("trivial: {tr:.0}"), format!("{:.2}×", hr / tr), "≥ 0.5×".into()));
+            rows.push((
+                format!("{name}: hubcap vs trivial in-memory axum server"),
+                format!("{hr:.0}"),
+                format!("trivial: {tr:.0}"),
+                format!("{:.2}×", hr / tr),
+                "≥ 0.5×".into(),
+            ));
         }
     }
     note_rss("hubcap", &hub);
@@ -399,7 +437,13 @@ async fn benchmark() {
         );
     }
     for (name, h, r, target) in [("cold pull", hcm, rcm, "≤ 1.0×"), ("warm pull", hw, rwm, "≤ 0.8×")] {
-        rows.push((format!("{name} of a 3-layer {mib:.0} MiB image (skopeo): seconds"), format!("{h:.2}"), format!("{r:.2}"), format!("{:.2}×", h / r), target.into()));
+        rows.push((
+            format!("{name} of a 3-layer {mib:.0} MiB image (skopeo): seconds"),
+            format!("{h:.2}"),
+            format!("{r:.2}"),
+            format!("{:.2}×", h / r),
+            target.into(),
+        ));
     }
     rows.push((
         "warm pull: hubcap vs skopeo copying the image from a local directory (the client's own floor)".into(),
@@ -491,10 +535,9 @@ async fn benchmark() {
     };
     let moto = common::moto::Moto::start().await;
     moto.setup("bench-bucket", "bench").await;
-    for (label, extra, env) in [
-        ("embedded", vec![], vec![]),
-        ("S3 (moto)", vec!["--storage", "aws", "--bucket", "bench-bucket", "--table", "bench"], moto.env()),
-    ] {
+    for (label, extra, env) in
+        [("embedded", vec![], vec![]), ("S3 (moto)", vec!["--storage", "aws", "--bucket", "bench-bucket", "--table", "bench"], moto.env())]
+    {
         let port = free_port();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
@@ -547,7 +590,11 @@ async fn benchmark() {
     let mut counts = Vec::new();
     for _ in ["cold", "warm"] {
         proxy.take();
-        http.get(format!("{}/v2/small/manifests/{}", fresh.url, small_img.digest)).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
+        http.get(format!("{}/v2/small/manifests/{}", fresh.url, small_img.digest))
+            .header("accept", images::ALL_MANIFESTS)
+            .send()
+            .await
+            .unwrap();
         let m: usize = proxy.take().values().sum();
         http.get(format!("{}/v2/small/blobs/{}", fresh.url, small_img.config.0)).send().await.unwrap();
         let b: usize = proxy.take().values().sum();
@@ -574,7 +621,11 @@ async fn benchmark() {
         .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let _ = writeln!(detail, "- machine: {cores} cores ({cpu}), {}", mem.replace("MemTotal:", "memory").split_whitespace().collect::<Vec<_>>().join(" "));
+    let _ = writeln!(
+        detail,
+        "- machine: {cores} cores ({cpu}), {}",
+        mem.replace("MemTotal:", "memory").split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     let _ = writeln!(
         detail,
         "- runs per figure: {} (medians); GETs: wrk -t2 -c64 -d{}s; HEADs: ab -k -c64 -t{} (wrk cannot do HEAD); everything on loopback, one machine",

@@ -504,3 +504,37 @@ async fn access_control_by_network_repository_and_credentials() {
     assert_eq!(resp.status(), 403);
     assert_eq!(error_code(resp).await, "DENIED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_caches_images_ahead_of_time_with_no_server_running() {
+    let mut hub = FakeHub::start().await;
+    let img = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 30, 2), images::small_image(Format::Oci, "arm64", 31, 1)],
+    );
+    hub.publish("library/base", "1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
+        .args(["warm", "--platform", "linux/amd64", "--upstream", &format!("docker.io={}", hub.url), "base:1"])
+        .arg("--data")
+        .arg(&data)
+        .env("HUBCAP_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("warmed base:1: 2 manifests, 3 blobs"), "{text}");
+    let (amd64, arm64) = (img.images()[0], img.images()[1]);
+    for (d, _) in amd64.blobs() {
+        assert_eq!(hub.cdn_gets(&d), 1);
+    }
+    assert_eq!(hub.cdn_gets(&arm64.layers[0].0), 0, "other platforms are left alone");
+
+    // Upstream gone: the warmed image is served from the cache.
+    hub.stop().await;
+    let mirror = Hubcap::start(&data, vec![format!("docker.io={}", hub.url)], config()).await;
+    let pulled = pull(&client(), &mirror.url, "base", "1").await;
+    assert_eq!(pulled.image_digest, amd64.digest);
+}

@@ -12,7 +12,10 @@ use serde_json::Value;
 
 fn template(path: &str) -> Value {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import json,sys\nfrom cfnlint.decode import decode\nt, m = decode(sys.argv[1])\nassert not m, m\nprint(json.dumps(t))"])
+        .args([
+            "-c",
+            "import json,sys\nfrom cfnlint.decode import decode\nt, m = decode(sys.argv[1])\nassert not m, m\nprint(json.dumps(t))",
+        ])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
         .output()
         .expect("python3 with cfn-lint (tests/run.sh installs it)");
@@ -32,7 +35,11 @@ fn functions(t: &Value) -> Vec<(String, &Value)> {
 
 /// Every `HUBCAP_*` variable the Lambda binaries read.
 fn variables_the_code_reads() -> BTreeSet<String> {
-    hubcap::config::LambdaSettings::command().get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
+    hubcap::config::LambdaSettings::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -84,7 +91,10 @@ fn the_table_and_stream_filter_match_the_dynamodb_backend() {
     let t = template("template.yaml");
     let table = &t["Resources"]["IndexTable"]["Properties"];
     assert_eq!(table["BillingMode"], "PAY_PER_REQUEST");
-    assert_eq!(table["KeySchema"], serde_json::json!([{ "AttributeName": "pk", "KeyType": "HASH" }, { "AttributeName": "sk", "KeyType": "RANGE" }]));
+    assert_eq!(
+        table["KeySchema"],
+        serde_json::json!([{ "AttributeName": "pk", "KeyType": "HASH" }, { "AttributeName": "sk", "KeyType": "RANGE" }])
+    );
     assert_eq!(table["StreamSpecification"]["StreamViewType"], "NEW_IMAGE");
     assert_eq!(table["TimeToLiveSpecification"]["AttributeName"], hubcap::storage::aws::TTL_ATTRIBUTE);
     assert_eq!(table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"], true);
@@ -106,7 +116,8 @@ fn the_table_and_stream_filter_match_the_dynamodb_backend() {
     assert_eq!(pattern["dynamodb"]["NewImage"]["state"]["S"], serde_json::json!(["pending"]));
     assert_eq!(pattern["dynamodb"]["NewImage"]["sk"]["S"], serde_json::json!(["blob"]));
     for (state, wanted) in [("pending", true), ("fetching", false), ("ready", false)] {
-        let event: aws_lambda_events::event::dynamodb::Event = serde_json::from_value(serde_json::json!({ "Records": [record(state)] })).unwrap();
+        let event: aws_lambda_events::event::dynamodb::Event =
+            serde_json::from_value(serde_json::json!({ "Records": [record(state)] })).unwrap();
         assert_eq!(hubcap::lambda::job_from_record(&event.records[0]).unwrap().is_some(), wanted, "{state}");
     }
 
@@ -121,7 +132,9 @@ fn the_table_and_stream_filter_match_the_dynamodb_backend() {
 fn the_templates_pass_cfn_lint_and_sam_validate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut templates = vec![root.join("template.yaml")];
-    templates.extend(std::fs::read_dir(root.join("infra")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")));
+    templates.extend(
+        std::fs::read_dir(root.join("infra")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+    );
     for t in &templates {
         let lint = std::process::Command::new("cfn-lint").arg(t).output().expect("cfn-lint (tests/run.sh installs it)");
         assert!(lint.status.success(), "cfn-lint {}:\n{}", t.display(), String::from_utf8_lossy(&lint.stdout));
@@ -131,6 +144,12 @@ fn the_templates_pass_cfn_lint_and_sam_validate() {
             .env("SAM_CLI_TELEMETRY", "0")
             .output()
             .expect("sam (tests/run.sh installs aws-sam-cli)");
-        assert!(sam.status.success(), "sam validate {}:\n{}{}", t.display(), String::from_utf8_lossy(&sam.stdout), String::from_utf8_lossy(&sam.stderr));
+        assert!(
+            sam.status.success(),
+            "sam validate {}:\n{}{}",
+            t.display(),
+            String::from_utf8_lossy(&sam.stdout),
+            String::from_utf8_lossy(&sam.stderr)
+        );
     }
 }
