@@ -357,7 +357,7 @@ async fn benchmark() {
             }
         }
         let (hr, rr) = (median(h.0), median(r.0));
-        let target = if path.starts_with("blobs") { "≥ 20×" } else { "≥ 20×" };
+        let target = "≥ 20×";
         rows.push((
             format!("{name}: requests/s at 64 connections"),
             format!("{hr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(h.1), median(h.2)),
