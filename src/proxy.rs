@@ -20,6 +20,9 @@ use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryErr
 use crate::storage::{BlobState, BlobStore, Index, ManifestRecord, StorageError, TagRecord, now};
 use crate::upstream::{Retry, TagsPage, Upstream, UpstreamError};
 
+/// A blob `pending` this long without a fetcher taking it is re-queued.
+const STALE_FETCH: Duration = Duration::from_secs(60);
+
 #[derive(Clone, Debug)]
 pub struct MirrorConfig {
     /// How long a tag is trusted before it is re-validated upstream.
@@ -433,7 +436,11 @@ impl Mirror {
         if view.record.as_ref().is_some_and(|r| r.state == BlobState::Ready) {
             return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Hit));
         }
-        self.index.create_pending_blob(digest, &key, size).await?;
+        if !self.index.create_pending_blob(digest, &key, size).await? {
+            // Someone else's fetch: if it looks lost (a stream record that
+            // never arrived, a fetcher that died), queue it again.
+            self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
+        }
         self.start_fetch(repo, digest, size);
         // Wait, bounded, for the copy: on the in-process queue directly; when
         // the fetch runs elsewhere (another instance, the fetcher Lambda), by

@@ -425,3 +425,55 @@ async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs
     let log = server.log();
     assert!(!log.contains("dckr_pat_from_secret"), "the secret leaked into the log:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 210, 1);
+    hub.publish("library/lost", "1", &Published::Image(img.clone()));
+    let moto = Moto::start().await;
+    let storage = moto.setup("lost-bucket", "lost").await;
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_millis(200);
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default()).await.unwrap();
+    let api = serve(router).await;
+    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await;
+    let mut pump = StreamPump::new(&moto.url, "lost");
+    let http = client();
+    get_manifest(&http, &api, "lost", "1", ALL_MANIFESTS).await;
+    let lost = pump.poll().await; // delivered to nobody
+    assert!(!lost.records.is_empty());
+
+    // Two minutes later the layer is still pending.
+    let layer = &img.layers[0].0;
+    let aged = serde_json::json!({
+        "TableName": "lost",
+        "Key": { "pk": { "S": format!("blob#{layer}") }, "sk": { "S": "blob" } },
+        "UpdateExpression": "SET updated_at = :old",
+        "ExpressionAttributeValues": { ":old": { "N": (hubcap::storage::now() - 120).to_string() } },
+    });
+    let resp = reqwest::Client::new()
+        .post(&moto.url)
+        .header("x-amz-target", "DynamoDB_20120810.UpdateItem")
+        .header("content-type", "application/x-amz-json-1.0")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(aged.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    pump.poll().await; // the ageing edit is a stream record too: drop it, as a lost one
+
+    // A client asks for it: the mirror re-queues it, and the stream carries it again.
+    let resp = http.get(format!("{api}/v2/lost/blobs/{layer}")).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let again = pump.poll().await;
+    let jobs: Vec<String> =
+        again.records.iter().filter_map(|r| hubcap::lambda::job_from_record(r).unwrap()).map(|j| j.digest.to_string()).collect();
+    assert_eq!(jobs, vec![layer.clone()], "re-queued once");
+    assert!(hubcap::lambda::handle_stream(&fetcher, again).await.batch_item_failures.is_empty());
+    get_blob(&http, &api, "lost", layer).await;
+}

@@ -88,6 +88,10 @@ async fn contract(index: Arc<dyn Index>, store: Arc<dyn BlobStore>, fetch: Optio
     assert!(!index.blob(other, &digest_of(b"nothing")).await.unwrap().linked);
     let unfinished: Vec<Digest> = index.unfinished_blobs().await.unwrap().into_iter().map(|b| b.digest).collect();
     assert!(unfinished.contains(&b2) && !unfinished.contains(&b1));
+    // A pending blob nobody picked up is re-queued once it is stale, not before.
+    assert!(!index.requeue_stale_blob(&b2, Duration::from_secs(3600)).await.unwrap(), "fresh: left alone");
+    assert!(index.requeue_stale_blob(&b2, Duration::ZERO).await.is_ok());
+    assert!(!index.requeue_stale_blob(&b1, Duration::ZERO).await.unwrap(), "a ready blob is never re-queued");
     index.link(other, &b2).await.unwrap();
     assert!(index.blob(other, &b2).await.unwrap().linked);
 

@@ -721,6 +721,32 @@ impl Index for DynamoIndex {
         }
     }
 
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
+        let t = now();
+        // A MODIFY that leaves the item pending passes the stream filter: the
+        // fetcher runs again.
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(blob_pk(digest)))
+            .key("sk", s("blob"))
+            .update_expression("SET #s = :pending, updated_at = :now REMOVE lease_until")
+            .condition_expression("(#s = :pending AND updated_at < :cutoff) OR (#s = :fetching AND lease_until < :now)")
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":pending", s("pending"))
+            .expression_attribute_values(":fetching", s("fetching"))
+            .expression_attribute_values(":now", n(t))
+            .expression_attribute_values(":cutoff", n(t - stale.as_secs() as i64))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(unavailable("DynamoDB UpdateItem", e)),
+        }
+    }
+
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         let mut set = vec!["#s = :state", "updated_at = :now"];
         let mut req = self

@@ -138,4 +138,8 @@ impl<I: Index> Index for CachedIndex<I> {
     async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
         self.inner.unfinished_blobs().await
     }
+
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
+        self.inner.requeue_stale_blob(digest, stale).await
+    }
 }

@@ -339,6 +339,18 @@ impl Index for SqliteIndex {
         })
     }
 
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
+        let t = now();
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'pending', updated_at = ?2
+                 WHERE digest = ?1 AND state IN ('pending', 'fetching') AND updated_at < ?3",
+            )?
+            .execute(params![digest.as_str(), t, t - stale.as_secs() as i64])
+            .map(|n| n > 0)
+        })
+    }
+
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         self.with(|c| {
             c.prepare_cached(

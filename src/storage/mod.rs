@@ -158,6 +158,12 @@ pub trait Index: Send + Sync {
 
     /// Blobs left `pending` or `fetching` (for example by a restart).
     async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>>;
+
+    /// Puts a blob whose fetch seems lost back in the queue: `pending` for
+    /// longer than `stale`, or `fetching` under an expired lease. The write
+    /// itself re-triggers the fetcher where the index is the queue. True when
+    /// this call re-queued it.
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool>;
 }
 
 /// Content-addressed blob bytes.
