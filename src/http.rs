@@ -55,7 +55,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v2", get(api_base).head(api_base))
         .route("/v2/", get(api_base).head(api_base))
         .route("/v2/{*rest}", any(dispatch))
-        .route("/_hubcap/stats", get(stats));
+        .route("/_hubcap/stats", get(stats))
+        .route("/metrics", get(prometheus));
     if state.local_blobs.is_some() {
         router = router.route(&format!("{BLOB_URL_PREFIX}{{hex}}"), get(local_blob).head(local_blob));
     }
@@ -129,7 +130,13 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         state.access.check_credentials(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
     });
     match checked {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            let resp = next.run(req).await;
+            if let Some(c) = resp.extensions().get::<CacheStatus>() {
+                state.mirror.counters().record(*c);
+            }
+            resp
+        }
         Err(e) => {
             let challenge = e.code == ErrorCode::Unauthorized;
             let mut resp = e.into_response();
@@ -141,15 +148,56 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     }
 }
 
-/// `GET /_hubcap/stats`: what the mirror knows of its upstreams (JSON).
+/// `GET /_hubcap/stats`: how requests were answered since start-up and what
+/// the mirror knows of its upstreams (JSON).
 async fn stats(State(state): State<AppState>) -> Response {
     let upstreams: Vec<serde_json::Value> = state
         .mirror
         .upstreams()
         .iter()
-        .map(|u| serde_json::json!({ "registry": u.registry, "requests": u.requests(), "ratelimit_remaining": u.ratelimit_remaining() }))
+        .map(|u| {
+            serde_json::json!({ "registry": u.registry, "requests": u.requests(), "rate_limited": u.rate_limited(), "ratelimit_remaining": u.ratelimit_remaining() })
+        })
         .collect();
-    ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "upstreams": upstreams }).to_string()).into_response()
+    let counts = state.mirror.counters().snapshot();
+    let get = |k: &str| counts.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
+    let served = get("hit") + get("stale") + get("revalidated");
+    let answered = served + get("miss");
+    let body = serde_json::json!({
+        "requests": counts.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        // Cached answers: every one is an upstream GET saved (a re-validation costs only an uncounted HEAD).
+        "upstream_gets_saved": served,
+        "hit_ratio": if answered == 0 { serde_json::Value::Null } else { serde_json::json!(served as f64 / answered as f64) },
+        "upstreams": upstreams,
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `GET /metrics`: the same in the Prometheus text format.
+async fn prometheus(State(state): State<AppState>) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    out.push_str("# HELP hubcap_requests_total Registry requests answered, by cache result.\n# TYPE hubcap_requests_total counter\n");
+    for (k, v) in state.mirror.counters().snapshot() {
+        let _ = writeln!(out, "hubcap_requests_total{{cache=\"{k}\"}} {v}");
+    }
+    out.push_str(
+        "# HELP hubcap_upstream_requests_total Requests sent to each upstream registry.\n# TYPE hubcap_upstream_requests_total counter\n",
+    );
+    for u in state.mirror.upstreams().iter() {
+        let _ = writeln!(out, "hubcap_upstream_requests_total{{registry=\"{}\"}} {}", u.registry, u.requests());
+    }
+    out.push_str("# HELP hubcap_upstream_rate_limited_total 429 answers from each upstream registry.\n# TYPE hubcap_upstream_rate_limited_total counter\n");
+    for u in state.mirror.upstreams().iter() {
+        let _ = writeln!(out, "hubcap_upstream_rate_limited_total{{registry=\"{}\"}} {}", u.registry, u.rate_limited());
+    }
+    out.push_str("# HELP hubcap_upstream_ratelimit_remaining The last ratelimit-remaining an upstream reported.\n# TYPE hubcap_upstream_ratelimit_remaining gauge\n");
+    for u in state.mirror.upstreams().iter() {
+        if let Some(n) = u.ratelimit_remaining() {
+            let _ = writeln!(out, "hubcap_upstream_ratelimit_remaining{{registry=\"{}\"}} {n}", u.registry);
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// `GET /v2/`: the API version check every client starts with.

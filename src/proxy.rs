@@ -75,6 +75,41 @@ impl CacheStatus {
     }
 }
 
+/// How requests were answered since start-up (in memory).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub hit: std::sync::atomic::AtomicU64,
+    pub miss: std::sync::atomic::AtomicU64,
+    pub stale: std::sync::atomic::AtomicU64,
+    pub revalidated: std::sync::atomic::AtomicU64,
+    pub pass: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub fn record(&self, status: CacheStatus) {
+        let c = match status {
+            CacheStatus::Hit => &self.hit,
+            CacheStatus::Miss => &self.miss,
+            CacheStatus::Stale => &self.stale,
+            CacheStatus::Revalidated => &self.revalidated,
+            CacheStatus::Pass => &self.pass,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (cache result, count) for every result.
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        [
+            ("hit", l(&self.hit)),
+            ("miss", l(&self.miss)),
+            ("stale", l(&self.stale)),
+            ("revalidated", l(&self.revalidated)),
+            ("pass", l(&self.pass)),
+        ]
+    }
+}
+
 /// The configured upstream registries. Anything else is refused: the mirror
 /// is never an open proxy.
 #[derive(Debug, Default)]
@@ -152,6 +187,7 @@ pub struct Mirror {
     upstreams: Arc<Upstreams>,
     cfg: MirrorConfig,
     flights: Flights,
+    counters: Counters,
 }
 
 impl From<StorageError> for RegistryError {
@@ -192,11 +228,16 @@ impl Mirror {
         upstreams: Arc<Upstreams>,
         cfg: MirrorConfig,
     ) -> Mirror {
-        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default() }
+        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), counters: Counters::default() }
     }
 
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    /// How requests were answered since start-up.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Re-queues fetches a previous run left unfinished.

@@ -46,6 +46,19 @@ async fn a_second_pull_makes_no_upstream_get() {
     assert_eq!(head.headers()["content-length"], img.top().1.len().to_string().as_str());
     assert_eq!(head.headers()["docker-content-digest"], img.digest().as_str());
     assert!(head.bytes().await.unwrap().is_empty());
+
+    // The mirror's own account of it, as JSON and for Prometheus.
+    let stats: serde_json::Value =
+        serde_json::from_slice(&http.get(format!("{}/_hubcap/stats", mirror.url)).send().await.unwrap().bytes().await.unwrap()).unwrap();
+    assert!(stats["requests"]["hit"].as_u64().unwrap() >= 5, "{stats}");
+    let misses = stats["requests"]["miss"].as_u64().unwrap();
+    assert!((1..=5).contains(&misses), "the first pull's misses (prefetched layers are hits): {stats}");
+    assert!(stats["hit_ratio"].as_f64().unwrap() > 0.5);
+    assert_eq!(stats["upstreams"][0]["ratelimit_remaining"], 99);
+    let metrics = http.get(format!("{}/metrics", mirror.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("# TYPE hubcap_requests_total counter"), "{metrics}");
+    assert!(metrics.contains(&format!("hubcap_requests_total{{cache=\"miss\"}} {misses}")), "{metrics}");
+    assert!(metrics.contains("hubcap_upstream_ratelimit_remaining{registry=\"docker.io\"} 99"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
