@@ -153,3 +153,18 @@ fn the_templates_pass_cfn_lint_and_sam_validate() {
         );
     }
 }
+
+#[test]
+fn cargo_run_starts_the_cli_as_the_readme_says() {
+    // The README's first command is `cargo run --release -- serve`; with the
+    // Lambda binaries beside it, cargo needs to be told which one to run.
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .output()
+        .unwrap();
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["packages"][0]["default_run"], "hubcap");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- serve"));
+}
