@@ -90,6 +90,20 @@ impl Encryption {
     }
 }
 
+/// The outcome of a conditional DynamoDB write: true when it was made,
+/// false when its condition did not hold.
+fn conditional<O, E, R>(what: &str, result: std::result::Result<O, SdkError<E, R>>) -> Result<bool>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(SdkError::ServiceError(e)) if e.err().code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(e) => Err(unavailable(what, e)),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // S3 blobs
 // ---------------------------------------------------------------------------
@@ -549,12 +563,8 @@ impl Index for DynamoIndex {
             .expression_attribute_values(":c", n(checked_at))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            // The tag was deleted meanwhile: nothing to touch.
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(()),
-            Err(e) => Err(unavailable("DynamoDB UpdateItem", e)),
-        }
+        // Not made when the tag was deleted meanwhile: nothing to touch.
+        conditional("DynamoDB UpdateItem", result).map(|_| ())
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
@@ -688,11 +698,7 @@ impl Index for DynamoIndex {
             .expression_attribute_values(":failed", s("failed"))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(unavailable("DynamoDB PutItem", e)),
-        }
+        conditional("DynamoDB PutItem", result)
     }
 
     async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
@@ -714,11 +720,7 @@ impl Index for DynamoIndex {
             .expression_attribute_values(":one", n(1))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(unavailable("DynamoDB UpdateItem", e)),
-        }
+        conditional("DynamoDB UpdateItem", result)
     }
 
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
@@ -740,11 +742,7 @@ impl Index for DynamoIndex {
             .expression_attribute_values(":cutoff", n(t - stale.as_secs() as i64))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(unavailable("DynamoDB UpdateItem", e)),
-        }
+        conditional("DynamoDB UpdateItem", result)
     }
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
