@@ -44,6 +44,19 @@ fn secs(s: f64) -> Duration {
 }
 
 impl MirrorArgs {
+    /// The options `serve` (and `warm`, and a local-storage Lambda) run with.
+    pub fn serve_options(&self, backend: crate::serve::Backend, access: crate::access::AccessPolicy) -> crate::serve::ServeOptions {
+        crate::serve::ServeOptions {
+            backend,
+            upstreams: self.upstreams.clone(),
+            credentials: self.credentials.clone(),
+            credentials_secret: self.credentials_secret.clone(),
+            mirror: self.mirror_config(),
+            fetch_concurrency: self.fetch_concurrency,
+            access,
+        }
+    }
+
     pub fn mirror_config(&self) -> MirrorConfig {
         MirrorConfig {
             tag_ttl: secs(self.tag_ttl),

@@ -18,7 +18,7 @@ use crate::http::{AppState, ClientAddr, app};
 use crate::metrics::{UpstreamDeltas, emf_line};
 use crate::oci::{Digest, RepoPath};
 use crate::proxy::{CacheStatus, Mirror, MirrorConfig, Upstreams};
-use crate::serve::{Backend, BoxError, ServeOptions, build_local, upstreams_from};
+use crate::serve::{Backend, BoxError, build_local, upstreams_from};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
 
@@ -35,15 +35,7 @@ pub fn init_logging() {
 /// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
     if settings.storage == StorageKind::Local {
-        let opts = ServeOptions {
-            backend: Backend::Local(settings.data.clone()),
-            upstreams: settings.mirror.upstreams.clone(),
-            credentials: settings.mirror.credentials.clone(),
-            credentials_secret: settings.mirror.credentials_secret.clone(),
-            mirror: settings.mirror.mirror_config(),
-            fetch_concurrency: settings.mirror.fetch_concurrency,
-            access: settings.access.policy()?,
-        };
+        let opts = settings.mirror.serve_options(Backend::Local(settings.data.clone()), settings.access.policy()?);
         let (router, mirror) = build_local(&opts).await?;
         return Ok((with_metrics(router, mirror.clone()), mirror));
     }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hubcap::config::{AccessArgs, AwsArgs, MirrorArgs, StorageArgs, StorageKind};
-use hubcap::serve::{self, Backend, ServeOptions};
+use hubcap::serve::{self, Backend};
 
 #[derive(Parser)]
 #[command(name = "hubcap", version, about = "A pull-through mirror for Docker Hub and other OCI registries")]
@@ -128,15 +128,7 @@ fn backend(args: &StorageArgs) -> Result<Backend, serve::BoxError> {
 }
 
 async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
-    let opts = ServeOptions {
-        backend: backend(&args.storage)?,
-        upstreams: args.mirror.upstreams.clone(),
-        credentials: args.mirror.credentials.clone(),
-        credentials_secret: args.mirror.credentials_secret.clone(),
-        mirror: args.mirror.mirror_config(),
-        fetch_concurrency: args.mirror.fetch_concurrency,
-        access: args.access.policy()?,
-    };
+    let opts = args.mirror.serve_options(backend(&args.storage)?, args.access.policy()?);
     let (router, mirror) = serve::build_local(&opts).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
@@ -146,15 +138,7 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
 }
 
 async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
-    let opts = ServeOptions {
-        backend: backend(&args.storage)?,
-        upstreams: args.mirror.upstreams.clone(),
-        credentials: args.mirror.credentials.clone(),
-        credentials_secret: args.mirror.credentials_secret.clone(),
-        mirror: args.mirror.mirror_config(),
-        fetch_concurrency: args.mirror.fetch_concurrency,
-        access: Default::default(),
-    };
+    let opts = args.mirror.serve_options(backend(&args.storage)?, Default::default());
     let (_, mirror) = serve::build_local(&opts).await?;
     let mut failed = 0;
     for image in &args.images {
