@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LOCATION};
 
-use crate::oci::{Digest, MANIFEST_TYPES};
+use crate::oci::{Digest, MANIFEST_TYPES, split_image};
 
 pub struct CheckOptions {
     pub url: String,
@@ -75,13 +75,8 @@ async fn run(opts: &CheckOptions, base: &str) -> Result<String, String> {
     }
     println!("ok    GET /v2/  {}", step.ms());
 
-    let (repo, reference) = match opts.image.rsplit_once('@') {
-        Some((r, d)) => (r.to_owned(), d.to_owned()),
-        None => match opts.image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((r, t)) => (r.to_owned(), t.to_owned()),
-            None => (opts.image.clone(), "latest".to_owned()),
-        },
-    };
+    let (repo, reference) = split_image(&opts.image);
+    let (repo, reference) = (repo.to_owned(), reference.to_owned());
     let get_manifest = |reference: String| {
         let (mirror, base, repo) = (mirror.clone(), base.to_owned(), repo.clone());
         async move {

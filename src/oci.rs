@@ -279,6 +279,19 @@ fn valid_component(c: &str) -> bool {
     true
 }
 
+/// Splits an image reference `name[:tag|@digest]` into the name and the
+/// reference (`latest` when none is given). A `:` inside the name (a
+/// registry port, `localhost:5000/x`) is not taken for a tag.
+pub fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once('@') {
+        Some((name, digest)) => (name, digest),
+        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((name, tag)) => (name, tag),
+            None => (image, "latest"),
+        },
+    }
+}
+
 /// What a manifest request names: a mutable tag or an immutable digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reference {
@@ -489,6 +502,16 @@ mod tests {
         }
         let e = Digest::parse(&format!("sha512:{}", "a".repeat(128))).unwrap_err();
         assert!(e.message.contains("unsupported digest algorithm"));
+    }
+
+    #[test]
+    fn image_references_split_into_name_and_reference() {
+        assert_eq!(split_image("alpine"), ("alpine", "latest"));
+        assert_eq!(split_image("library/alpine:3.20"), ("library/alpine", "3.20"));
+        assert_eq!(split_image("localhost:5000/x"), ("localhost:5000/x", "latest"));
+        assert_eq!(split_image("localhost:5000/x:1"), ("localhost:5000/x", "1"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(split_image(&format!("ghcr.io/o/i@{d}")), ("ghcr.io/o/i", d.as_str()));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! manifests of an index (all, or those named by `--platform os/arch`), and
 //! every config and layer, each verified on the way in.
 
-use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
+use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath, split_image};
 use crate::proxy::{BlobAnswer, Mirror};
 
 /// What warming one image brought into the cache.
@@ -16,14 +16,8 @@ pub struct Warmed {
 
 /// Splits `[registry/]name[:tag|@digest]` (tag `latest` when absent).
 pub fn parse_image(image: &str) -> Result<(RepoPath, Reference), RegistryError> {
-    let (name, reference) = match image.rsplit_once('@') {
-        Some((n, d)) => (n, d.to_owned()),
-        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, t.to_owned()),
-            None => (image, "latest".to_owned()),
-        },
-    };
-    Ok((RepoPath::resolve(name, None)?, Reference::parse(&reference)?))
+    let (name, reference) = split_image(image);
+    Ok((RepoPath::resolve(name, None)?, Reference::parse(reference)?))
 }
 
 /// Whether an index entry's platform is wanted (`os/arch[/variant]`).
