@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published, sha256};
-use common::moto::{CountingProxy, Moto, StreamPump, storage_at};
+use common::moto::{CountingProxy, Moto, StreamPump, aws_json, storage_at};
 use common::procs::{Proc, free_port, run, wait_ready};
 use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_manifest, pull};
 use hubcap::fetch::Fetcher;
@@ -250,19 +250,6 @@ async fn the_sample_events_run_through_the_handlers() {
     assert_eq!(scheduled.detail_type, "Scheduled Event");
 }
 
-/// The registries.conf mirror for docker.io, pointing at `host`.
-fn registries_conf(dir: &Path, host: &str) -> std::path::PathBuf {
-    let path = dir.join("registries.conf");
-    std::fs::write(
-        &path,
-        format!(
-            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{host}\"\ninsecure = true\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// cargo lambda's emulator of the Lambda control plane and Function URLs,
 /// running the `api` binary this test build made. Returns the emulator, the
 /// function, its URL and port.
@@ -365,9 +352,8 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
     .await;
     assert!(out.contains("\"statusCode\":200") || out.contains("\"statusCode\": 200"), "{out}");
 
-    let conf = registries_conf(d, &format!("127.0.0.1:{port}"));
-    let policy = d.join("policy.json");
-    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    let conf = common::registries_conf(d, &format!("127.0.0.1:{port}"), "lambda");
+    let policy = common::skopeo_policy(d);
     let out_dir = d.join("pulled");
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy);
@@ -394,19 +380,14 @@ async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs
     let hub = FakeHub::start_with(Some(("fleet-bot", "dckr_pat_from_secret"))).await;
     hub.publish("library/private-ish", "1", &Published::Image(images::small_image(Format::Oci, "amd64", 209, 1)));
     let moto = Moto::start().await;
-    let resp = reqwest::Client::new()
-        .post(&moto.url)
-        .header("x-amz-target", "secretsmanager.CreateSecret")
-        .header("content-type", "application/x-amz-json-1.1")
-        .header(
-            "authorization",
-            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/secretsmanager/aws4_request, SignedHeaders=host, Signature=0",
-        )
-        .body(r#"{"Name":"hubcap/dockerhub","SecretString":"{\"username\":\"fleet-bot\",\"password\":\"dckr_pat_from_secret\"}"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let secret = serde_json::json!({ "username": "fleet-bot", "password": "dckr_pat_from_secret" }).to_string();
+    aws_json(
+        &moto.url,
+        "secretsmanager",
+        "secretsmanager.CreateSecret",
+        &serde_json::json!({ "Name": "hubcap/dockerhub", "SecretString": secret }),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
@@ -452,19 +433,7 @@ async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
         "UpdateExpression": "SET updated_at = :old",
         "ExpressionAttributeValues": { ":old": { "N": (hubcap::storage::now() - 120).to_string() } },
     });
-    let resp = reqwest::Client::new()
-        .post(&moto.url)
-        .header("x-amz-target", "DynamoDB_20120810.UpdateItem")
-        .header("content-type", "application/x-amz-json-1.0")
-        .header(
-            "authorization",
-            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=0",
-        )
-        .body(aged.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
+    aws_json(&moto.url, "dynamodb", "DynamoDB_20120810.UpdateItem", &aged).await;
     pump.poll().await; // the ageing edit is a stream record too: drop it, as a lost one
 
     // A client asks for it: the mirror re-queues it, and the stream carries it again.

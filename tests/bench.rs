@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::images::{self, Format, Published};
 use common::procs::{Proc, free_port, wait_ready};
+use common::registries_conf;
 
 struct Mode {
     full: bool,
@@ -174,19 +175,6 @@ fn parse_latency(s: &str) -> f64 {
     }
 }
 
-fn registries_conf(dir: &Path, mirror: &str, name: &str) -> PathBuf {
-    let path = dir.join(format!("registries-{name}.conf"));
-    std::fs::write(
-        &path,
-        format!(
-            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
-            mirror.trim_start_matches("http://")
-        ),
-    )
-    .unwrap();
-    path
-}
-
 async fn skopeo_pull(dir: &Path, conf: &Path, image: &str, out: &str) -> f64 {
     try_skopeo_pull(dir, conf, image, out).await.unwrap_or_else(|e| panic!("skopeo pull of {image} failed: {e}"))
 }
@@ -283,7 +271,7 @@ async fn benchmark() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("policy.json"), r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    common::skopeo_policy(d);
 
     // The upstream, with its access log on (to count what mirrors ask of it).
     let up_port = free_port();

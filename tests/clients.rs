@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::images::{self, Format, Published, sha256};
 use common::procs::{Proc, free_port, run, wait_ready};
+use common::{registries_conf, skopeo_policy};
 use std::process::Stdio;
 
 /// Debian's docker-registry on a loopback port, empty.
@@ -95,27 +96,6 @@ async fn world() -> World {
     World { dir, _registry: registry, mirror, mirror_url, images }
 }
 
-/// A registries.conf that sends docker.io to the mirror. The registry's own
-/// location is a closed loopback port: a fallback could never leave this host.
-fn registries_conf(dir: &Path, mirror_url: &str) -> PathBuf {
-    let host = mirror_url.trim_start_matches("http://");
-    let path = dir.join("registries.conf");
-    std::fs::write(
-        &path,
-        format!(
-            "unqualified-search-registries = [\"docker.io\"]\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{host}\"\ninsecure = true\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn policy(dir: &Path) -> PathBuf {
-    let path = dir.join("policy.json");
-    std::fs::write(&path, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
-    path
-}
-
 /// Every file named by a sha256 hex digest holds bytes that hash to it.
 fn verify_dir(dir: &Path) -> usize {
     let mut n = 0;
@@ -146,8 +126,8 @@ fn all_blob_digests(images: &[(&str, &str, Published)]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skopeo_pulls_through_a_registries_conf_mirror() {
     let w = world().await;
-    let conf = registries_conf(w.dir.path(), &w.mirror_url);
-    let policy = policy(w.dir.path());
+    let conf = registries_conf(w.dir.path(), &w.mirror_url, "mirror");
+    let policy = skopeo_policy(w.dir.path());
     for round in 0..2 {
         for (repo, tag, img) in &w.images {
             let out = w.dir.path().join(format!("skopeo-{round}-{}", repo.replace('/', "_")));
@@ -170,8 +150,8 @@ async fn skopeo_pulls_through_a_registries_conf_mirror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn podman_pulls_through_the_mirror() {
     let w = world().await;
-    let conf = registries_conf(w.dir.path(), &w.mirror_url);
-    let policy = policy(w.dir.path());
+    let conf = registries_conf(w.dir.path(), &w.mirror_url, "mirror");
+    let policy = skopeo_policy(w.dir.path());
     let root = w.dir.path().join("podman-root");
     let runroot = w.dir.path().join("podman-run");
     for (repo, tag, img) in &w.images {
@@ -284,8 +264,8 @@ async fn skopeo_sends_credentials_to_a_mirror_that_requires_them() {
     let img = Published::Image(images::small_image(Format::Oci, "amd64", 110, 2));
     images::push(&registry_url, "library/locked", "1", &img).await;
     let (mirror, url) = hubcap_with(dir.path(), &registry_url, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"]).await;
-    let conf = registries_conf(dir.path(), &url);
-    let policy = policy(dir.path());
+    let conf = registries_conf(dir.path(), &url, "mirror");
+    let policy = skopeo_policy(dir.path());
     let copy = |creds: Option<&str>, out: &str| {
         let mut cmd = tokio::process::Command::new("skopeo");
         cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy).args(["copy", "--retry-times", "0"]);

@@ -85,6 +85,30 @@ impl Hubcap {
     }
 }
 
+/// A registries.conf (containers-registries.conf(5), the code path of
+/// daemon.json's `registry-mirrors`) that sends docker.io to `mirror`
+/// (`http://host:port` or `host:port`). docker.io's own location is a closed
+/// loopback port: a fallback could never leave this host.
+pub fn registries_conf(dir: &Path, mirror: &str, name: &str) -> std::path::PathBuf {
+    let host = mirror.trim_start_matches("http://");
+    let path = dir.join(format!("registries-{name}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "unqualified-search-registries = [\"docker.io\"]\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{host}\"\ninsecure = true\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A signature policy that accepts the unsigned test images (`dir/policy.json`).
+pub fn skopeo_policy(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("policy.json");
+    std::fs::write(&path, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    path
+}
+
 /// A client that does not follow redirects, so 307s can be checked.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()

@@ -140,34 +140,43 @@ async fn forward(State(state): State<ProxyState>, req: Request) -> Response {
     out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
 }
 
+/// One call of an AWS JSON-protocol API (DynamoDB, DynamoDB Streams,
+/// Secrets Manager) straight to moto, which reads the service from the
+/// credential scope and checks no signature. Panics unless it succeeds.
+pub async fn aws_json(url: &str, service: &str, target: &str, body: &serde_json::Value) -> serde_json::Value {
+    let version = if service == "secretsmanager" { "1.1" } else { "1.0" };
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("x-amz-target", target)
+        .header("content-type", format!("application/x-amz-json-{version}"))
+        .header(
+            "authorization",
+            format!("AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"),
+        )
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.bytes().await.unwrap();
+    assert!(status.is_success(), "{target}: {status} {}", String::from_utf8_lossy(&bytes));
+    serde_json::from_slice(&bytes).unwrap_or_default()
+}
+
 /// Reads a table's DynamoDB Stream from moto, shard by shard.
 pub struct StreamPump {
     url: String,
     table: String,
-    http: reqwest::Client,
     iterators: HashMap<String, String>,
 }
 
 impl StreamPump {
     pub fn new(moto_url: &str, table: &str) -> StreamPump {
-        StreamPump { url: moto_url.to_owned(), table: table.to_owned(), http: reqwest::Client::new(), iterators: HashMap::new() }
+        StreamPump { url: moto_url.to_owned(), table: table.to_owned(), iterators: HashMap::new() }
     }
 
     async fn call(&self, target: &str, body: serde_json::Value) -> serde_json::Value {
-        let resp = self
-            .http
-            .post(&self.url)
-            .header("x-amz-target", target)
-            .header("content-type", "application/x-amz-json-1.0")
-            .header(
-                "authorization",
-                "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=0",
-            )
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
+        aws_json(&self.url, "dynamodb", target, &body).await
     }
 
     /// The records written since the last call, as the Lambda event the
