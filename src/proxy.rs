@@ -477,9 +477,11 @@ impl Mirror {
         if view.record.as_ref().is_some_and(|r| r.state == BlobState::Ready) {
             return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Hit));
         }
-        if !self.index.create_pending_blob(digest, &key, size).await? {
-            // Someone else's fetch: if it looks lost (a stream record that
-            // never arrived, a fetcher that died), queue it again.
+        // Someone else's fetch that looks lost (a stream record that never
+        // arrived, a fetcher that died) is queued again. Only a record last
+        // touched before the cut-off can be: a fresh one costs no write.
+        let looks_lost = view.record.as_ref().is_some_and(|r| now() - r.updated_at >= STALE_FETCH.as_secs() as i64);
+        if !self.index.create_pending_blob(digest, &key, size).await? && looks_lost {
             self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
         }
         self.start_fetch(repo, digest, size);
