@@ -44,7 +44,7 @@ fn hash(s: &str) -> [u8; 32] {
 /// A repository pattern: `*` matches any run of characters (`/` included).
 /// A pattern without a registry (first segment with no `.` or `:`) is a
 /// Docker Hub one: `library/*` means `docker.io/library/*`.
-fn normalise_pattern(p: &str) -> String {
+pub(crate) fn normalise_pattern(p: &str) -> String {
     let p = p.trim();
     match p.split_once('/') {
         Some((first, _)) if first.contains(['.', ':']) || first == "*" => p.to_owned(),
@@ -53,7 +53,7 @@ fn normalise_pattern(p: &str) -> String {
     }
 }
 
-fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();
     if parts.len() == 1 {
         return pattern == text;

@@ -68,6 +68,39 @@ impl MirrorArgs {
     }
 }
 
+/// Lifecycle: what GC keeps (`hubcap gc`, the `gc` Lambda, and the sweeps
+/// `hubcap serve` runs itself).
+#[derive(clap::Args, Clone, Debug)]
+pub struct GcArgs {
+    /// Images not pulled for this long expire (e.g. 30d, 12h).
+    #[arg(long, env = "HUBCAP_UNUSED_FOR", default_value = "30d", value_parser = crate::gc::parse_duration)]
+    pub unused_for: Duration,
+    /// Blobs nothing references any more are deleted once unused this long
+    /// (protects pulls in flight; keep it above 30m).
+    #[arg(long, env = "HUBCAP_GRACE", default_value = "1d", value_parser = crate::gc::parse_duration)]
+    pub grace: Duration,
+    /// Images that never expire: REPO[:TAG] patterns with `*` (library/* means
+    /// docker.io/library/*; without a tag, the whole repository).
+    #[arg(long = "pin", env = "HUBCAP_PINS", value_delimiter = ',')]
+    pub pins: Vec<String>,
+    /// Size cap: evict the least recently pulled images until the cache
+    /// fits (e.g. 500G).
+    #[arg(long, env = "HUBCAP_MAX_SIZE", value_parser = crate::gc::parse_size)]
+    pub max_size: Option<u64>,
+}
+
+impl GcArgs {
+    pub fn options(&self) -> Result<crate::gc::GcOptions, String> {
+        Ok(crate::gc::GcOptions {
+            unused_for: self.unused_for,
+            grace: self.grace,
+            pins: self.pins.iter().filter(|p| !p.trim().is_empty()).map(|p| crate::gc::Pin::parse(p)).collect::<Result<_, _>>()?,
+            max_bytes: self.max_size,
+            ..crate::gc::GcOptions::default()
+        })
+    }
+}
+
 /// Access control. Not `Debug`: it holds client secrets.
 #[derive(clap::Args, Clone)]
 pub struct AccessArgs {
@@ -157,6 +190,14 @@ pub struct LambdaSettings {
     /// Facts kept in the warm instance's in-memory cache, per kind.
     #[arg(long, env = "HUBCAP_MEMORY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub memory_cache_entries: usize,
+    #[command(flatten)]
+    pub gc: GcArgs,
+    /// Images the `gc` function's warm schedule caches (comma-separated).
+    #[arg(long, env = "HUBCAP_WARM_IMAGES", value_delimiter = ',')]
+    pub warm_images: Vec<String>,
+    /// Platforms those images are warmed for (os/arch, comma-separated; default all).
+    #[arg(long, env = "HUBCAP_WARM_PLATFORMS", value_delimiter = ',')]
+    pub warm_platforms: Vec<String>,
 }
 
 impl LambdaSettings {

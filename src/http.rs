@@ -148,9 +148,14 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     }
 }
 
-/// `GET /_hubcap/stats`: how requests were answered since start-up and what
-/// the mirror knows of its upstreams (JSON).
+/// `GET /_hubcap/stats`: what the cache holds and how it served (all
+/// instances, all time: see `stats::Report`), plus this instance's counts
+/// since start-up and what it knows of its upstreams (JSON).
 async fn stats(State(state): State<AppState>) -> Response {
+    let report = match state.mirror.report().await {
+        Ok(r) => r,
+        Err(e) => return RegistryError::from(e).into_response(),
+    };
     let upstreams: Vec<serde_json::Value> = state
         .mirror
         .upstreams()
@@ -159,17 +164,11 @@ async fn stats(State(state): State<AppState>) -> Response {
             serde_json::json!({ "registry": u.registry, "requests": u.requests(), "rate_limited": u.rate_limited(), "ratelimit_remaining": u.ratelimit_remaining() })
         })
         .collect();
-    let counts = state.mirror.counters().snapshot();
-    let get = |k: &str| counts.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
-    let served = get("hit") + get("stale") + get("revalidated");
-    let answered = served + get("miss");
-    let body = serde_json::json!({
-        "requests": counts.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-        // Cached answers: every one is an upstream GET saved (a re-validation costs only an uncounted HEAD).
-        "upstream_gets_saved": served,
-        "hit_ratio": if answered == 0 { serde_json::Value::Null } else { serde_json::json!(served as f64 / answered as f64) },
-        "upstreams": upstreams,
-    });
+    let mut body = serde_json::to_value(&report).unwrap_or_default();
+    let since: serde_json::Map<_, _> =
+        state.mirror.counters().snapshot().iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    body["since_start"] = serde_json::json!({ "requests": since });
+    body["upstreams"] = serde_json::json!(upstreams);
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
@@ -190,6 +189,15 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     out.push_str("# HELP hubcap_upstream_rate_limited_total 429 answers from each upstream registry.\n# TYPE hubcap_upstream_rate_limited_total counter\n");
     for u in state.mirror.upstreams().iter() {
         let _ = writeln!(out, "hubcap_upstream_rate_limited_total{{registry=\"{}\"}} {}", u.registry, u.rate_limited());
+    }
+    if let Ok(r) = state.mirror.report().await {
+        let c = &r.cache;
+        out.push_str("# HELP hubcap_cache_images Images in the cache.\n# TYPE hubcap_cache_images gauge\n");
+        let _ = writeln!(out, "hubcap_cache_images {}", c.images);
+        out.push_str("# HELP hubcap_cache_bytes Bytes of blobs in the cache.\n# TYPE hubcap_cache_bytes gauge\n");
+        let _ = writeln!(out, "hubcap_cache_bytes {}", c.bytes);
+        out.push_str("# HELP hubcap_cache_blobs Blobs in the cache.\n# TYPE hubcap_cache_blobs gauge\n");
+        let _ = writeln!(out, "hubcap_cache_blobs {}", c.blobs);
     }
     out.push_str("# HELP hubcap_upstream_ratelimit_remaining The last ratelimit-remaining an upstream reported.\n# TYPE hubcap_upstream_ratelimit_remaining gauge\n");
     for u in state.mirror.upstreams().iter() {

@@ -3,7 +3,8 @@
 //! fetch queue; this module only adapts Lambda's request context to it (the
 //! API Gateway stage prefix, the client's source IP). The `fetcher` function
 //! turns DynamoDB Stream records of pending blobs into `Fetcher::fetch` calls
-//! and reports partial batch failures.
+//! and reports partial batch failures. The `gc` function runs `maintenance`:
+//! a lifecycle sweep, or the warm list.
 
 use std::sync::Arc;
 
@@ -87,7 +88,67 @@ async fn emit_request_metrics(
     ];
     metrics.extend(state.1.take(state.0.upstreams()));
     println!("{}", emf_line("api", &metrics));
+    // A warm instance adds its counts to the stored statistics about once a minute.
+    state.0.flush_stats_every(STATS_FLUSH_EVERY).await;
     resp
+}
+
+/// How often an `api` instance stores its request statistics.
+const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What the `gc` function does with one event: `{"action": "warm"}` caches
+/// `HUBCAP_WARM_IMAGES`; anything else (the schedule's own event) runs a
+/// GC sweep that stops 30 s before `remaining` runs out.
+pub async fn maintenance(
+    settings: &LambdaSettings,
+    event: &serde_json::Value,
+    remaining: std::time::Duration,
+) -> Result<serde_json::Value, BoxError> {
+    let backend = match settings.storage {
+        StorageKind::Local => Backend::Local(settings.data.clone()),
+        StorageKind::Aws => Backend::Aws(Box::new(settings.aws.storage()?)),
+    };
+    if event.get("action").and_then(|a| a.as_str()) == Some("warm") {
+        let opts = settings.mirror.serve_options(backend, AccessPolicy::default());
+        let (_, mirror) = build_local(&opts).await?;
+        let mut warmed = Vec::new();
+        let mut failed = Vec::new();
+        for image in settings.warm_images.iter().filter(|i| !i.trim().is_empty()) {
+            match crate::warm::warm(&mirror, image.trim(), &settings.warm_platforms).await {
+                Ok(w) => {
+                    tracing::info!(image, manifests = w.manifests, blobs = w.blobs, bytes = w.bytes, "warmed");
+                    warmed.push(image.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(image, error = %e, "warm failed");
+                    failed.push(image.clone());
+                }
+            }
+        }
+        mirror.flush_stats().await?;
+        return Ok(serde_json::json!({ "warmed": warmed, "failed": failed }));
+    }
+    let mut opts = settings.gc.options()?;
+    opts.deadline = Some(std::time::Instant::now() + remaining.saturating_sub(std::time::Duration::from_secs(30)));
+    let (index, store, _) = crate::serve::open_backend(&backend, std::time::Duration::ZERO).await?;
+    let report = crate::gc::run(index.as_ref(), store.as_ref(), &opts).await?;
+    tracing::info!(
+        expired = report.expired.len(),
+        deleted_manifests = report.deleted_manifests,
+        deleted_blobs = report.deleted_blobs,
+        reclaimed_bytes = report.reclaimed_bytes,
+        complete = report.complete,
+        "gc"
+    );
+    let m = [
+        ("ImagesExpired", report.expired.len() as f64, "Count"),
+        ("BlobsDeleted", report.deleted_blobs as f64, "Count"),
+        ("BytesReclaimed", report.reclaimed_bytes as f64, "Bytes"),
+        ("CachedBytes", report.before.bytes as f64, "Bytes"),
+        ("CachedImages", report.before.images as f64, "Count"),
+    ];
+    println!("{}", emf_line("gc", &m));
+    Ok(serde_json::to_value(&report)?)
 }
 
 /// The `fetcher` function's worker.

@@ -21,6 +21,9 @@
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
 //! - `metrics`: CloudWatch Embedded Metric Format records for the Lambdas.
 //! - `warm`: `hubcap warm`, caching images ahead of time.
+//! - `gc`: lifecycle: which images expire, the safe sweep that removes them
+//!   and their blobs, and the inventory `hubcap stats` reports.
+//! - `stats`: the statistics report (`hubcap stats`, `/_hubcap/stats`).
 //!
 //! Controllers call services; services never call controllers.
 
@@ -28,6 +31,7 @@ pub mod access;
 pub mod check;
 pub mod config;
 pub mod fetch;
+pub mod gc;
 pub mod http;
 pub mod lambda;
 pub mod metrics;
@@ -35,6 +39,7 @@ pub mod oci;
 pub mod proxy;
 pub mod secrets;
 pub mod serve;
+pub mod stats;
 pub mod storage;
 pub mod upstream;
 pub mod warm;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::config::{AccessArgs, AwsArgs, MirrorArgs, StorageArgs, StorageKind};
+use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs, StorageKind};
 use hubcap::serve::{self, Backend};
 
 #[derive(Parser)]
@@ -35,6 +35,42 @@ enum Command {
     /// Cache images (manifests and every layer) ahead of time, with no
     /// server running, through the same code path as a pull.
     Warm(Box<WarmArgs>),
+    /// Expire images not pulled for a while and delete the blobs nothing
+    /// references any more (after a grace period); safe while mirrors serve.
+    Gc(Box<GcCmdArgs>),
+    /// What the cache holds and how it served: images, bytes, hit ratio,
+    /// upstream requests saved, the last ratelimit-remaining, the oldest and
+    /// least recently pulled images.
+    Stats(Box<StatsArgs>),
+}
+
+#[derive(clap::Args)]
+struct GcCmdArgs {
+    /// List what would go and the bytes it would reclaim; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many writes (the next run finishes the sweep).
+    #[arg(long)]
+    max_writes: Option<u64>,
+    /// Stop after this long (e.g. 10m); the next run finishes the sweep.
+    #[arg(long, value_parser = hubcap::gc::parse_duration)]
+    max_time: Option<std::time::Duration>,
+    #[command(flatten)]
+    gc: GcArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 #[derive(clap::Args)]
@@ -77,6 +113,12 @@ struct ServeArgs {
     mirror: MirrorArgs,
     #[command(flatten)]
     access: AccessArgs,
+    /// How often the server runs GC itself (e.g. 1h; 0: never, leave it to
+    /// `hubcap gc` or the gc Lambda).
+    #[arg(long, env = "HUBCAP_GC_INTERVAL", default_value = "1h", value_parser = hubcap::gc::parse_duration)]
+    gc_interval: std::time::Duration,
+    #[command(flatten)]
+    gc: GcArgs,
 }
 
 fn init_logging(format: LogFormat) {
@@ -97,6 +139,8 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve_cmd(*args).await,
         Command::AwsSetup(args) => aws_setup(args).await,
         Command::Warm(args) => warm_cmd(*args).await,
+        Command::Gc(args) => gc_cmd(*args).await,
+        Command::Stats(args) => stats_cmd(*args).await,
         Command::Check(args) => {
             let opts = hubcap::check::CheckOptions {
                 url: args.url,
@@ -129,20 +173,66 @@ fn backend(args: &StorageArgs) -> Result<Backend, serve::BoxError> {
 
 async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
     let opts = args.mirror.serve_options(backend(&args.storage)?, args.access.policy()?);
+    let gc = args.gc.options()?;
     let (router, mirror) = serve::build_local(&opts).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
+    let background = serve::spawn_maintenance(mirror.clone(), gc, args.gc_interval);
     serve::run(listener, router, serve::shutdown_signal()).await?;
+    background.abort();
+    mirror.flush_stats().await?;
+    Ok(())
+}
+
+async fn gc_cmd(args: GcCmdArgs) -> Result<(), serve::BoxError> {
+    let mut opts = args.gc.options()?;
+    opts.dry_run = args.dry_run;
+    opts.max_writes = args.max_writes;
+    opts.deadline = args.max_time.map(|t| std::time::Instant::now() + t);
+    warn_short_grace(&opts);
+    let (index, store, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
+    let report = hubcap::gc::run(index.as_ref(), store.as_ref(), &opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", hubcap::gc::render(&report));
+    }
+    Ok(())
+}
+
+/// Pulls in flight hold blob URLs for up to --url-ttl (15m) and mark blobs
+/// used at most every 10m: a shorter grace can fail them.
+fn warn_short_grace(opts: &hubcap::gc::GcOptions) {
+    if opts.grace < std::time::Duration::from_secs(30 * 60) && !opts.dry_run {
+        tracing::warn!(grace = ?opts.grace, "a grace period under 30m can delete blobs of pulls in flight");
+    }
+}
+
+async fn stats_cmd(args: StatsArgs) -> Result<(), serve::BoxError> {
+    let (index, _, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
+    let inventory = hubcap::gc::inventory(index.as_ref()).await?;
+    let report = hubcap::stats::report(inventory, &index.stats().await?);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", hubcap::stats::render(&report, hubcap::storage::now()));
+    }
     Ok(())
 }
 
 async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
     let opts = args.mirror.serve_options(backend(&args.storage)?, Default::default());
     let (_, mirror) = serve::build_local(&opts).await?;
+    let failed = warm_all(&mirror, &args.images, &args.platforms).await;
+    mirror.flush_stats().await?;
+    if failed > 0 { Err(format!("{failed} of {} images could not be warmed", args.images.len()).into()) } else { Ok(()) }
+}
+
+async fn warm_all(mirror: &hubcap::proxy::Mirror, images: &[String], platforms: &[String]) -> usize {
     let mut failed = 0;
-    for image in &args.images {
-        match hubcap::warm::warm(&mirror, image, &args.platforms).await {
+    for image in images {
+        match hubcap::warm::warm(mirror, image, platforms).await {
             Ok(w) => println!("warmed {image}: {} manifests, {} blobs, {:.1} MiB", w.manifests, w.blobs, w.bytes as f64 / 1048576.0),
             Err(e) => {
                 failed += 1;
@@ -150,7 +240,7 @@ async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
             }
         }
     }
-    if failed > 0 { Err(format!("{failed} of {} images could not be warmed", args.images.len()).into()) } else { Ok(()) }
+    failed
 }
 
 async fn aws_setup(args: AwsArgs) -> Result<(), serve::BoxError> {

@@ -9,15 +9,19 @@
 //!   served (stale-if-error);
 //! - content is served for a repository only once that repository is known
 //!   to contain it (a link), so nothing cached for one leaks into another;
-//! - concurrent misses of the same thing make one upstream request.
+//! - concurrent misses of the same thing make one upstream request;
+//! - what is served is marked pulled (tags, manifests) or used (blobs) in
+//!   the index, at most once per `touch_every`, for GC; a blob whose mark
+//!   fails is being deleted by GC and is fetched again instead of served.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::fetch::{FetchJob, FetchQueue, WaitOutcome};
+use crate::gc::Inventory;
 use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryError, RepoPath, parse_manifest};
-use crate::storage::{BlobState, BlobStore, Index, ManifestRecord, StorageError, TagRecord, now};
+use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, StoredStats, TagRecord, now};
 use crate::upstream::{Retry, TagsPage, Upstream, UpstreamError};
 
 /// A blob `pending` this long without a fetcher taking it is re-queued.
@@ -36,6 +40,9 @@ pub struct MirrorConfig {
     /// How long the mirror stops asking an upstream that just failed a
     /// re-validation; meanwhile cached tags are served at once.
     pub upstream_backoff: Duration,
+    /// Pulls and blob use are written to the index at most this often per
+    /// item. GC's grace must exceed it plus `url_ttl`.
+    pub touch_every: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -46,6 +53,7 @@ impl Default for MirrorConfig {
             url_ttl: Duration::from_secs(900),
             revalidate_timeout: Duration::from_secs(3),
             upstream_backoff: Duration::from_secs(10),
+            touch_every: Duration::from_secs(600),
         }
     }
 }
@@ -188,7 +196,14 @@ pub struct Mirror {
     cfg: MirrorConfig,
     flights: Flights,
     counters: Counters,
+    /// What was last added to the stored statistics, and when.
+    flushed: tokio::sync::Mutex<(StoredStats, Instant)>,
+    /// The last inventory read for the statistics, and when.
+    inventory: tokio::sync::Mutex<Option<(Instant, Inventory)>>,
 }
+
+/// How long an inventory read for `/_hubcap/stats` is reused.
+const INVENTORY_TTL: Duration = Duration::from_secs(60);
 
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
@@ -228,7 +243,123 @@ impl Mirror {
         upstreams: Arc<Upstreams>,
         cfg: MirrorConfig,
     ) -> Mirror {
-        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), counters: Counters::default() }
+        let flushed = tokio::sync::Mutex::new((StoredStats::default(), Instant::now()));
+        let inventory = tokio::sync::Mutex::new(None);
+        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), counters: Counters::default(), flushed, inventory }
+    }
+
+    pub fn index(&self) -> &Arc<dyn Index> {
+        &self.index
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &MirrorConfig {
+        &self.cfg
+    }
+
+    /// What the cache holds and how it served, for `/_hubcap/stats`: the
+    /// inventory is read at most once a minute.
+    pub async fn report(&self) -> Result<crate::stats::Report, StorageError> {
+        let inventory = {
+            let mut cached = self.inventory.lock().await;
+            match cached.as_ref() {
+                Some((at, inv)) if at.elapsed() < INVENTORY_TTL => inv.clone(),
+                _ => {
+                    let inv = crate::gc::inventory(self.index.as_ref()).await?;
+                    *cached = Some((Instant::now(), inv.clone()));
+                    inv
+                }
+            }
+        };
+        Ok(crate::stats::report(inventory, &self.stats().await?))
+    }
+
+    /// The counters as the stored statistics count them (totals since start).
+    fn stats_totals(&self) -> StoredStats {
+        let mut out = StoredStats::default();
+        for (k, v) in self.counters.snapshot() {
+            out.counters.insert(k.to_owned(), v);
+        }
+        let (requests, limited) = self.upstreams.iter().fold((0, 0), |(r, l), u| (r + u.requests(), l + u.rate_limited()));
+        out.counters.insert("upstream_requests".into(), requests);
+        out.counters.insert("upstream_rate_limited".into(), limited);
+        let mut ups: Vec<_> = self.upstreams.iter().collect();
+        ups.sort_by_key(|u| u.registry != crate::oci::DOCKER_HUB);
+        out.ratelimit_remaining = ups.iter().find_map(|u| u.ratelimit_remaining()).map(|n| (n, now()));
+        out
+    }
+
+    /// Adds what was counted since the last flush to the stored statistics.
+    pub async fn flush_stats(&self) -> Result<(), StorageError> {
+        let mut last = self.flushed.lock().await;
+        let totals = self.stats_totals();
+        let mut delta = StoredStats::default();
+        for (k, v) in &totals.counters {
+            let d = v.saturating_sub(last.0.counters.get(k).copied().unwrap_or(0));
+            if d > 0 {
+                delta.counters.insert(k.clone(), d);
+            }
+        }
+        delta.ratelimit_remaining = totals.ratelimit_remaining.filter(|(n, _)| last.0.ratelimit_remaining.map(|(m, _)| m) != Some(*n));
+        if !delta.counters.is_empty() || delta.ratelimit_remaining.is_some() {
+            self.index.add_stats(&delta).await?;
+        }
+        *last = (totals, Instant::now());
+        Ok(())
+    }
+
+    /// `flush_stats`, when the last flush is at least `every` old.
+    pub async fn flush_stats_every(&self, every: Duration) {
+        if self.flushed.lock().await.1.elapsed() < every {
+            return;
+        }
+        if let Err(e) = self.flush_stats().await {
+            tracing::warn!(error = %e, "could not store request statistics");
+        }
+    }
+
+    /// The stored statistics plus what this instance counted since its last flush.
+    pub async fn stats(&self) -> Result<StoredStats, StorageError> {
+        let mut stored = self.index.stats().await?;
+        let last = self.flushed.lock().await;
+        for (k, v) in self.stats_totals().counters {
+            let unflushed = v.saturating_sub(last.0.counters.get(&k).copied().unwrap_or(0));
+            *stored.counters.entry(k).or_default() += unflushed;
+        }
+        if let Some(r) = self.stats_totals().ratelimit_remaining {
+            stored.ratelimit_remaining = Some(r);
+        }
+        Ok(stored)
+    }
+
+    fn stale_mark(&self, at: i64) -> bool {
+        now() - at >= self.cfg.touch_every.as_secs() as i64
+    }
+
+    /// Records a pull of a tag, at most once per `touch_every`. A failure to
+    /// record it never fails the pull.
+    async fn tag_pulled(&self, t: &TagRecord) {
+        if self.stale_mark(t.pulled_at)
+            && let Err(e) = self.index.tag_pulled(&t.repo, &t.tag, &t.variant).await
+        {
+            tracing::warn!(repo = %t.repo, tag = %t.tag, error = %e, "could not record a pull");
+        }
+    }
+
+    /// Whether a blob the index says is ready may be served: it may when it
+    /// was marked used within `touch_every`, or when marking it now works
+    /// (it fails once GC has started deleting it).
+    async fn still_ready(&self, repo: &str, r: &BlobRecord) -> Result<bool, RegistryError> {
+        if r.state != BlobState::Ready {
+            return Ok(false);
+        }
+        if !self.stale_mark(r.used_at) {
+            return Ok(true);
+        }
+        Ok(self.index.touch_blob(&r.digest, Some(repo)).await?)
     }
 
     pub fn upstreams(&self) -> &Upstreams {
@@ -288,17 +419,28 @@ impl Mirror {
         let key = repo.key();
         let found = self.index.manifest(&key, digest).await?;
         let (m, status) = match found.record {
-            Some(m) if found.linked => (m, CacheStatus::Hit),
+            Some(m) if found.linked => {
+                if self.stale_mark(found.pulled_at)
+                    && let Err(e) = self.index.manifest_pulled(&key, digest).await
+                {
+                    tracing::warn!(repo = %repo, %digest, error = %e, "could not record a pull");
+                }
+                (m, CacheStatus::Hit)
+            }
             _ => {
                 let _flight = self.flights.lock(format!("m {key}@{digest}")).await;
                 let found = self.index.manifest(&key, digest).await?;
                 match found.record {
                     Some(m) if found.linked => (m, CacheStatus::Hit),
                     Some(m) => {
-                        // Cached from another repository: confirm this one has it.
+                        // Cached from another repository: confirm this one
+                        // has it, then store it as this repository's too.
                         let upstream = self.upstreams.get(&repo.registry)?;
                         match upstream.head_manifest(repo, digest.as_str(), &Accept::all().upstream_types(), Retry::FETCH).await {
-                            Ok(Some(_)) => self.index.link(&key, digest).await?,
+                            Ok(Some(_)) => {
+                                let info = parse_manifest(&m.body, Some(&m.media_type))?;
+                                self.store_manifest(repo, &m, &info).await?;
+                            }
                             Ok(None) => return Err(RegistryError::code(ErrorCode::ManifestUnknown)),
                             Err(e) => return Err(upstream_error(e, repo, ErrorCode::ManifestUnknown)),
                         }
@@ -329,6 +471,7 @@ impl Mirror {
         if let Some((t, Some(m))) = self.index.tag_manifest(&key, tag, &variant).await?
             && self.tag_is_fresh(&t)
         {
+            self.tag_pulled(&t).await;
             return Ok((m, CacheStatus::Hit));
         }
         let _flight = self.flights.lock(format!("t {key}:{tag}#{variant}")).await;
@@ -339,6 +482,7 @@ impl Mirror {
         let upstream = self.upstreams.get(&repo.registry)?;
         let types = accept.upstream_types();
         if let Some((t, m)) = cached {
+            self.tag_pulled(&t).await;
             if self.tag_is_fresh(&t) {
                 // Re-validated by the request we waited for.
                 return Ok((m, CacheStatus::Hit));
@@ -396,6 +540,7 @@ impl Mirror {
             digest: m.digest.clone(),
             media_type: m.media_type.clone(),
             checked_at: now(),
+            pulled_at: now(),
         };
         Ok(self.index.put_tag(&record, m).await?)
     }
@@ -474,7 +619,9 @@ impl Mirror {
         if !view.linked {
             size = Some(self.confirm_link(repo, digest).await?);
         }
-        if view.record.as_ref().is_some_and(|r| r.state == BlobState::Ready) {
+        if let Some(r) = &view.record
+            && self.still_ready(&key, r).await?
+        {
             return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Hit));
         }
         // Someone else's fetch that looks lost (a stream record that never
@@ -505,6 +652,13 @@ impl Mirror {
                     let code = if why.contains("not found upstream") { ErrorCode::BlobUnknown } else { ErrorCode::Unavailable };
                     return Err(RegistryError::new(code, format!("fetching {digest} from {} failed", repo.registry)).with_internal(why));
                 }
+                // GC deleted it meanwhile (or is deleting it): fetch it again
+                // once the record is gone or GC's lease has run out.
+                None | Some(BlobRecord { state: BlobState::Deleting, .. })
+                    if self.index.create_pending_blob(digest, &key, size).await? =>
+                {
+                    self.start_fetch(repo, digest, size);
+                }
                 _ if Instant::now() + poll >= deadline => return Ok((BlobAnswer::Pending, CacheStatus::Miss)),
                 _ => {
                     tokio::time::sleep(poll).await;
@@ -519,7 +673,10 @@ impl Mirror {
     pub async fn blob_size(&self, repo: &RepoPath, digest: &Digest) -> Result<(u64, CacheStatus), RegistryError> {
         let key = repo.key();
         let view = self.index.blob(&key, digest).await?;
-        let ready = view.record.as_ref().filter(|r| r.state == BlobState::Ready).and_then(|r| r.size);
+        let ready = match &view.record {
+            Some(r) if self.still_ready(&key, r).await? => r.size,
+            _ => None,
+        };
         if let (true, Some(size)) = (view.linked, ready) {
             return Ok((size, CacheStatus::Hit));
         }

@@ -182,6 +182,35 @@ pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), B
     Ok((router, mirror))
 }
 
+/// How often a server adds its request counts to the stored statistics.
+pub const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The server's background work: storing its request statistics, and a GC
+/// sweep every `gc_interval` (none when zero), the first a minute after start.
+pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut next_gc = (!gc_interval.is_zero()).then(|| start + gc_interval.min(std::time::Duration::from_secs(60)));
+        loop {
+            tokio::time::sleep(STATS_FLUSH_EVERY).await;
+            mirror.flush_stats_every(STATS_FLUSH_EVERY).await;
+            if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                next_gc = Some(tokio::time::Instant::now() + gc_interval);
+                match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
+                    Ok(r) => tracing::info!(
+                        expired = r.expired.len(),
+                        deleted_blobs = r.deleted_blobs,
+                        reclaimed_bytes = r.reclaimed_bytes,
+                        complete = r.complete,
+                        "gc"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "gc failed; the next sweep retries"),
+                }
+            }
+        }
+    })
+}
+
 /// Serves `router` on an already bound listener until `shutdown` resolves,
 /// then lets in-flight requests finish.
 pub async fn run(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {

@@ -1,15 +1,24 @@
-//! The `gc` Lambda, run on a schedule. Expiring stale images arrives with
-//! the lifecycle work; until then it only records that it ran.
+//! The `gc` Lambda, run on a schedule: a lifecycle sweep (expire images not
+//! pulled for a while, delete blobs nothing references after the grace
+//! period), stopping cleanly before its own timeout so the next run
+//! finishes. An event `{"action": "warm"}` (the optional warm schedule)
+//! caches the configured base images instead.
 
-use aws_lambda_events::event::eventbridge::EventBridgeEvent;
+use hubcap::config::LambdaSettings;
 use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     hubcap::lambda::init_logging();
-    lambda_runtime::run(service_fn(|event: LambdaEvent<EventBridgeEvent>| async move {
-        tracing::info!(time = ?event.payload.time, "gc: nothing to expire yet (lifecycle not enabled)");
-        Ok::<_, lambda_runtime::Error>(())
+    let settings = LambdaSettings::from_env()?;
+    let settings = &settings;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        let remaining = std::time::Duration::from_millis(event.context.deadline.saturating_sub(now_ms()));
+        hubcap::lambda::maintenance(settings, &event.payload, remaining).await
     }))
     .await
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -13,15 +13,20 @@
 //!
 //! | item | pk | sk | attributes |
 //! |---|---|---|---|
-//! | blob | `blob#<digest>` | `blob` | `state` (pending/fetching/ready/failed), `size`, `source` (`registry/repo` to fetch from), `attempts`, `lease_until`, `last_error`, `updated_at` |
+//! | blob | `blob#<digest>` | `blob` | `state` (pending/fetching/ready/failed/deleting), `size`, `source` (`registry/repo` to fetch from), `attempts`, `lease_until`, `last_error`, `updated_at`, `used_at` |
 //! | manifest | `manifest#<digest>` | `manifest` | `media_type`, `body` (B, under 350 KB) or `body_key` (S3), `blobs` (the config and layer digests it references), `created_at` |
-//! | repository's manifest (link) | `repo#<registry/name>` | `manifest#<digest>` | a copy of the manifest item: a digest hit is one GetItem |
-//! | repository's blob (link) | `repo#<registry/name>` | `blob#<digest>` | `ready`, `size` once the blob is known ready: a blob hit is one GetItem |
+//! | repository's manifest (link) | `repo#<registry/name>` | `manifest#<digest>` | a copy of the manifest item, `last_pulled`: a digest hit is one GetItem |
+//! | repository's blob (link) | `repo#<registry/name>` | `blob#<digest>` | `ready`, `size`, `used_at` once the blob is known ready: a blob hit is one GetItem |
 //! | tag | `repo#<registry/name>` | `tag#<tag>#<variant>` | `digest`, `media_type`, `checked_at`, `last_pulled`, and a copy of the manifest: a tag hit is one GetItem |
+//! | request counters | `stats` | `stats` | `n_<counter>` (N, added to), `ratelimit_remaining`, `ratelimit_at` |
 //!
 //! Every item also has `kind`. Writing a `pending` blob item is conditional
-//! (only when absent or `failed`), so only the first miss wins; its stream
-//! record is what triggers the fetcher Lambda: the index write is the enqueue.
+//! (only when absent, `failed`, or `deleting` under an expired GC lease), so
+//! only the first miss wins; its stream record is what triggers the fetcher
+//! Lambda: the index write is the enqueue. A blob link says `ready` only
+//! after a transaction that found the blob item `ready` and set `used_at` on
+//! both; GC marks a blob `deleting` only when its `used_at` is older than the
+//! grace period, so a link whose `used_at` is recent is safe to serve from.
 //! The table has a stream (new images) and a TTL attribute, `expires_at`.
 
 use std::collections::HashMap;
@@ -30,7 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification, StreamViewType,
-    TimeToLiveSpecification,
+    TimeToLiveSpecification, TransactWriteItem, Update,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -38,15 +43,18 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use bytes::{Bytes, BytesMut};
 
-use super::{BlobRecord, BlobState, BlobStore, BlobWriter, Index, Linked, ManifestRecord, Result, StorageError, TagRecord, now};
+use super::{
+    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, Index, Linked, ManifestRecord, Result, ScanPage, StorageError, StoredStats,
+    TagRecord, now,
+};
 use crate::oci::Digest;
 
 /// S3 multipart part size: inside S3's 5 MiB minimum, bounded memory.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Manifests at least this large are kept in S3, not inline (items max 400 KB).
 pub const INLINE_MANIFEST_MAX: usize = 350 * 1024;
-/// `last_pulled` is written at most this often per tag.
-const PULLED_EVERY: i64 = 3600;
+/// Items per page of a sweep.
+const SCAN_PAGE: i32 = 500;
 /// The table's TTL attribute.
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 
@@ -99,7 +107,11 @@ where
 {
     match result {
         Ok(_) => Ok(true),
-        Err(SdkError::ServiceError(e)) if e.err().code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(SdkError::ServiceError(e))
+            if matches!(e.err().code(), Some("ConditionalCheckFailedException" | "TransactionCanceledException")) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(unavailable(what, e)),
     }
 }
@@ -189,6 +201,31 @@ impl BlobStore for S3BlobStore {
             .send()
             .await
             .map_err(|e| unavailable("S3 DeleteObject", e))?;
+        Ok(())
+    }
+
+    async fn delete_many(&self, digests: &[Digest]) -> Result<()> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        for chunk in digests.chunks(1000) {
+            let objects = chunk.iter().map(|d| ObjectIdentifier::builder().key(blob_key(d)).build().expect("key set")).collect::<Vec<_>>();
+            let delete = Delete::builder().set_objects(Some(objects)).quiet(true).build().expect("objects set");
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| unavailable("S3 DeleteObjects", e))?;
+            if let Some(err) = out.errors().first() {
+                return Err(StorageError::Unavailable(format!(
+                    "S3 DeleteObjects: {} {}: {}",
+                    err.key().unwrap_or(""),
+                    err.code().unwrap_or(""),
+                    err.message().unwrap_or("")
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -440,7 +477,109 @@ impl DynamoIndex {
             attempts: get_n(item, "attempts").unwrap_or(0) as u32,
             last_error: get_s(item, "last_error").map(str::to_owned),
             updated_at: get_n(item, "updated_at").unwrap_or(0),
+            used_at: get_n(item, "used_at").unwrap_or(0),
+            lease_until: get_n(item, "lease_until").unwrap_or(0),
         })
+    }
+
+    /// Sets `used_at` on a `ready` blob item, and through `via` marks that
+    /// repository's link ready (with `size`) in the same transaction. False
+    /// when the blob is not ready (GC took it); the link then loses `ready`.
+    async fn touch(&self, digest: &Digest, via: Option<&str>, size: Option<u64>) -> Result<bool> {
+        let t = now();
+        let blob = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(blob_pk(digest)))
+            .key("sk", s("blob"))
+            .update_expression("SET used_at = :now")
+            .condition_expression("#s = :ready")
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":now", n(t))
+            .expression_attribute_values(":ready", s("ready"));
+        let Some(repo) = via else {
+            let b = blob.build().map_err(|e| StorageError::Index(e.to_string()))?;
+            let result = self
+                .client
+                .update_item()
+                .table_name(b.table_name)
+                .set_key(Some(b.key))
+                .update_expression(b.update_expression)
+                .set_condition_expression(b.condition_expression)
+                .set_expression_attribute_names(b.expression_attribute_names)
+                .set_expression_attribute_values(b.expression_attribute_values)
+                .send()
+                .await;
+            return conditional("DynamoDB UpdateItem", result);
+        };
+        let mut set = "SET #r = :true, used_at = :now, #k = :kind".to_owned();
+        let mut link = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(repo_pk(repo)))
+            .key("sk", s(blob_pk(digest)))
+            .expression_attribute_names("#r", "ready")
+            .expression_attribute_names("#k", "kind")
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .expression_attribute_values(":now", n(t))
+            .expression_attribute_values(":kind", s("repo_blob"));
+        if let Some(size) = size {
+            set.push_str(", #z = :size");
+            link = link.expression_attribute_names("#z", "size").expression_attribute_values(":size", n(size));
+        }
+        let build = |u: aws_sdk_dynamodb::types::builders::UpdateBuilder| {
+            u.build().map(|u| TransactWriteItem::builder().update(u).build()).map_err(|e| StorageError::Index(e.to_string()))
+        };
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(build(blob)?)
+            .transact_items(build(link.update_expression(set))?)
+            .send()
+            .await;
+        let touched = conditional("DynamoDB TransactWriteItems", result)?;
+        if !touched {
+            let _ = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(repo_pk(repo)))
+                .key("sk", s(blob_pk(digest)))
+                .update_expression("REMOVE #r")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#r", "ready")
+                .send()
+                .await;
+        }
+        Ok(touched)
+    }
+
+    /// Reads one scanned item as a sweep entry (None: not an entry kind).
+    async fn entry_from(&self, item: &Item) -> Result<Option<Entry>> {
+        let pk = get_s(item, "pk").unwrap_or_default();
+        let sk = get_s(item, "sk").unwrap_or_default();
+        let repo = || pk.strip_prefix("repo#").unwrap_or_default().to_owned();
+        Ok(Some(match get_s(item, "kind").unwrap_or_default() {
+            "tag" => {
+                let Some((tag, variant)) = sk.strip_prefix("tag#").and_then(|r| r.split_once('#')) else { return Ok(None) };
+                Entry::Tag(TagRecord {
+                    repo: repo(),
+                    tag: tag.to_owned(),
+                    variant: variant.to_owned(),
+                    digest: parse_digest(get_s(item, "digest"))?,
+                    media_type: get_s(item, "media_type").unwrap_or_default().to_owned(),
+                    checked_at: get_n(item, "checked_at").unwrap_or(0),
+                    pulled_at: get_n(item, "last_pulled").unwrap_or(0),
+                })
+            }
+            "repo_manifest" => Entry::ManifestLink {
+                repo: repo(),
+                digest: parse_digest(sk.strip_prefix("manifest#"))?,
+                pulled_at: get_n(item, "last_pulled").unwrap_or(0),
+            },
+            "manifest" => Entry::Manifest { record: self.manifest_from(item).await?, created_at: get_n(item, "created_at").unwrap_or(0) },
+            "blob" => Entry::Blob(Self::blob_from(item)?),
+            "repo_blob" => Entry::BlobLink { repo: repo(), digest: parse_digest(sk.strip_prefix("blob#"))? },
+            _ => return Ok(None),
+        }))
     }
 
     /// Creates the table (key schema, stream, TTL) when it does not exist.
@@ -523,21 +662,9 @@ impl Index for DynamoIndex {
             digest: parse_digest(get_s(&item, "digest"))?,
             media_type: get_s(&item, "media_type").unwrap_or_default().to_owned(),
             checked_at: get_n(&item, "checked_at").unwrap_or(0),
+            pulled_at: get_n(&item, "last_pulled").unwrap_or(0),
         };
         let manifest = self.manifest_from(&item).await.ok();
-        if get_n(&item, "last_pulled").is_none_or(|t| now() - t > PULLED_EVERY) {
-            // Throttled: a hit costs a read, and a write at most hourly.
-            let _ = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(repo_pk(repo)))
-                .key("sk", s(tag_sk(tag, variant)))
-                .update_expression("SET last_pulled = :t")
-                .expression_attribute_values(":t", n(now()))
-                .send()
-                .await;
-        }
         Ok(Some((record, manifest)))
     }
 
@@ -581,11 +708,12 @@ impl Index for DynamoIndex {
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Linked<ManifestRecord>> {
         if let Some(item) = self.get(repo_pk(repo), manifest_pk(digest)).await? {
-            return Ok(Linked { linked: true, record: Some(self.manifest_from(&item).await?) });
+            let pulled_at = get_n(&item, "last_pulled").unwrap_or(0);
+            return Ok(Linked { linked: true, record: Some(self.manifest_from(&item).await?), pulled_at });
         }
         match self.get(manifest_pk(digest), "manifest".into()).await? {
-            Some(item) => Ok(Linked { linked: false, record: Some(self.manifest_from(&item).await?) }),
-            None => Ok(Linked { linked: false, record: None }),
+            Some(item) => Ok(Linked { linked: false, record: Some(self.manifest_from(&item).await?), pulled_at: 0 }),
+            None => Ok(Linked { linked: false, record: None, pulled_at: 0 }),
         }
     }
 
@@ -598,6 +726,9 @@ impl Index for DynamoIndex {
             self.link(repo, b).await?;
             if self.create_pending_blob(b, repo, None).await? {
                 pending.push(b.clone());
+            } else {
+                // Known already: referenced now, so GC's grace starts over.
+                self.touch(b, None, None).await?;
             }
         }
         let attrs = self.manifest_attrs(m).await?;
@@ -613,6 +744,7 @@ impl Index for DynamoIndex {
         link.insert("pk".into(), s(repo_pk(repo)));
         link.insert("sk".into(), s(manifest_pk(&m.digest)));
         link.insert("kind".into(), s("repo_manifest"));
+        link.insert("last_pulled".into(), n(now()));
         self.put(link).await?;
         Ok(pending)
     }
@@ -649,31 +781,28 @@ impl Index for DynamoIndex {
                     attempts: 0,
                     last_error: None,
                     updated_at: 0,
+                    used_at: get_n(l, "used_at").unwrap_or(0),
+                    lease_until: 0,
                 }),
+                pulled_at: 0,
             });
         }
-        let record = match self.get(blob_pk(digest), "blob".into()).await? {
+        let mut record = match self.get(blob_pk(digest), "blob".into()).await? {
             Some(item) => Some(Self::blob_from(&item)?),
             None => None,
         };
-        if let (Some(_), Some(r)) = (&link, &record)
+        if let (Some(_), Some(r)) = (&link, &mut record)
             && r.state == BlobState::Ready
         {
-            // Remember readiness on the link, so the next hit is one read.
-            let mut req = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(repo_pk(repo)))
-                .key("sk", s(blob_pk(digest)))
-                .update_expression("SET #r = :r, #z = :s")
-                .expression_attribute_names("#r", "ready")
-                .expression_attribute_names("#z", "size")
-                .expression_attribute_values(":r", AttributeValue::Bool(true));
-            req = req.expression_attribute_values(":s", n(r.size.unwrap_or(0)));
-            req.send().await.map_err(|e| unavailable("DynamoDB UpdateItem", e))?;
+            // Remember readiness on the link, so the next hit is one read:
+            // only together with the blob item still being ready.
+            if self.touch(digest, Some(repo), r.size).await? {
+                r.used_at = now();
+            } else {
+                r.state = BlobState::Deleting;
+            }
         }
-        Ok(Linked { linked: link.is_some(), record })
+        Ok(Linked { linked: link.is_some(), record, pulled_at: 0 })
     }
 
     async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
@@ -693,9 +822,11 @@ impl Index for DynamoIndex {
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk) OR #s = :failed")
+            .condition_expression("attribute_not_exists(pk) OR #s = :failed OR (#s = :deleting AND lease_until < :now)")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":failed", s("failed"))
+            .expression_attribute_values(":deleting", s("deleting"))
+            .expression_attribute_values(":now", n(now()))
             .send()
             .await;
         conditional("DynamoDB PutItem", result)
@@ -747,13 +878,20 @@ impl Index for DynamoIndex {
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         let mut set = vec!["#s = :state", "updated_at = :now"];
+        if state == BlobState::Ready {
+            set.push("used_at = :now");
+        }
+        // Never over a GC delete in progress (its bytes are going), and
+        // never creating an item GC removed.
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
             .key("pk", s(blob_pk(digest)))
             .key("sk", s("blob"))
+            .condition_expression("attribute_exists(pk) AND #s <> :deleting")
             .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":deleting", s("deleting"))
             .expression_attribute_values(":state", s(state.as_str()))
             .expression_attribute_values(":now", n(now()));
         if let Some(size) = size {
@@ -769,7 +907,7 @@ impl Index for DynamoIndex {
             }
             None => expr.push_str(" REMOVE last_error, lease_until"),
         }
-        req.update_expression(expr).send().await.map_err(|e| unavailable("DynamoDB UpdateItem", e))?;
+        conditional("DynamoDB UpdateItem", req.update_expression(expr).send().await)?;
         Ok(())
     }
 
@@ -799,6 +937,196 @@ impl Index for DynamoIndex {
                 _ => return Ok(out),
             }
         }
+    }
+
+    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
+        self.pulled(repo_pk(repo), tag_sk(tag, variant)).await.map(|_| ())
+    }
+
+    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        self.pulled(repo_pk(repo), manifest_pk(digest)).await
+    }
+
+    async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool> {
+        self.touch(digest, via, None).await
+    }
+
+    async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
+        let start = match cursor {
+            Some(c) => {
+                let (pk, sk) = c.split_once('\n').ok_or_else(|| StorageError::Index("bad sweep cursor".into()))?;
+                Some(Item::from([("pk".to_owned(), s(pk)), ("sk".to_owned(), s(sk))]))
+            }
+            None => None,
+        };
+        let page = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .limit(SCAN_PAGE)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| unavailable("DynamoDB Scan", e))?;
+        let mut entries = Vec::with_capacity(page.items().len());
+        for item in page.items() {
+            if let Some(e) = self.entry_from(item).await? {
+                entries.push(e);
+            }
+        }
+        let next = page
+            .last_evaluated_key
+            .filter(|k| !k.is_empty())
+            .map(|k| format!("{}\n{}", get_s(&k, "pk").unwrap_or_default(), get_s(&k, "sk").unwrap_or_default()));
+        Ok(ScanPage { entries, next })
+    }
+
+    async fn expire_tag(&self, repo: &str, tag: &str, variant: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(repo_pk(repo)))
+            .key("sk", s(tag_sk(tag, variant)))
+            .condition_expression("digest = :d AND (attribute_not_exists(last_pulled) OR last_pulled < :before)")
+            .expression_attribute_values(":d", s(digest.as_str()))
+            .expression_attribute_values(":before", n(pulled_before))
+            .send()
+            .await;
+        conditional("DynamoDB DeleteItem", result)
+    }
+
+    async fn expire_manifest_link(&self, repo: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(repo_pk(repo)))
+            .key("sk", s(manifest_pk(digest)))
+            .condition_expression("attribute_not_exists(last_pulled) OR last_pulled < :before")
+            .expression_attribute_values(":before", n(pulled_before))
+            .send()
+            .await;
+        conditional("DynamoDB DeleteItem", result)
+    }
+
+    async fn delete_manifest(&self, digest: &Digest) -> Result<bool> {
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(manifest_pk(digest)))
+            .key("sk", s("manifest"))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| unavailable("DynamoDB DeleteItem", e))?;
+        // A large manifest's S3 body stays: tag and repository copies of the
+        // item point at the same object, and one may be new.
+        Ok(out.attributes.is_some_and(|a| !a.is_empty()))
+    }
+
+    async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
+        let t = now();
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(blob_pk(digest)))
+            .key("sk", s("blob"))
+            .update_expression("SET #s = :deleting, lease_until = :until, updated_at = :now")
+            .condition_expression(
+                "(#s IN (:ready, :failed) AND (used_at < :before OR (attribute_not_exists(used_at) AND updated_at < :before))) \
+                 OR (#s = :deleting AND lease_until < :now)",
+            )
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":deleting", s("deleting"))
+            .expression_attribute_values(":ready", s("ready"))
+            .expression_attribute_values(":failed", s("failed"))
+            .expression_attribute_values(":before", n(used_before))
+            .expression_attribute_values(":until", n(t + lease.as_secs() as i64))
+            .expression_attribute_values(":now", n(t))
+            .send()
+            .await;
+        conditional("DynamoDB UpdateItem", result)
+    }
+
+    async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(blob_pk(digest)))
+            .key("sk", s("blob"))
+            .condition_expression("#s = :deleting")
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":deleting", s("deleting"))
+            .send()
+            .await;
+        if !conditional("DynamoDB DeleteItem", result)? {
+            return Ok(());
+        }
+        for repo in repos {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(repo_pk(repo)))
+                .key("sk", s(blob_pk(digest)))
+                .send()
+                .await
+                .map_err(|e| unavailable("DynamoDB DeleteItem", e))?;
+        }
+        Ok(())
+    }
+
+    async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
+        let mut req = self.client.update_item().table_name(&self.table).key("pk", s("stats")).key("sk", s("stats"));
+        let mut add = Vec::new();
+        for (i, (k, v)) in delta.counters.iter().enumerate().filter(|(_, (_, v))| **v > 0) {
+            add.push(format!("#c{i} :c{i}"));
+            req = req.expression_attribute_names(format!("#c{i}"), format!("n_{k}")).expression_attribute_values(format!(":c{i}"), n(v));
+        }
+        let mut expr = "SET #k = :kind".to_owned();
+        req = req.expression_attribute_names("#k", "kind").expression_attribute_values(":kind", s("stats"));
+        if let Some((remaining, at)) = delta.ratelimit_remaining {
+            expr.push_str(", ratelimit_remaining = :rr, ratelimit_at = :ra");
+            req = req.expression_attribute_values(":rr", n(remaining)).expression_attribute_values(":ra", n(at));
+        }
+        if !add.is_empty() {
+            expr.push_str(&format!(" ADD {}", add.join(", ")));
+        }
+        req.update_expression(expr).send().await.map_err(|e| unavailable("DynamoDB UpdateItem", e))?;
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoredStats> {
+        let item = self.get("stats".into(), "stats".into()).await?.unwrap_or_default();
+        let mut out = StoredStats::default();
+        for (k, _) in item.iter() {
+            if let Some(name) = k.strip_prefix("n_") {
+                out.counters.insert(name.to_owned(), get_n(&item, k).unwrap_or(0).max(0) as u64);
+            }
+        }
+        out.ratelimit_remaining = get_n(&item, "ratelimit_remaining").zip(get_n(&item, "ratelimit_at"));
+        Ok(out)
+    }
+}
+
+impl DynamoIndex {
+    /// Sets `last_pulled` on an item that still exists.
+    async fn pulled(&self, pk: String, sk: String) -> Result<bool> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(pk))
+            .key("sk", s(sk))
+            .update_expression("SET last_pulled = :t")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":t", n(now()))
+            .send()
+            .await;
+        conditional("DynamoDB UpdateItem", result)
     }
 }
 

@@ -1,9 +1,15 @@
 //! A bounded in-memory cache in front of any `Index`, for a warm instance
-//! (a Lambda between invocations, a long-running `serve`): immutable facts
-//! (a manifest by digest linked to a repository, a ready blob linked to a
+//! (a Lambda between invocations, a long-running `serve`): facts about
+//! digests (a manifest linked to a repository, a ready blob linked to a
 //! repository) are kept in an LRU, so a repeated digest costs no backend
 //! call at all. Tags are mutable and kept only while their TTL says they
 //! may be trusted without asking upstream anyway.
+//!
+//! GC can remove what is cached here. The records carry their `pulled_at` /
+//! `used_at`, which the mirror refreshes through the index once they are
+//! older than its touch interval; a refresh that finds the fact gone drops
+//! it here too. So a cached fact is never trusted longer than that
+//! interval, well inside GC's grace period.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -12,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lru::LruCache;
 
-use super::{BlobRecord, BlobState, Index, Linked, ManifestRecord, Result, TagRecord, now};
+use super::{BlobRecord, BlobState, Index, Linked, ManifestRecord, Result, ScanPage, StoredStats, TagRecord, now};
 use crate::oci::Digest;
 
 /// (repository, tag, Accept variant)
@@ -20,7 +26,8 @@ type TagKey = (String, String, String);
 
 pub struct CachedIndex<I> {
     inner: I,
-    manifests: Mutex<LruCache<(String, Digest), ManifestRecord>>,
+    /// (manifest, when last pulled in that repository)
+    manifests: Mutex<LruCache<(String, Digest), (ManifestRecord, i64)>>,
     blobs: Mutex<LruCache<(String, Digest), BlobRecord>>,
     tags: Mutex<LruCache<TagKey, (TagRecord, ManifestRecord)>>,
     tag_ttl: Duration,
@@ -91,12 +98,12 @@ impl<I: Index> Index for CachedIndex<I> {
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Linked<ManifestRecord>> {
         let key = (repo.to_owned(), digest.clone());
-        if let Some(m) = lock(&self.manifests).get(&key).cloned() {
-            return Ok(Linked { linked: true, record: Some(m) });
+        if let Some((m, pulled_at)) = lock(&self.manifests).get(&key).cloned() {
+            return Ok(Linked { linked: true, record: Some(m), pulled_at });
         }
         let found = self.inner.manifest(repo, digest).await?;
         if let (true, Some(m)) = (found.linked, &found.record) {
-            lock(&self.manifests).put(key, m.clone());
+            lock(&self.manifests).put(key, (m.clone(), found.pulled_at));
         }
         Ok(found)
     }
@@ -112,7 +119,7 @@ impl<I: Index> Index for CachedIndex<I> {
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>> {
         let key = (repo.to_owned(), digest.clone());
         if let Some(b) = lock(&self.blobs).get(&key).cloned() {
-            return Ok(Linked { linked: true, record: Some(b) });
+            return Ok(Linked { linked: true, record: Some(b), pulled_at: 0 });
         }
         let found = self.inner.blob(repo, digest).await?;
         if let (true, Some(b)) = (found.linked, &found.record)
@@ -141,5 +148,78 @@ impl<I: Index> Index for CachedIndex<I> {
 
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
         self.inner.requeue_stale_blob(digest, stale).await
+    }
+
+    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
+        self.forget_tag(repo, tag, variant);
+        self.inner.tag_pulled(repo, tag, variant).await
+    }
+
+    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let pulled = self.inner.manifest_pulled(repo, digest).await?;
+        let key = (repo.to_owned(), digest.clone());
+        let mut cache = lock(&self.manifests);
+        match cache.get_mut(&key) {
+            Some(entry) if pulled => entry.1 = now(),
+            Some(_) => {
+                cache.pop(&key);
+            }
+            None => {}
+        }
+        Ok(pulled)
+    }
+
+    async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool> {
+        let touched = self.inner.touch_blob(digest, via).await?;
+        if let Some(repo) = via {
+            let key = (repo.to_owned(), digest.clone());
+            let mut cache = lock(&self.blobs);
+            match cache.get_mut(&key) {
+                Some(b) if touched => b.used_at = now(),
+                Some(_) => {
+                    cache.pop(&key);
+                }
+                None => {}
+            }
+        }
+        Ok(touched)
+    }
+
+    async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
+        self.inner.scan(cursor).await
+    }
+
+    async fn expire_tag(&self, repo: &str, tag: &str, variant: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        self.forget_tag(repo, tag, variant);
+        self.inner.expire_tag(repo, tag, variant, digest, pulled_before).await
+    }
+
+    async fn expire_manifest_link(&self, repo: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        lock(&self.manifests).pop(&(repo.to_owned(), digest.clone()));
+        self.inner.expire_manifest_link(repo, digest, pulled_before).await
+    }
+
+    async fn delete_manifest(&self, digest: &Digest) -> Result<bool> {
+        self.inner.delete_manifest(digest).await
+    }
+
+    async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
+        let taken = self.inner.begin_blob_delete(digest, used_before, lease).await?;
+        if taken {
+            lock(&self.blobs).retain(|(_, d), _| d != digest);
+        }
+        Ok(taken)
+    }
+
+    async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
+        self.inner.finish_blob_delete(digest, repos).await
+    }
+
+    async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
+        self.inner.add_stats(delta).await
+    }
+
+    async fn stats(&self) -> Result<StoredStats> {
+        self.inner.stats().await
     }
 }

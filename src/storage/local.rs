@@ -14,7 +14,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 
-use super::{BlobRecord, BlobState, BlobStore, BlobWriter, Index, Linked, ManifestRecord, Result, StorageError, TagRecord, now};
+use super::{
+    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, Index, Linked, ManifestRecord, Result, ScanPage, StorageError, StoredStats,
+    TagRecord, now,
+};
 use crate::oci::Digest;
 
 /// Route prefix of the signed blob URLs this backend hands out.
@@ -168,7 +171,34 @@ CREATE TABLE IF NOT EXISTS links (
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY, state TEXT NOT NULL, size INTEGER, source TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 ";
+
+/// Columns added since the first schema: (table, column, type). A database
+/// made before them gets them on open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // Last pull of a repository's manifest; NULL on a blob link.
+    ("links", "pulled_at", "INTEGER"),
+    ("blobs", "used_at", "INTEGER NOT NULL DEFAULT 0"),
+    ("blobs", "lease_until", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let exists = conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([column])?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+            if *column == "pulled_at" {
+                // Manifests linked before pulls were recorded count as pulled now.
+                conn.execute("UPDATE links SET pulled_at = ?1 WHERE digest IN (SELECT digest FROM manifests)", [now()])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows per page of a sweep.
+const SCAN_PAGE: usize = 500;
 
 pub struct SqliteIndex {
     // One connection: every statement is a few microseconds, and SQLite
@@ -185,6 +215,7 @@ impl SqliteIndex {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate(&conn).map_err(db_err)?;
         // This process is the only one using this database: fetches another
         // run left half-done are nobody's any more.
         conn.execute("UPDATE blobs SET state = 'pending' WHERE state = 'fetching'", []).map_err(db_err)?;
@@ -210,30 +241,49 @@ fn blob_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
         attempts: row.get(4)?,
         last_error: row.get(5)?,
         updated_at: row.get(6)?,
+        used_at: row.get(7)?,
+        lease_until: row.get(8)?,
     })
 }
 
+const BLOB_COLS: &str = "digest, state, size, source, attempts, last_error, updated_at, used_at, lease_until";
+
+/// Makes a blob pending when unknown, failed, or left `deleting` by a GC
+/// whose lease ran out.
 const PEND_BLOB: &str = "INSERT INTO blobs (digest, state, size, source, attempts, updated_at)
      VALUES (?1, 'pending', ?2, ?3, 0, ?4)
      ON CONFLICT (digest) DO UPDATE SET state = 'pending', source = excluded.source,
-         updated_at = excluded.updated_at
-     WHERE blobs.state = 'failed'";
+         updated_at = excluded.updated_at, lease_until = 0
+     WHERE blobs.state = 'failed' OR (blobs.state = 'deleting' AND blobs.lease_until < excluded.updated_at)";
+
+fn tag_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TagRecord> {
+    Ok(TagRecord {
+        repo: r.get(0)?,
+        tag: r.get(1)?,
+        variant: r.get(2)?,
+        digest: digest_col(r.get(3)?)?,
+        media_type: r.get(4)?,
+        checked_at: r.get(5)?,
+        pulled_at: r.get(6)?,
+    })
+}
+
+const TAG_COLS: &str = "repo, tag, variant, digest, media_type, checked_at, last_pulled";
+
+/// Where a sweep of the SQLite index stands: the table, and the key of the
+/// last row read in it.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Cursor {
+    table: u8,
+    key: Vec<String>,
+}
 
 #[async_trait]
 impl Index for SqliteIndex {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>> {
         self.with(|c| {
-            c.prepare_cached("SELECT digest, media_type, checked_at FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
-                .query_row(params![repo, tag, variant], |r| {
-                    Ok(TagRecord {
-                        repo: repo.to_owned(),
-                        tag: tag.to_owned(),
-                        variant: variant.to_owned(),
-                        digest: digest_col(r.get(0)?)?,
-                        media_type: r.get(1)?,
-                        checked_at: r.get(2)?,
-                    })
-                })
+            c.prepare_cached(&format!("SELECT {TAG_COLS} FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3"))?
+                .query_row(params![repo, tag, variant], tag_row)
                 .optional()
         })
     }
@@ -244,7 +294,8 @@ impl Index for SqliteIndex {
                 "INSERT INTO tags (repo, tag, variant, digest, media_type, checked_at, last_pulled)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (repo, tag, variant) DO UPDATE SET digest = excluded.digest,
-                     media_type = excluded.media_type, checked_at = excluded.checked_at",
+                     media_type = excluded.media_type, checked_at = excluded.checked_at,
+                     last_pulled = excluded.last_pulled",
             )?
             .execute(params![t.repo, t.tag, t.variant, t.digest.as_str(), t.media_type, t.checked_at, now()])
             .map(|_| ())
@@ -275,9 +326,14 @@ impl Index for SqliteIndex {
                     Ok(ManifestRecord { digest: digest.clone(), media_type: r.get(0)?, body: Bytes::from(r.get::<_, Vec<u8>>(1)?) })
                 })
                 .optional()?;
-            let linked = record.is_some()
-                && c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?.exists(params![repo, digest.as_str()])?;
-            Ok(Linked { linked, record })
+            let pulled: Option<Option<i64>> = match record {
+                Some(_) => c
+                    .prepare_cached("SELECT pulled_at FROM links WHERE repo = ?1 AND digest = ?2")?
+                    .query_row(params![repo, digest.as_str()], |r| r.get(0))
+                    .optional()?,
+                None => None,
+            };
+            Ok(Linked { linked: pulled.is_some(), record, pulled_at: pulled.flatten().unwrap_or(0) })
         })
     }
 
@@ -289,13 +345,20 @@ impl Index for SqliteIndex {
             {
                 tx.prepare_cached("INSERT OR IGNORE INTO manifests (digest, media_type, body, created_at) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![m.digest.as_str(), m.media_type, &m.body[..], t])?;
+                tx.prepare_cached(
+                    "INSERT INTO links (repo, digest, pulled_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (repo, digest) DO UPDATE SET pulled_at = excluded.pulled_at",
+                )?
+                .execute(params![repo, m.digest.as_str(), t])?;
                 let mut link = tx.prepare_cached("INSERT OR IGNORE INTO links (repo, digest) VALUES (?1, ?2)")?;
-                link.execute(params![repo, m.digest.as_str()])?;
                 let mut pend = tx.prepare_cached(PEND_BLOB)?;
+                let mut touch = tx.prepare_cached("UPDATE blobs SET used_at = ?2 WHERE digest = ?1 AND state = 'ready'")?;
                 for b in blobs {
                     link.execute(params![repo, b.as_str()])?;
                     if pend.execute(params![b.as_str(), Option::<i64>::None, repo, t])? > 0 {
                         pending.push(b.clone());
+                    } else {
+                        touch.execute(params![b.as_str(), t])?;
                     }
                 }
             }
@@ -315,11 +378,11 @@ impl Index for SqliteIndex {
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>> {
         self.with(|c| {
             let record = c
-                .prepare_cached("SELECT digest, state, size, source, attempts, last_error, updated_at FROM blobs WHERE digest = ?1")?
+                .prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE digest = ?1"))?
                 .query_row(params![digest.as_str()], blob_row)
                 .optional()?;
             let linked = c.prepare_cached("SELECT 1 FROM links WHERE repo = ?1 AND digest = ?2")?.exists(params![repo, digest.as_str()])?;
-            Ok(Linked { linked, record })
+            Ok(Linked { linked, record, pulled_at: 0 })
         })
     }
 
@@ -353,9 +416,11 @@ impl Index for SqliteIndex {
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         self.with(|c| {
+            // Never over a GC delete in progress: its bytes are going.
             c.prepare_cached(
-                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5
-                 WHERE digest = ?1",
+                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
+                     used_at = CASE WHEN ?2 = 'ready' THEN ?5 ELSE used_at END
+                 WHERE digest = ?1 AND state <> 'deleting'",
             )?
             .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])
             .map(|_| ())
@@ -364,11 +429,207 @@ impl Index for SqliteIndex {
 
     async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT digest, state, size, source, attempts, last_error, updated_at FROM blobs WHERE state IN ('pending', 'fetching')",
-            )?;
+            let mut stmt = c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE state IN ('pending', 'fetching')"))?;
             let rows = stmt.query_map([], blob_row)?;
             rows.collect()
+        })
+    }
+
+    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("UPDATE tags SET last_pulled = ?4 WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
+                .execute(params![repo, tag, variant, now()])
+                .map(|_| ())
+        })
+    }
+
+    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("UPDATE links SET pulled_at = ?3 WHERE repo = ?1 AND digest = ?2")?
+                .execute(params![repo, digest.as_str(), now()])
+                .map(|n| n > 0)
+        })
+    }
+
+    async fn touch_blob(&self, digest: &Digest, _via: Option<&str>) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("UPDATE blobs SET used_at = ?2 WHERE digest = ?1 AND state = 'ready'")?
+                .execute(params![digest.as_str(), now()])
+                .map(|n| n > 0)
+        })
+    }
+
+    async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
+        let mut at: Cursor = match cursor {
+            Some(c) => serde_json::from_str(&c).map_err(|e| StorageError::Index(format!("bad sweep cursor: {e}")))?,
+            None => Cursor::default(),
+        };
+        let key = |i: usize| at.key.get(i).cloned().unwrap_or_default();
+        let (k0, k1, k2) = (key(0), key(1), key(2));
+        let first = at.key.is_empty();
+        let entries: Vec<(Vec<String>, Entry)> = self.with(|c| {
+            let lim = SCAN_PAGE as i64;
+            match at.table {
+                0 => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {TAG_COLS} FROM tags WHERE ?1 OR (repo, tag, variant) > (?2, ?3, ?4)
+                         ORDER BY repo, tag, variant LIMIT ?5"
+                    ))?;
+                    let rows = st.query_map(params![first, k0, k1, k2, lim], |r| {
+                        let t = tag_row(r)?;
+                        Ok((vec![t.repo.clone(), t.tag.clone(), t.variant.clone()], Entry::Tag(t)))
+                    })?;
+                    rows.collect()
+                }
+                1 => {
+                    let mut st = c.prepare_cached(
+                        "SELECT l.repo, l.digest, l.pulled_at, EXISTS (SELECT 1 FROM manifests m WHERE m.digest = l.digest)
+                         FROM links l WHERE ?1 OR (l.repo, l.digest) > (?2, ?3) ORDER BY l.repo, l.digest LIMIT ?4",
+                    )?;
+                    let rows = st.query_map(params![first, k0, k1, lim], |r| {
+                        let (repo, digest): (String, String) = (r.get(0)?, r.get(1)?);
+                        let key = vec![repo.clone(), digest.clone()];
+                        let digest = digest_col(digest)?;
+                        let entry = if r.get::<_, bool>(3)? {
+                            Entry::ManifestLink { repo, digest, pulled_at: r.get::<_, Option<i64>>(2)?.unwrap_or(0) }
+                        } else {
+                            Entry::BlobLink { repo, digest }
+                        };
+                        Ok((key, entry))
+                    })?;
+                    rows.collect()
+                }
+                2 => {
+                    let mut st = c.prepare_cached(
+                        "SELECT digest, media_type, body, created_at FROM manifests WHERE ?1 OR digest > ?2 ORDER BY digest LIMIT ?3",
+                    )?;
+                    let rows = st.query_map(params![first, k0, lim], |r| {
+                        let digest: String = r.get(0)?;
+                        let record = ManifestRecord {
+                            digest: digest_col(digest.clone())?,
+                            media_type: r.get(1)?,
+                            body: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        };
+                        Ok((vec![digest], Entry::Manifest { record, created_at: r.get(3)? }))
+                    })?;
+                    rows.collect()
+                }
+                3 => {
+                    let mut st =
+                        c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE ?1 OR digest > ?2 ORDER BY digest LIMIT ?3"))?;
+                    let rows = st.query_map(params![first, k0, lim], |r| {
+                        let b = blob_row(r)?;
+                        Ok((vec![b.digest.as_str().to_owned()], Entry::Blob(b)))
+                    })?;
+                    rows.collect()
+                }
+                _ => Ok(Vec::new()),
+            }
+        })?;
+        if at.table > 3 {
+            return Ok(ScanPage::default());
+        }
+        if entries.len() < SCAN_PAGE {
+            at = Cursor { table: at.table + 1, key: Vec::new() };
+        } else if let Some((k, _)) = entries.last() {
+            at.key = k.clone();
+        }
+        let next = (at.table <= 3).then(|| serde_json::to_string(&at).unwrap_or_default());
+        Ok(ScanPage { entries: entries.into_iter().map(|(_, e)| e).collect(), next })
+    }
+
+    async fn expire_tag(&self, repo: &str, tag: &str, variant: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3 AND digest = ?4 AND last_pulled < ?5")?
+                .execute(params![repo, tag, variant, digest.as_str(), pulled_before])
+                .map(|n| n > 0)
+        })
+    }
+
+    async fn expire_manifest_link(&self, repo: &str, digest: &Digest, pulled_before: i64) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM links WHERE repo = ?1 AND digest = ?2 AND COALESCE(pulled_at, 0) < ?3")?
+                .execute(params![repo, digest.as_str(), pulled_before])
+                .map(|n| n > 0)
+        })
+    }
+
+    async fn delete_manifest(&self, digest: &Digest) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached(
+                "DELETE FROM manifests WHERE digest = ?1
+                 AND NOT EXISTS (SELECT 1 FROM links WHERE digest = ?1)
+                 AND NOT EXISTS (SELECT 1 FROM tags WHERE digest = ?1)",
+            )?
+            .execute(params![digest.as_str()])
+            .map(|n| n > 0)
+        })
+    }
+
+    async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
+        let t = now();
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'deleting', lease_until = ?3, updated_at = ?4
+                 WHERE digest = ?1 AND (
+                     (state IN ('ready', 'failed') AND (CASE WHEN used_at > 0 THEN used_at ELSE updated_at END) < ?2)
+                     OR (state = 'deleting' AND lease_until < ?4))",
+            )?
+            .execute(params![digest.as_str(), used_before, t + lease.as_secs() as i64, t])
+            .map(|n| n > 0)
+        })
+    }
+
+    async fn finish_blob_delete(&self, digest: &Digest, _repos: &[String]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if tx.execute("DELETE FROM blobs WHERE digest = ?1 AND state = 'deleting'", params![digest.as_str()])? > 0 {
+                tx.execute("DELETE FROM links WHERE digest = ?1", params![digest.as_str()])?;
+            }
+            tx.commit()
+        })
+    }
+
+    async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut add = tx.prepare_cached(
+                    "INSERT INTO stats (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                )?;
+                for (k, v) in &delta.counters {
+                    add.execute(params![k, *v as i64])?;
+                }
+                if let Some((remaining, at)) = delta.ratelimit_remaining {
+                    let mut set = tx.prepare_cached(
+                        "INSERT INTO stats (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    )?;
+                    set.execute(params!["ratelimit_remaining", remaining])?;
+                    set.execute(params!["ratelimit_at", at])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    async fn stats(&self) -> Result<StoredStats> {
+        self.with(|c| {
+            let mut out = StoredStats::default();
+            let (mut remaining, mut at) = (None, None);
+            let mut st = c.prepare_cached("SELECT name, value FROM stats")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (k, v) = row?;
+                match k.as_str() {
+                    "ratelimit_remaining" => remaining = Some(v),
+                    "ratelimit_at" => at = Some(v),
+                    _ => {
+                        out.counters.insert(k, v.max(0) as u64);
+                    }
+                }
+            }
+            out.ratelimit_remaining = remaining.zip(at);
+            Ok(out)
         })
     }
 }

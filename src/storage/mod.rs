@@ -4,6 +4,12 @@
 //! (files + SQLite, `local`) and the AWS one (S3 presigned URLs and multipart
 //! uploads, DynamoDB conditional writes).
 //!
+//! Lifecycle rests on three timestamps the mirror keeps: a tag's and a
+//! repository's manifest's `pulled_at` (last served), and a blob's `used_at`
+//! (last served, or referenced by a manifest being stored or expired). GC
+//! expires what was not pulled and deletes a blob only through the
+//! `deleting` state, so no reader is ever sent to bytes that are gone.
+//!
 //! Nothing here knows HTTP or upstream registries.
 
 pub mod aws;
@@ -46,6 +52,8 @@ pub struct TagRecord {
     pub media_type: String,
     /// When upstream last confirmed this digest for the tag.
     pub checked_at: i64,
+    /// When a client last pulled it (0: unknown).
+    pub pulled_at: i64,
 }
 
 /// A manifest exactly as upstream sent it; its digest is of these bytes.
@@ -66,6 +74,9 @@ pub enum BlobState {
     Ready,
     /// The last copy failed; a later request may retry it.
     Failed,
+    /// GC is deleting it: not servable, not fetchable until GC is done or
+    /// its lease (`lease_until`) has run out.
+    Deleting,
 }
 
 impl BlobState {
@@ -75,6 +86,7 @@ impl BlobState {
             BlobState::Fetching => "fetching",
             BlobState::Ready => "ready",
             BlobState::Failed => "failed",
+            BlobState::Deleting => "deleting",
         }
     }
     pub fn parse(s: &str) -> Option<BlobState> {
@@ -83,6 +95,7 @@ impl BlobState {
             "fetching" => BlobState::Fetching,
             "ready" => BlobState::Ready,
             "failed" => BlobState::Failed,
+            "deleting" => BlobState::Deleting,
             _ => return None,
         })
     }
@@ -98,6 +111,17 @@ pub struct BlobRecord {
     pub attempts: u32,
     pub last_error: Option<String>,
     pub updated_at: i64,
+    /// When it was last served or referenced (0: unknown, see `updated_at`).
+    pub used_at: i64,
+    /// End of the current fetch or delete lease (0: none).
+    pub lease_until: i64,
+}
+
+impl BlobRecord {
+    /// When it was last of use, as GC judges it.
+    pub fn last_used(&self) -> i64 {
+        if self.used_at > 0 { self.used_at } else { self.updated_at }
+    }
 }
 
 /// What the index knows of one digest as seen from one repository.
@@ -106,6 +130,49 @@ pub struct Linked<T> {
     /// The repository is known to contain the digest.
     pub linked: bool,
     pub record: Option<T>,
+    /// For a manifest linked to the repository: when a client last pulled
+    /// it there (0: unknown).
+    pub pulled_at: i64,
+}
+
+/// One item of the index, as a GC or statistics sweep reads it.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Tag(TagRecord),
+    /// A repository's manifest.
+    ManifestLink {
+        repo: String,
+        digest: Digest,
+        pulled_at: i64,
+    },
+    /// A stored manifest, and when it was first stored.
+    Manifest {
+        record: ManifestRecord,
+        created_at: i64,
+    },
+    Blob(BlobRecord),
+    /// A repository's blob.
+    BlobLink {
+        repo: String,
+        digest: Digest,
+    },
+}
+
+/// One page of a sweep; `next` resumes it.
+#[derive(Debug, Default)]
+pub struct ScanPage {
+    pub entries: Vec<Entry>,
+    pub next: Option<String>,
+}
+
+/// Request counters kept in the index across restarts and instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoredStats {
+    /// Requests by cache result (`hit`, `miss`, `stale`, ...), and
+    /// `upstream_requests`, `upstream_rate_limited`.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// The last `ratelimit-remaining` an upstream reported, and when.
+    pub ratelimit_remaining: Option<(i64, i64)>,
 }
 
 /// Tags, manifests, repository links and blob states.
@@ -164,6 +231,50 @@ pub trait Index: Send + Sync {
     /// itself re-triggers the fetcher where the index is the queue. True when
     /// this call re-queued it.
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool>;
+
+    // -- lifecycle ----------------------------------------------------------
+
+    /// Records a pull of the tag (if it still exists).
+    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()>;
+
+    /// Records a pull of the manifest in `repo`. False when it is no longer
+    /// linked there (GC expired it).
+    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool>;
+
+    /// Marks a `ready` blob used now (served through `via`, or referenced).
+    /// False when it is not ready any more: GC is deleting it or did. A
+    /// reader that gets false must not hand out the blob's URL.
+    async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool>;
+
+    /// One page of everything the index holds, from `cursor` (None: start).
+    async fn scan(&self, cursor: Option<String>) -> Result<ScanPage>;
+
+    /// Deletes the tag if it still points at `digest` and was last pulled
+    /// before `pulled_before`.
+    async fn expire_tag(&self, repo: &str, tag: &str, variant: &str, digest: &Digest, pulled_before: i64) -> Result<bool>;
+
+    /// Unlinks the manifest from `repo` if it was last pulled there before
+    /// `pulled_before`.
+    async fn expire_manifest_link(&self, repo: &str, digest: &Digest, pulled_before: i64) -> Result<bool>;
+
+    /// Deletes a stored manifest that no repository links any more. The
+    /// caller has touched its blobs first, so they outlive it by GC's grace.
+    async fn delete_manifest(&self, digest: &Digest) -> Result<bool>;
+
+    /// First step of deleting a blob: `ready` or `failed` and last used
+    /// before `used_before` (or `deleting` under an expired lease) becomes
+    /// `deleting` under a lease of `lease`. From then on no reader serves
+    /// it. True when this call took it.
+    async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool>;
+
+    /// Last step, once the bytes are gone: removes the `deleting` record and
+    /// the blob's links (`repos`: the repositories the sweep saw linking it).
+    async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()>;
+
+    /// Adds to the stored request counters and records the last
+    /// `ratelimit-remaining` seen.
+    async fn add_stats(&self, delta: &StoredStats) -> Result<()>;
+    async fn stats(&self) -> Result<StoredStats>;
 }
 
 /// Content-addressed blob bytes.
@@ -181,6 +292,15 @@ pub trait BlobStore: Send + Sync {
     async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
 
     async fn delete(&self, digest: &Digest) -> Result<()>;
+
+    /// Deletes many blobs (missing ones are fine), in as few calls as the
+    /// backend allows.
+    async fn delete_many(&self, digests: &[Digest]) -> Result<()> {
+        for d in digests {
+            self.delete(d).await?;
+        }
+        Ok(())
+    }
 }
 
 /// An in-progress blob upload. The caller verifies the bytes (digest and

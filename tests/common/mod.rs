@@ -33,6 +33,7 @@ pub fn config() -> MirrorConfig {
         url_ttl: Duration::from_secs(900),
         revalidate_timeout: Duration::from_secs(1),
         upstream_backoff: Duration::from_millis(200),
+        ..MirrorConfig::default()
     }
 }
 
