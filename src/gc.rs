@@ -23,7 +23,10 @@
 //! Knows the storage traits and OCI manifests, not a backend.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
 
 use serde::Serialize;
 
@@ -68,6 +71,36 @@ impl Pin {
     }
 }
 
+/// The points between a sweep's phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The index is read; nothing written yet.
+    Read,
+    /// Images expired.
+    ImagesExpired,
+    /// Unheld manifests deleted (their blobs marked used first).
+    ManifestsDeleted,
+    /// A batch of blobs marked `deleting`; their bytes are still there.
+    BlobsMarked,
+}
+
+/// Awaited at every `Step`: lets a test interleave pulls with a sweep at
+/// exact points (a production sweep has none).
+#[derive(Clone)]
+pub struct Pause(pub Arc<dyn Fn(Step) -> BoxFuture<'static, ()> + Send + Sync>);
+
+impl std::fmt::Debug for Pause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pause")
+    }
+}
+
+async fn pause(opts: &GcOptions, step: Step) {
+    if let Some(p) = &opts.pause {
+        (p.0)(step).await;
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GcOptions {
     /// Images not pulled for this long expire.
@@ -86,6 +119,7 @@ pub struct GcOptions {
     pub deadline: Option<Instant>,
     /// ...or after this many writes.
     pub max_writes: Option<u64>,
+    pub pause: Option<Pause>,
 }
 
 impl Default for GcOptions {
@@ -99,6 +133,7 @@ impl Default for GcOptions {
             delete_lease: Duration::from_secs(15 * 60),
             deadline: None,
             max_writes: None,
+            pause: None,
         }
     }
 }
@@ -337,6 +372,20 @@ struct Budget {
 }
 
 impl Budget {
+    /// Whether `n` more writes fit (counts nothing): a unit of work that
+    /// does not fit is left whole to the next run, so every run progresses.
+    fn fits(&self, n: u64) -> bool {
+        self.dry_run || self.max_writes.is_none_or(|m| self.used + n <= m)
+    }
+
+    /// Writes left (for sizing batches).
+    fn left(&self) -> u64 {
+        match self.max_writes {
+            Some(m) if !self.dry_run => m.saturating_sub(self.used),
+            _ => u64::MAX,
+        }
+    }
+
     /// Whether one more write may be made (and counts it).
     fn take(&mut self) -> bool {
         if self.dry_run {
@@ -372,10 +421,17 @@ async fn sweep(
     budget: &mut Budget,
 ) -> Result<bool> {
     let started = now();
+    pause(opts, Step::Read).await;
     let cutoff = started - opts.unused_for.as_secs() as i64;
     let mut roots = snap.roots(&opts.pins, cutoff);
 
     // Size cap: evict kept, unpinned images, least recently pulled first.
+    // A tag goes with the manifests it leads to that were not pulled by
+    // digest since.
+    let links_at: HashMap<(String, Digest), usize> =
+        roots.iter().enumerate().filter(|(_, r)| r.tag.is_none()).map(|(i, r)| ((r.repo.clone(), r.digest.clone()), i)).collect();
+    let reached_by_tags: HashSet<(String, Digest)> =
+        roots.iter().filter(|r| r.tag.is_some()).flat_map(|r| snap.closure(&r.digest).into_iter().map(|m| (r.repo.clone(), m))).collect();
     if let Some(cap) = opts.max_bytes {
         let mut refcount: HashMap<Digest, usize> = HashMap::new();
         let closures: Vec<HashSet<Digest>> = roots.iter().map(|r| snap.blobs_of(&snap.closure(&r.digest))).collect();
@@ -389,18 +445,39 @@ async fn sweep(
         let mut bytes: u64 = refcount.keys().map(|b| snap.ready_size(b)).sum();
         let mut order: Vec<usize> = (0..roots.len()).filter(|&i| roots[i].keep && !roots[i].pinned).collect();
         order.sort_by_key(|&i| (roots[i].pulled_at, roots[i].name()));
-        for i in order {
-            if bytes <= cap {
-                break;
+        let mut evict = |i: usize, roots: &mut Vec<Root>, bytes: &mut u64| {
+            if !roots[i].keep {
+                return;
             }
             roots[i].keep = false;
-            report.evicted += 1;
             for b in &closures[i] {
                 let c = refcount.get_mut(b).expect("counted");
                 *c -= 1;
                 if *c == 0 {
-                    bytes -= snap.ready_size(b);
+                    *bytes -= snap.ready_size(b);
                 }
+            }
+        };
+        for i in order {
+            if bytes <= cap {
+                break;
+            }
+            if !roots[i].keep {
+                continue;
+            }
+            evict(i, &mut roots, &mut bytes);
+            if roots[i].tag.is_some() {
+                report.evicted += 1;
+                for m in snap.closure(&roots[i].digest) {
+                    if let Some(&j) = links_at.get(&(roots[i].repo.clone(), m))
+                        && !roots[j].pinned
+                        && roots[j].pulled_at <= roots[i].pulled_at
+                    {
+                        evict(j, &mut roots, &mut bytes);
+                    }
+                }
+            } else if !reached_by_tags.contains(&(roots[i].repo.clone(), roots[i].digest.clone())) {
+                report.evicted += 1;
             }
         }
     }
@@ -431,6 +508,8 @@ async fn sweep(
             }
         }
     }
+    // What expired tags led to is part of those images, not listed apart.
+    let mut expired_reach: HashSet<(String, Digest)> = HashSet::new();
     for r in roots.iter().filter(|r| !r.keep && r.tag.is_some()) {
         let (t, v) = r.tag.as_ref().expect("a tag");
         if !budget.take() {
@@ -438,10 +517,14 @@ async fn sweep(
         }
         if opts.dry_run || index.expire_tag(&r.repo, t, v, &r.digest, r.pulled_at + 1).await? {
             report.expired.push(r.name());
+            expired_reach.extend(snap.closure(&r.digest).into_iter().map(|m| (r.repo.clone(), m)));
         } else {
-            // Pulled meanwhile: it stays, with what it leads to.
-            keep_closure(r, &mut kept_links);
-            kept_tag_targets.insert(r.digest.clone());
+            // Pulled, or moved, meanwhile: it stays, with what it leads to now.
+            let digest = index.tag(&r.repo, t, v).await?.map_or_else(|| r.digest.clone(), |now| now.digest);
+            for m in snap.closure(&digest) {
+                kept_links.insert((r.repo.clone(), m));
+            }
+            kept_tag_targets.insert(digest);
         }
     }
     let mut remaining_links: HashSet<(String, Digest)> = HashSet::new();
@@ -455,11 +538,15 @@ async fn sweep(
             return Ok(true);
         }
         if opts.dry_run || index.expire_manifest_link(&r.repo, &r.digest, r.pulled_at + 1).await? {
-            report.expired.push(r.name());
+            if !expired_reach.contains(&key) {
+                report.expired.push(r.name());
+            }
         } else {
             remaining_links.insert(key);
         }
     }
+
+    pause(opts, Step::ImagesExpired).await;
 
     // 2. Manifests no repository holds any more.
     let held: HashSet<&Digest> = remaining_links.iter().map(|(_, d)| d).chain(kept_tag_targets.iter()).collect();
@@ -469,8 +556,12 @@ async fn sweep(
         if held.contains(digest) {
             continue;
         }
+        let ready: Vec<&Digest> = refs.blobs.iter().filter(|b| snap.blobs.get(*b).is_some_and(|r| r.state == BlobState::Ready)).collect();
+        if !budget.fits(ready.len() as u64 + 1) {
+            return Ok(true);
+        }
         if !opts.dry_run {
-            for b in refs.blobs.iter().filter(|b| snap.blobs.get(*b).is_some_and(|r| r.state == BlobState::Ready)) {
+            for b in ready {
                 if !budget.take() {
                     return Ok(true);
                 }
@@ -488,6 +579,8 @@ async fn sweep(
             gone.insert(digest.clone());
         }
     }
+
+    pause(opts, Step::ManifestsDeleted).await;
 
     // 3. Blobs nothing references, unused for the grace period.
     let referenced: HashSet<&Digest> =
@@ -508,7 +601,15 @@ async fn sweep(
         }
     }
     doomed.sort_by(|a, b| a.digest.as_str().cmp(b.digest.as_str()));
-    for batch in doomed.chunks(BATCH) {
+    let mut rest = &doomed[..];
+    while !rest.is_empty() {
+        // Each blob costs a mark and a finish, the batch one delete call.
+        let n = (BATCH as u64).min(budget.left().saturating_sub(1) / 2) as usize;
+        if n == 0 {
+            return Ok(true);
+        }
+        let (batch, after) = rest.split_at(n.min(rest.len()));
+        rest = after;
         if opts.dry_run {
             report.deleted_blobs += batch.len();
             report.reclaimed_bytes += batch.iter().filter(|b| b.state != BlobState::Failed).filter_map(|b| b.size).sum::<u64>();
@@ -527,6 +628,7 @@ async fn sweep(
         if taken.is_empty() {
             continue;
         }
+        pause(opts, Step::BlobsMarked).await;
         // The lease is ours for `delete_lease`; never delete bytes once it
         // may have passed to a reader who fetched the blob again.
         if marked_at.elapsed() >= opts.delete_lease / 2 {

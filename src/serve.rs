@@ -186,17 +186,21 @@ pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), B
 pub const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The server's background work: storing its request statistics, and a GC
-/// sweep every `gc_interval` (none when zero), the first a minute after start.
+/// sweep every `gc_interval` (none when zero), the first a minute after
+/// start (or sooner, when the interval is shorter).
 pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let start = tokio::time::Instant::now();
-        let mut next_gc = (!gc_interval.is_zero()).then(|| start + gc_interval.min(std::time::Duration::from_secs(60)));
+        use tokio::time::{Instant, MissedTickBehavior, interval_at};
+        let mut flush = interval_at(Instant::now() + STATS_FLUSH_EVERY, STATS_FLUSH_EVERY);
+        let first = gc_interval.min(std::time::Duration::from_secs(60));
+        // A zero interval never fires (a year is never, for a server).
+        let every = if gc_interval.is_zero() { std::time::Duration::from_secs(365 * 86400) } else { gc_interval };
+        let mut sweep = interval_at(Instant::now() + if gc_interval.is_zero() { every } else { first }, every);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            tokio::time::sleep(STATS_FLUSH_EVERY).await;
-            mirror.flush_stats_every(STATS_FLUSH_EVERY).await;
-            if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
-                next_gc = Some(tokio::time::Instant::now() + gc_interval);
-                match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
+            tokio::select! {
+                _ = flush.tick() => mirror.flush_stats_every(STATS_FLUSH_EVERY).await,
+                _ = sweep.tick() => match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
                     Ok(r) => tracing::info!(
                         expired = r.expired.len(),
                         deleted_blobs = r.deleted_blobs,
@@ -205,7 +209,7 @@ pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_inter
                         "gc"
                     ),
                     Err(e) => tracing::warn!(error = %e, "gc failed; the next sweep retries"),
-                }
+                },
             }
         }
     })
