@@ -108,6 +108,16 @@ pub async fn maintenance(
         StorageKind::Local => Backend::Local(settings.data.clone()),
         StorageKind::Aws => Backend::Aws(Box::new(settings.aws.storage()?)),
     };
+    maintenance_on(backend, settings, event, remaining).await
+}
+
+/// `maintenance` on a given backend.
+pub async fn maintenance_on(
+    backend: Backend,
+    settings: &LambdaSettings,
+    event: &serde_json::Value,
+    remaining: std::time::Duration,
+) -> Result<serde_json::Value, BoxError> {
     if event.get("action").and_then(|a| a.as_str()) == Some("warm") {
         let opts = settings.mirror.serve_options(backend, AccessPolicy::default());
         let (_, mirror) = build_local(&opts).await?;

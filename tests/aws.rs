@@ -248,6 +248,36 @@ async fn the_sample_events_run_through_the_handlers() {
 
     let scheduled: aws_lambda_events::event::eventbridge::EventBridgeEvent = serde_json::from_str(&event("scheduled.json")).unwrap();
     assert_eq!(scheduled.detail_type, "Scheduled Event");
+
+    // The gc function: the warm schedule's input caches the warm list, the
+    // schedule's own event runs a sweep.
+    let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([
+        "gc",
+        "--upstream",
+        &format!("docker.io={}", hub.url),
+        "--warm-images",
+        "library/hello:latest",
+        "--unused-for",
+        "1s",
+        "--grace",
+        "0",
+    ])
+    .unwrap();
+    let run = |name: &str| {
+        let (settings, storage) = (settings.clone(), storage.clone());
+        let payload: serde_json::Value = serde_json::from_str(&event(name)).unwrap();
+        async move {
+            hubcap::lambda::maintenance_on(Backend::Aws(Box::new(storage)), &settings, &payload, Duration::from_secs(120)).await.unwrap()
+        }
+    };
+    let warmed = run("warm.json").await;
+    assert_eq!(warmed["warmed"], serde_json::json!(["library/hello:latest"]), "{warmed}");
+    let sweep = run("scheduled.json").await;
+    assert_eq!((sweep["complete"].as_bool(), sweep["before"]["images"].as_u64()), (Some(true), Some(1)), "{sweep}");
+    assert!(sweep["expired"].as_array().unwrap().is_empty(), "just warmed: {sweep}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let sweep = run("scheduled.json").await;
+    assert_eq!(sweep["expired"], serde_json::json!(["docker.io/library/hello:latest"]), "{sweep}");
 }
 
 /// cargo lambda's emulator of the Lambda control plane and Function URLs,

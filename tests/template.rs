@@ -168,3 +168,43 @@ fn cargo_run_starts_the_cli_as_the_readme_says() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     assert!(readme.contains("cargo run --release -- serve"));
 }
+
+#[test]
+fn the_gc_function_runs_on_schedules_the_parameters_set() {
+    let t = template("template.yaml");
+    let gc = &t["Resources"]["GcFunction"]["Properties"];
+    let events = &gc["Events"];
+    assert_eq!(events["Schedule"]["Type"], "Schedule");
+    assert_eq!(events["Schedule"]["Properties"]["Schedule"]["Ref"], "GcSchedule");
+    assert_eq!(t["Parameters"]["GcSchedule"]["Default"], "rate(1 day)");
+    // The warm schedule sends what `events/warm.json` holds, and runs only with a warm list.
+    let warm = &events["Warm"]["Properties"];
+    assert_eq!(warm["Schedule"]["Ref"], "WarmSchedule");
+    let input: Value = serde_json::from_str(warm["Input"].as_str().unwrap()).unwrap();
+    let sample: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("events/warm.json")).unwrap()).unwrap();
+    assert_eq!(input, sample);
+    assert_eq!(warm["State"]["Fn::If"][0], "HasWarmImages");
+    // Lifecycle settings reach the function, with the CLI's defaults.
+    let vars = &gc["Environment"]["Variables"];
+    for (var, param, default) in
+        [("HUBCAP_UNUSED_FOR", "UnusedFor", "30d"), ("HUBCAP_GRACE", "GracePeriod", "1d"), ("HUBCAP_PINS", "PinnedImages", "")]
+    {
+        assert_eq!(vars[var]["Ref"], param, "{var}");
+        assert_eq!(t["Parameters"][param]["Default"], default, "{param}");
+    }
+    for d in ["30d", "1d", "12h", "90m", "0"] {
+        hubcap::gc::parse_duration(d).unwrap();
+    }
+    // It may read the table page by page and delete blobs.
+    let actions: Vec<String> = gc["Policies"][0]["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["Action"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    for needed in ["dynamodb:Scan", "dynamodb:DeleteItem", "dynamodb:UpdateItem", "s3:DeleteObject", "s3:PutObject"] {
+        assert!(actions.iter().any(|a| a == needed), "gc may {needed}: {actions:?}");
+    }
+}
