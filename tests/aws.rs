@@ -249,6 +249,13 @@ async fn the_sample_events_run_through_the_handlers() {
     let scheduled: aws_lambda_events::event::eventbridge::EventBridgeEvent = serde_json::from_str(&event("scheduled.json")).unwrap();
     assert_eq!(scheduled.detail_type, "Scheduled Event");
 
+    // The statistics read the inventory from DynamoDB.
+    let resp = router.clone().oneshot(axum::http::Request::get("/_hubcap/stats").body(axum::body::Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stats: serde_json::Value = serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(stats["cache"]["images"], 1, "{stats}");
+    assert!(stats["requests"]["hit"].as_u64().unwrap() > 0, "{stats}");
+
     // The gc function: the warm schedule's input caches the warm list, the
     // schedule's own event runs a sweep.
     let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([

@@ -55,10 +55,15 @@ async fn a_second_pull_makes_no_upstream_get() {
     assert!((1..=5).contains(&misses), "the first pull's misses (prefetched layers are hits): {stats}");
     assert!(stats["hit_ratio"].as_f64().unwrap() > 0.5);
     assert_eq!(stats["upstreams"][0]["ratelimit_remaining"], 99);
+    assert_eq!(stats["since_start"]["requests"]["miss"].as_u64(), Some(misses), "this instance's own counts too: {stats}");
+    let cached: u64 = img.all_blobs().iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!((stats["cache"]["images"].as_u64(), stats["cache"]["bytes"].as_u64()), (Some(1), Some(cached)), "{stats}");
+    assert_eq!(stats["cache"]["least_recently_pulled"][0]["image"], "docker.io/library/alpine:3.20");
     let metrics = http.get(format!("{}/metrics", mirror.url)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("# TYPE hubcap_requests_total counter"), "{metrics}");
     assert!(metrics.contains(&format!("hubcap_requests_total{{cache=\"miss\"}} {misses}")), "{metrics}");
     assert!(metrics.contains("hubcap_upstream_ratelimit_remaining{registry=\"docker.io\"} 99"), "{metrics}");
+    assert!(metrics.contains(&format!("hubcap_cache_bytes {cached}")), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
