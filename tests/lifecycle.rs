@@ -100,6 +100,16 @@ impl Env {
         hubcap::gc::run(self.index.as_ref(), self.store.as_ref(), opts).await.unwrap()
     }
 
+    /// Starts a sweep and returns once it reached `step`, with the sweep and
+    /// the switch that lets it go on.
+    async fn sweep_paused_at(&self, step: Step, o: GcOptions) -> (tokio::task::JoinHandle<GcReport>, oneshot::Sender<()>) {
+        let (pause, mut at) = gate(step);
+        let (index, store) = (self.index.clone(), self.store.clone());
+        let o = GcOptions { pause: Some(pause), ..o };
+        let sweep = tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() });
+        (sweep, at.recv().await.unwrap())
+    }
+
     async fn stored(&self, digest: &str) -> bool {
         self.store.size(&Digest::parse(digest).unwrap()).await.unwrap().is_some()
     }
@@ -282,13 +292,7 @@ async fn manifest_fetched_while_its_blobs_are_swept(kind: Kind) {
 
     // The sweep read the index and judged p stale; a client pulls p before
     // the sweep writes: the pull wins, nothing of p goes.
-    let (pause, mut at) = gate(Step::Read);
-    let sweep = {
-        let (index, store) = (e.index.clone(), e.store.clone());
-        let o = GcOptions { pause: Some(pause), ..opts(1, 0) };
-        tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() })
-    };
-    let go = at.recv().await.unwrap();
+    let (sweep, go) = e.sweep_paused_at(Step::Read, opts(1, 0)).await;
     e.pull("library/p", "1").await;
     go.send(()).unwrap();
     let r = sweep.await.unwrap();
@@ -338,13 +342,7 @@ async fn blob_requested_while_being_deleted(kind: Kind) {
 
     // Requested after the sweep read the index, before it marked the blob:
     // the request marks it used, so the sweep leaves it.
-    let (pause, mut at) = gate(Step::Read);
-    let sweep = {
-        let (index, store) = (e.index.clone(), e.store.clone());
-        let o = GcOptions { pause: Some(pause), ..opts(3600, 1) };
-        tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() })
-    };
-    let go = at.recv().await.unwrap();
+    let (sweep, go) = e.sweep_paused_at(Step::Read, opts(3600, 1)).await;
     get_blob(&e.http, &e.mirror.url, "library/q", &config).await;
     go.send(()).unwrap();
     let r = sweep.await.unwrap();
@@ -358,13 +356,7 @@ async fn blob_requested_while_being_deleted(kind: Kind) {
     // there): the mirror does not hand it out; it waits for the sweep and
     // fetches the blob again.
     tick(2).await;
-    let (pause, mut at) = gate(Step::BlobsMarked);
-    let sweep = {
-        let (index, store) = (e.index.clone(), e.store.clone());
-        let o = GcOptions { pause: Some(pause), ..opts(3600, 1) };
-        tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() })
-    };
-    let go = at.recv().await.unwrap();
+    let (sweep, go) = e.sweep_paused_at(Step::BlobsMarked, opts(3600, 1)).await;
     assert!(e.stored(&config).await, "marked, not yet deleted");
     let gets = e.hub.count(|c| &c.blob_get);
     let request = {
@@ -393,13 +385,7 @@ async fn tag_moved_during_a_sweep(kind: Kind) {
     e.pull("library/r", "1").await;
     tick(2).await;
 
-    let (pause, mut at) = gate(Step::Read);
-    let sweep = {
-        let (index, store) = (e.index.clone(), e.store.clone());
-        let o = GcOptions { pause: Some(pause), ..opts(1, 3600) };
-        tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() })
-    };
-    let go = at.recv().await.unwrap();
+    let (sweep, go) = e.sweep_paused_at(Step::Read, opts(1, 3600)).await;
     e.hub.publish("library/r", "1", &m2);
     assert_eq!(e.pull("library/r", "1").await.digest, m2.digest(), "the tag moved upstream and on the mirror");
     go.send(()).unwrap();
@@ -531,13 +517,7 @@ async fn a_sweep_killed_mid_delete_is_finished_next_time(kind: Kind) {
     tick(2).await;
 
     // Killed at the worst point: blobs marked `deleting`, bytes still there.
-    let (pause, mut at) = gate(Step::BlobsMarked);
-    let sweep = {
-        let (index, store) = (e.index.clone(), e.store.clone());
-        let o = GcOptions { pause: Some(pause), delete_lease: secs(2), ..opts(3600, 1) };
-        tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() })
-    };
-    let _go = at.recv().await.unwrap();
+    let (sweep, _go) = e.sweep_paused_at(Step::BlobsMarked, GcOptions { delete_lease: secs(2), ..opts(3600, 1) }).await;
     sweep.abort();
     let _ = sweep.await;
     e.assert_consistent().await;
