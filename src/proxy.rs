@@ -286,9 +286,8 @@ impl Mirror {
         let (requests, limited) = self.upstreams.iter().fold((0, 0), |(r, l), u| (r + u.requests(), l + u.rate_limited()));
         out.counters.insert("upstream_requests".into(), requests);
         out.counters.insert("upstream_rate_limited".into(), limited);
-        let mut ups: Vec<_> = self.upstreams.iter().collect();
-        ups.sort_by_key(|u| u.registry != crate::oci::DOCKER_HUB);
-        out.ratelimit_remaining = ups.iter().find_map(|u| u.ratelimit_remaining()).map(|n| (n, now()));
+        // The latest report of any upstream (Docker Hub is the one that limits).
+        out.ratelimit_remaining = self.upstreams.iter().filter_map(|u| u.ratelimit_seen()).max_by_key(|(_, at)| *at);
         out
     }
 
@@ -303,7 +302,7 @@ impl Mirror {
                 delta.counters.insert(k.clone(), d);
             }
         }
-        delta.ratelimit_remaining = totals.ratelimit_remaining.filter(|(n, _)| last.0.ratelimit_remaining.map(|(m, _)| m) != Some(*n));
+        delta.ratelimit_remaining = totals.ratelimit_remaining.filter(|r| last.0.ratelimit_remaining != Some(*r));
         if !delta.counters.is_empty() || delta.ratelimit_remaining.is_some() {
             self.index.add_stats(&delta).await?;
         }
@@ -329,9 +328,9 @@ impl Mirror {
             let unflushed = v.saturating_sub(last.0.counters.get(&k).copied().unwrap_or(0));
             *stored.counters.entry(k).or_default() += unflushed;
         }
-        if let Some(r) = self.stats_totals().ratelimit_remaining {
-            stored.ratelimit_remaining = Some(r);
-        }
+        // The later of what is stored (maybe by another instance) and what this one saw.
+        stored.ratelimit_remaining =
+            stored.ratelimit_remaining.into_iter().chain(self.stats_totals().ratelimit_remaining).max_by_key(|(_, at)| *at);
         Ok(stored)
     }
 

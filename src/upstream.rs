@@ -102,6 +102,8 @@ pub struct Upstream {
     /// Authorization header per scope, until it expires.
     auth: Mutex<HashMap<String, CachedAuth>>,
     ratelimit_remaining: AtomicI64,
+    /// When it was reported (Unix seconds).
+    ratelimit_seen_at: AtomicI64,
     requests: AtomicU64,
     rate_limited: AtomicU64,
 }
@@ -125,6 +127,7 @@ impl Upstream {
             credentials,
             auth: Mutex::new(HashMap::new()),
             ratelimit_remaining: AtomicI64::new(-1),
+            ratelimit_seen_at: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
         })
@@ -148,6 +151,11 @@ impl Upstream {
     pub fn ratelimit_remaining(&self) -> Option<i64> {
         let v = self.ratelimit_remaining.load(Ordering::Relaxed);
         (v >= 0).then_some(v)
+    }
+
+    /// The last `ratelimit-remaining` upstream reported and when (Unix seconds).
+    pub fn ratelimit_seen(&self) -> Option<(i64, i64)> {
+        self.ratelimit_remaining().map(|n| (n, self.ratelimit_seen_at.load(Ordering::Relaxed)))
     }
 
     /// `429 Too Many Requests` answers received so far.
@@ -356,6 +364,7 @@ impl Upstream {
         if let Some(v) = header_str(headers, "ratelimit-remaining")
             && let Ok(n) = v.split(';').next().unwrap_or("").trim().parse::<i64>()
         {
+            self.ratelimit_seen_at.store(crate::storage::now(), Ordering::Relaxed);
             self.ratelimit_remaining.store(n, Ordering::Relaxed);
         }
     }
