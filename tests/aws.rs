@@ -258,32 +258,35 @@ async fn the_sample_events_run_through_the_handlers() {
 
     // The gc function: the warm schedule's input caches the warm list, the
     // schedule's own event runs a sweep.
-    let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([
-        "gc",
-        "--upstream",
-        &format!("docker.io={}", hub.url),
-        "--warm-images",
-        "library/hello:latest",
-        "--unused-for",
-        "1s",
-        "--grace",
-        "0",
-    ])
-    .unwrap();
-    let run = |name: &str| {
-        let (settings, storage) = (settings.clone(), storage.clone());
+    let upstream = format!("docker.io={}", hub.url);
+    let settings = |unused_for: &str| {
+        <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([
+            "gc",
+            "--upstream",
+            &upstream,
+            "--warm-images",
+            "library/hello:latest",
+            "--unused-for",
+            unused_for,
+            "--grace",
+            "0",
+        ])
+        .unwrap()
+    };
+    let run = |name: &str, unused_for: &str| {
+        let (settings, storage) = (settings(unused_for), storage.clone());
         let payload: serde_json::Value = serde_json::from_str(&event(name)).unwrap();
         async move {
             hubcap::lambda::maintenance_on(Backend::Aws(Box::new(storage)), &settings, &payload, Duration::from_secs(120)).await.unwrap()
         }
     };
-    let warmed = run("warm.json").await;
+    let warmed = run("warm.json", "30d").await;
     assert_eq!(warmed["warmed"], serde_json::json!(["library/hello:latest"]), "{warmed}");
-    let sweep = run("scheduled.json").await;
+    let sweep = run("scheduled.json", "30d").await;
     assert_eq!((sweep["complete"].as_bool(), sweep["before"]["images"].as_u64()), (Some(true), Some(1)), "{sweep}");
     assert!(sweep["expired"].as_array().unwrap().is_empty(), "just warmed: {sweep}");
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let sweep = run("scheduled.json").await;
+    let sweep = run("scheduled.json", "1s").await;
     assert_eq!(sweep["expired"], serde_json::json!(["docker.io/library/hello:latest"]), "{sweep}");
 }
 

@@ -203,9 +203,10 @@ async fn retention(kind: Kind) {
     e.pull("library/a", "1").await;
     e.pull("library/b", "1").await;
     e.pull("team/c", "1").await;
-    tick(2).await;
+    tick(4).await;
     e.pull("library/b", "1").await;
-    let keep = GcOptions { pins: vec![Pin::parse("team/*").unwrap()], ..opts(1, 3600) };
+    // Not pulled for 3 s expires: a and c, but c is pinned.
+    let keep = GcOptions { pins: vec![Pin::parse("team/*").unwrap()], ..opts(3, 3600) };
 
     // A dry run says what would go, and changes nothing.
     let dry = e.gc(&GcOptions { dry_run: true, ..keep.clone() }).await;
@@ -412,19 +413,20 @@ both!(pulls_and_gc_in_a_loop, loop_embedded, loop_aws);
 
 async fn pulls_and_gc_in_a_loop(kind: Kind) {
     let e = env(kind, cfg()).await;
-    let imgs: Vec<Published> = (0..6).map(|i| layered(300, 310 + i, 20_000)).collect();
+    let imgs: Vec<Published> = (0..8).map(|i| layered(300, 310 + i, 20_000)).collect();
     for (i, p) in imgs.iter().enumerate() {
         e.hub.publish(&format!("library/l{i}"), "1", p);
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // GC as often as it can: everything not pulled within a second expires,
-    // blobs unused for two seconds go.
+    // blobs unused for four seconds go (a grace longer than any pull takes
+    // here, even on a loaded machine).
     let sweeper = {
         let (index, store, stop) = (e.index.clone(), e.store.clone(), stop.clone());
         tokio::spawn(async move {
             let (mut runs, mut deleted) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = hubcap::gc::run(index.as_ref(), store.as_ref(), &opts(1, 2)).await.unwrap();
+                let r = hubcap::gc::run(index.as_ref(), store.as_ref(), &opts(1, 4)).await.unwrap();
                 runs += 1;
                 deleted += r.deleted_blobs;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -432,21 +434,21 @@ async fn pulls_and_gc_in_a_loop(kind: Kind) {
             (runs, deleted)
         })
     };
-    // Two clients pull the images round robin, each image about every five
+    // Two clients pull the images round robin, each image about every eight
     // seconds, so images expire and their blobs go between their pulls;
     // every byte is checked.
     let started = std::time::Instant::now();
     let mut pulls = 0;
     let mut round = 0;
-    while started.elapsed() < Duration::from_secs(16) {
+    while started.elapsed() < Duration::from_secs(20) {
         let i = round % imgs.len();
-        let j = (round + 3) % imgs.len();
+        let j = (round + 4) % imgs.len();
         let (ni, nj) = (format!("library/l{i}"), format!("library/l{j}"));
         let (x, y) = tokio::join!(e.pull(&ni, "1"), e.pull(&nj, "1"));
         assert_eq!((x.digest.as_str(), y.digest.as_str()), (imgs[i].digest().as_str(), imgs[j].digest().as_str()));
         pulls += 2;
         round += 1;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(2000)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (runs, deleted) = sweeper.await.unwrap();
