@@ -217,15 +217,7 @@ async fn read(index: &dyn Index) -> Result<Snapshot> {
                     snap.links.insert((repo, digest), pulled_at);
                 }
                 Entry::Manifest { record, created_at } => {
-                    let refs = match parse_manifest(&record.body, Some(&record.media_type)) {
-                        Ok(info) => {
-                            Refs { created_at, blobs: info.blobs.into_iter().map(|b| b.digest).collect(), children: info.manifests }
-                        }
-                        Err(e) => {
-                            tracing::warn!(digest = %record.digest, error = %e.message, "stored manifest unreadable; its blobs are kept");
-                            Refs { created_at, ..Refs::default() }
-                        }
-                    };
+                    let refs = refs_of(&record, created_at);
                     snap.manifests.insert(record.digest, refs);
                 }
                 Entry::Blob(b) => {
@@ -236,7 +228,30 @@ async fn read(index: &dyn Index) -> Result<Snapshot> {
         }
         match page.next {
             Some(next) => cursor = Some(next),
-            None => return Ok(snap),
+            None => break,
+        }
+    }
+    // A repository's copy can outlive the stored manifest (a sweep deleted
+    // it while a pull stored it again): what it references still counts.
+    let missing: Vec<(String, Digest)> = snap.links.keys().filter(|(_, d)| !snap.manifests.contains_key(d)).cloned().collect();
+    for (repo, digest) in missing {
+        if snap.manifests.contains_key(&digest) {
+            continue;
+        }
+        if let Some(record) = index.manifest(&repo, &digest).await?.record {
+            snap.manifests.insert(digest, refs_of(&record, 0));
+        }
+    }
+    Ok(snap)
+}
+
+fn refs_of(record: &crate::storage::ManifestRecord, created_at: i64) -> Refs {
+    match parse_manifest(&record.body, Some(&record.media_type)) {
+        Ok(info) => Refs { created_at, blobs: info.blobs.into_iter().map(|b| b.digest).collect(), children: info.manifests },
+        Err(e) => {
+            // Unreadable: nothing known to reference, so nothing is kept for it.
+            tracing::warn!(digest = %record.digest, error = %e.message, "stored manifest unreadable");
+            Refs { created_at, ..Refs::default() }
         }
     }
 }

@@ -405,6 +405,25 @@ async fn tag_moved_during_a_sweep(kind: Kind) {
     e.mirror.stop().await;
 }
 
+/// On DynamoDB a repository's copy of a manifest can outlive the stored
+/// manifest (a sweep deleted it just as a pull stored it again): what the
+/// copy references stays while the copy is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repository_copy_keeps_its_blobs_when_the_stored_manifest_is_gone() {
+    let e = env(Kind::Aws, cfg()).await;
+    let z = layered(71, 72, 20_000);
+    e.hub.publish("library/z", "1", &z);
+    e.pull("library/z", "1").await;
+    assert!(e.index.delete_manifest(&Digest::parse(&z.digest()).unwrap()).await.unwrap());
+    tick(2).await;
+    let r = e.gc(&opts(3600, 1)).await;
+    assert_eq!((r.expired.len(), r.deleted_blobs, r.grace_blobs), (0, 0, 0), "{r:?}");
+    e.hub.set_fault(Fault::ServerError);
+    assert_eq!(e.pull("library/z", "1").await.digest, z.digest(), "served whole from the cache");
+    e.hub.set_fault(Fault::None);
+    e.mirror.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Pulls and GC together, in a loop
 // ---------------------------------------------------------------------------
