@@ -233,6 +233,7 @@ async fn read(index: &dyn Index) -> Result<Snapshot> {
     }
     // A repository's copy can outlive the stored manifest (a sweep deleted
     // it while a pull stored it again): what it references still counts.
+    // (Rare: one read per such copy.)
     let missing: Vec<(String, Digest)> = snap.links.keys().filter(|(_, d)| !snap.manifests.contains_key(d)).cloned().collect();
     for (repo, digest) in missing {
         if snap.manifests.contains_key(&digest) {
@@ -240,6 +241,16 @@ async fn read(index: &dyn Index) -> Result<Snapshot> {
         }
         if let Some(record) = index.manifest(&repo, &digest).await?.record {
             snap.manifests.insert(digest, refs_of(&record, 0));
+        }
+    }
+    // So can a tag's (DynamoDB tags carry a copy).
+    let missing: Vec<TagRecord> = snap.tags.iter().filter(|t| !snap.manifests.contains_key(&t.digest)).cloned().collect();
+    for t in missing {
+        if snap.manifests.contains_key(&t.digest) {
+            continue;
+        }
+        if let Some((_, Some(record))) = index.tag_manifest(&t.repo, &t.tag, &t.variant).await? {
+            snap.manifests.insert(t.digest.clone(), refs_of(&record, 0));
         }
     }
     Ok(snap)

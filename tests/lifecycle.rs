@@ -418,6 +418,11 @@ async fn a_repository_copy_keeps_its_blobs_when_the_stored_manifest_is_gone() {
     tick(2).await;
     let r = e.gc(&opts(3600, 1)).await;
     assert_eq!((r.expired.len(), r.deleted_blobs, r.grace_blobs), (0, 0, 0), "{r:?}");
+    // The same when only the tag's copy is left.
+    assert!(e.index.expire_manifest_link("docker.io/library/z", &Digest::parse(&z.digest()).unwrap(), i64::MAX).await.unwrap());
+    tick(2).await;
+    let r = e.gc(&opts(3600, 1)).await;
+    assert_eq!((r.expired.len(), r.deleted_blobs, r.grace_blobs), (0, 0, 0), "{r:?}");
     e.hub.set_fault(Fault::ServerError);
     assert_eq!(e.pull("library/z", "1").await.digest, z.digest(), "served whole from the cache");
     e.hub.set_fault(Fault::None);
