@@ -256,10 +256,6 @@ impl Mirror {
         &self.store
     }
 
-    pub fn config(&self) -> &MirrorConfig {
-        &self.cfg
-    }
-
     /// What the cache holds and how it served, for `/_hubcap/stats`: the
     /// inventory is read at most once a minute.
     pub async fn report(&self) -> Result<crate::stats::Report, StorageError> {
@@ -324,13 +320,13 @@ impl Mirror {
     pub async fn stats(&self) -> Result<StoredStats, StorageError> {
         let mut stored = self.index.stats().await?;
         let last = self.flushed.lock().await;
-        for (k, v) in self.stats_totals().counters {
+        let totals = self.stats_totals();
+        for (k, v) in totals.counters {
             let unflushed = v.saturating_sub(last.0.counters.get(&k).copied().unwrap_or(0));
             *stored.counters.entry(k).or_default() += unflushed;
         }
         // The later of what is stored (maybe by another instance) and what this one saw.
-        stored.ratelimit_remaining =
-            stored.ratelimit_remaining.into_iter().chain(self.stats_totals().ratelimit_remaining).max_by_key(|(_, at)| *at);
+        stored.ratelimit_remaining = stored.ratelimit_remaining.into_iter().chain(totals.ratelimit_remaining).max_by_key(|(_, at)| *at);
         Ok(stored)
     }
 
