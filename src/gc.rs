@@ -288,6 +288,11 @@ impl Root {
 }
 
 impl Snapshot {
+    /// `closure`, as (repository, manifest) pairs.
+    fn reach<'a>(&self, repo: &'a str, digest: &Digest) -> impl Iterator<Item = (String, Digest)> + 'a {
+        self.closure(digest).into_iter().map(move |m| (repo.to_owned(), m))
+    }
+
     /// The manifests an image holds in its repository: its own, and an
     /// index's platform manifests.
     fn closure(&self, digest: &Digest) -> Vec<Digest> {
@@ -347,9 +352,7 @@ impl Snapshot {
             }
         };
         for t in &self.tags {
-            for m in self.closure(&t.digest) {
-                reached.insert((t.repo.clone(), m));
-            }
+            reached.extend(self.reach(&t.repo, &t.digest));
             let name = format!("{}:{}", t.repo, t.tag);
             let entry = images.entry(name.clone()).or_insert_with(|| info(name, &t.digest, t.pulled_at));
             entry.pulled_at = entry.pulled_at.max(t.pulled_at);
@@ -457,7 +460,7 @@ async fn sweep(
     let links_at: HashMap<(String, Digest), usize> =
         roots.iter().enumerate().filter(|(_, r)| r.tag.is_none()).map(|(i, r)| ((r.repo.clone(), r.digest.clone()), i)).collect();
     let reached_by_tags: HashSet<(String, Digest)> =
-        roots.iter().filter(|r| r.tag.is_some()).flat_map(|r| snap.closure(&r.digest).into_iter().map(|m| (r.repo.clone(), m))).collect();
+        roots.iter().filter(|r| r.tag.is_some()).flat_map(|r| snap.reach(&r.repo, &r.digest)).collect();
     if let Some(cap) = opts.max_bytes {
         let mut refcount: HashMap<Digest, usize> = HashMap::new();
         let closures: Vec<HashSet<Digest>> = roots.iter().map(|r| snap.blobs_of(&snap.closure(&r.digest))).collect();
@@ -511,13 +514,8 @@ async fn sweep(
     // 1. Images.
     let mut kept_links: HashSet<(String, Digest)> = HashSet::new();
     let mut kept_tag_targets: HashSet<Digest> = HashSet::new();
-    let keep_closure = |r: &Root, links: &mut HashSet<(String, Digest)>| {
-        for m in snap.closure(&r.digest) {
-            links.insert((r.repo.clone(), m));
-        }
-    };
     for r in roots.iter().filter(|r| r.keep) {
-        keep_closure(r, &mut kept_links);
+        kept_links.extend(snap.reach(&r.repo, &r.digest));
         if r.tag.is_some() {
             kept_tag_targets.insert(r.digest.clone());
         }
@@ -543,13 +541,11 @@ async fn sweep(
         }
         if opts.dry_run || index.expire_tag(&r.repo, t, v, &r.digest, r.pulled_at + 1).await? {
             report.expired.push(r.name());
-            expired_reach.extend(snap.closure(&r.digest).into_iter().map(|m| (r.repo.clone(), m)));
+            expired_reach.extend(snap.reach(&r.repo, &r.digest));
         } else {
             // Pulled, or moved, meanwhile: it stays, with what it leads to now.
             let digest = index.tag(&r.repo, t, v).await?.map_or_else(|| r.digest.clone(), |now| now.digest);
-            for m in snap.closure(&digest) {
-                kept_links.insert((r.repo.clone(), m));
-            }
+            kept_links.extend(snap.reach(&r.repo, &digest));
             kept_tag_targets.insert(digest);
         }
     }
