@@ -419,6 +419,11 @@ impl DynamoIndex {
         DynamoIndex { client, table: table.to_owned(), large }
     }
 
+    /// An UpdateItem on a blob's own item.
+    fn update_blob(&self, digest: &Digest) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client.update_item().table_name(&self.table).key("pk", s(blob_pk(digest))).key("sk", s("blob"))
+    }
+
     async fn get(&self, pk: String, sk: String) -> Result<Option<Item>> {
         let out = self
             .client
@@ -835,11 +840,7 @@ impl Index for DynamoIndex {
     async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
         let t = now();
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(blob_pk(digest)))
-            .key("sk", s("blob"))
+            .update_blob(digest)
             .update_expression("SET #s = :fetching, lease_until = :until, updated_at = :now ADD attempts :one")
             .condition_expression("attribute_exists(pk) AND (#s IN (:pending, :failed) OR (#s = :fetching AND lease_until < :now))")
             .expression_attribute_names("#s", "state")
@@ -859,11 +860,7 @@ impl Index for DynamoIndex {
         // A MODIFY that leaves the item pending passes the stream filter: the
         // fetcher runs again.
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(blob_pk(digest)))
-            .key("sk", s("blob"))
+            .update_blob(digest)
             .update_expression("SET #s = :pending, updated_at = :now REMOVE lease_until")
             .condition_expression("(#s = :pending AND updated_at < :cutoff) OR (#s = :fetching AND lease_until < :now)")
             .expression_attribute_names("#s", "state")
@@ -884,11 +881,7 @@ impl Index for DynamoIndex {
         // Never over a GC delete in progress (its bytes are going), and
         // never creating an item GC removed.
         let mut req = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(blob_pk(digest)))
-            .key("sk", s("blob"))
+            .update_blob(digest)
             .condition_expression("attribute_exists(pk) AND #s <> :deleting")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":deleting", s("deleting"))
@@ -1029,11 +1022,7 @@ impl Index for DynamoIndex {
     async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
         let t = now();
         let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(blob_pk(digest)))
-            .key("sk", s("blob"))
+            .update_blob(digest)
             .update_expression("SET #s = :deleting, lease_until = :until, updated_at = :now")
             .condition_expression(
                 "(#s IN (:ready, :failed) AND (used_at < :before OR (attribute_not_exists(used_at) AND updated_at < :before))) \
