@@ -192,15 +192,19 @@ pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_inter
     tokio::spawn(async move {
         use tokio::time::{Instant, MissedTickBehavior, interval_at};
         let mut flush = interval_at(Instant::now() + STATS_FLUSH_EVERY, STATS_FLUSH_EVERY);
-        let first = gc_interval.min(std::time::Duration::from_secs(60));
-        // A zero interval never fires (a year is never, for a server).
-        let every = if gc_interval.is_zero() { std::time::Duration::from_secs(365 * 86400) } else { gc_interval };
-        let mut sweep = interval_at(Instant::now() + if gc_interval.is_zero() { every } else { first }, every);
-        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sweep = (!gc_interval.is_zero()).then(|| {
+            let mut i = interval_at(Instant::now() + gc_interval.min(std::time::Duration::from_secs(60)), gc_interval);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        let next_sweep = async |sweep: &mut Option<tokio::time::Interval>| match sweep {
+            Some(i) => i.tick().await,
+            None => std::future::pending().await,
+        };
         loop {
             tokio::select! {
                 _ = flush.tick() => mirror.flush_stats_every(STATS_FLUSH_EVERY).await,
-                _ = sweep.tick() => match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
+                _ = next_sweep(&mut sweep) => match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
                     Ok(r) => tracing::info!(
                         expired = r.expired.len(),
                         deleted_blobs = r.deleted_blobs,
