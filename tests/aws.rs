@@ -27,15 +27,7 @@ fn upstreams(hub: &FakeHub) -> Upstreams {
 }
 
 fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
-    ServeOptions {
-        backend: Backend::Aws(Box::new(storage)),
-        upstreams: vec![format!("docker.io={}", hub.url)],
-        credentials: None,
-        credentials_secret: None,
-        mirror: config(),
-        fetch_concurrency: 4,
-        access: Default::default(),
-    }
+    common::options(Backend::Aws(Box::new(storage)), vec![format!("docker.io={}", hub.url)], config())
 }
 
 /// Serves a router on a loopback port (the `api` function, minus Lambda).
@@ -115,19 +107,34 @@ async fn a_hit_costs_one_get_item_and_no_s3_call_and_nothing_when_warm() {
     assert_eq!(hub.count(|c| &c.manifest_get), 1, "upstream was asked once, by the first instance");
 }
 
+/// The api on moto (blob misses wait only 200 ms), served on loopback, the
+/// fetcher, and a pump of the table's stream that hands records to the test.
+struct StreamWorld {
+    moto: Moto,
+    storage: AwsStorage,
+    api: String,
+    fetcher: Fetcher,
+    pump: StreamPump,
+}
+
+async fn stream_world(hub: &FakeHub, table: &str) -> StreamWorld {
+    let moto = Moto::start().await;
+    let storage = moto.setup(&format!("{table}-bucket"), table).await;
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_millis(200);
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(hub), cfg, 100, Default::default()).await.unwrap();
+    let api = serve(router).await;
+    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(hub)).await;
+    let pump = StreamPump::new(&moto.url, table);
+    StreamWorld { moto, storage, api, fetcher, pump }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fetcher_consumes_real_stream_records() {
     let hub = FakeHub::start().await;
     let img = images::small_image(Format::Docker, "amd64", 201, 3);
     hub.publish("library/streamed", "1", &Published::Image(img.clone()));
-    let moto = Moto::start().await;
-    let storage = moto.setup("stream-bucket", "stream").await;
-    let mut cfg = config();
-    cfg.blob_wait = Duration::from_millis(200);
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default()).await.unwrap();
-    let api = serve(router).await;
-    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await;
-    let mut pump = StreamPump::new(&moto.url, "stream");
+    let StreamWorld { moto: _moto, storage, api, fetcher, mut pump } = stream_world(&hub, "stream").await;
     let http = client();
 
     // The manifest miss writes pending blob items: the stream carries them.
@@ -452,14 +459,7 @@ async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
     let hub = FakeHub::start().await;
     let img = images::small_image(Format::Oci, "amd64", 210, 1);
     hub.publish("library/lost", "1", &Published::Image(img.clone()));
-    let moto = Moto::start().await;
-    let storage = moto.setup("lost-bucket", "lost").await;
-    let mut cfg = config();
-    cfg.blob_wait = Duration::from_millis(200);
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default()).await.unwrap();
-    let api = serve(router).await;
-    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await;
-    let mut pump = StreamPump::new(&moto.url, "lost");
+    let StreamWorld { moto, storage: _, api, fetcher, mut pump } = stream_world(&hub, "lost").await;
     let http = client();
     get_manifest(&http, &api, "lost", "1", ALL_MANIFESTS).await;
     let lost = pump.poll().await; // delivered to nobody

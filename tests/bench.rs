@@ -563,14 +563,8 @@ async fn benchmark() {
     // 8: AWS calls per hit, from a counting proxy in front of moto.
     let proxy = common::moto::CountingProxy::start(&moto.url).await;
     let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;
-    let opts = |s: hubcap::storage::aws::AwsStorage| hubcap::serve::ServeOptions {
-        backend: hubcap::serve::Backend::Aws(Box::new(s)),
-        upstreams: vec![format!("docker.io={upstream}")],
-        credentials: None,
-        credentials_secret: None,
-        mirror: common::config(),
-        fetch_concurrency: 4,
-        access: Default::default(),
+    let opts = |s: hubcap::storage::aws::AwsStorage| {
+        common::options(hubcap::serve::Backend::Aws(Box::new(s)), vec![format!("docker.io={upstream}")], common::config())
     };
     let first = common::Hubcap::start_opts(opts(storage.clone())).await;
     common::pull(&http, &first.url, "small", "1").await;

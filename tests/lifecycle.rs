@@ -20,7 +20,7 @@ use common::{Hubcap, client, get_blob, get_manifest, pull};
 use hubcap::gc::{GcOptions, GcReport, Pause, Pin, Step};
 use hubcap::oci::Digest;
 use hubcap::proxy::MirrorConfig;
-use hubcap::serve::{Backend, ServeOptions};
+use hubcap::serve::Backend;
 use hubcap::storage::{BlobState, BlobStore, Index};
 use tokio::sync::{mpsc, oneshot};
 
@@ -59,16 +59,7 @@ async fn env(kind: Kind, mirror: MirrorConfig) -> Env {
             (Backend::Aws(Box::new(storage)), Some(moto))
         }
     };
-    let mirror = Hubcap::start_opts(ServeOptions {
-        backend: backend.clone(),
-        upstreams: vec![format!("docker.io={}", hub.url)],
-        credentials: None,
-        credentials_secret: None,
-        mirror,
-        fetch_concurrency: 8,
-        access: Default::default(),
-    })
-    .await;
+    let mirror = Hubcap::start_opts(common::options(backend.clone(), vec![format!("docker.io={}", hub.url)], mirror)).await;
     let (index, store, _) = hubcap::serve::open_backend(&backend, Duration::ZERO).await.unwrap();
     Env { hub, mirror, backend, index, store, http: client(), _dir: dir, _moto: moto }
 }

@@ -427,13 +427,8 @@ async fn upstream_credentials_are_used_for_tokens() {
     let creds = dir.path().join("auth.json");
     std::fs::write(&creds, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"Y2ktYm90OmRja3JfcGF0X3NlY3JldA=="}}}"#).unwrap();
     let opts = hubcap::serve::ServeOptions {
-        backend: hubcap::serve::Backend::Local(dir.path().join("data")),
-        upstreams: vec![format!("docker.io={}", hub.url)],
         credentials: Some(creds),
-        credentials_secret: None,
-        mirror: config(),
-        fetch_concurrency: 4,
-        access: Default::default(),
+        ..common::options(hubcap::serve::Backend::Local(dir.path().join("data")), vec![format!("docker.io={}", hub.url)], config())
     };
     let mirror = Hubcap::start_opts(opts).await;
     pull(&client(), &mirror.url, "alpine", "1").await;
@@ -470,13 +465,8 @@ async fn access_control_by_network_repository_and_credentials() {
     )
     .unwrap();
     let opts = hubcap::serve::ServeOptions {
-        backend: hubcap::serve::Backend::Local(dir.path().to_owned()),
-        upstreams: vec![format!("docker.io={}", hub.url)],
-        credentials: None,
-        credentials_secret: None,
-        mirror: config(),
-        fetch_concurrency: 4,
         access,
+        ..common::options(hubcap::serve::Backend::Local(dir.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
     };
     let mirror = Hubcap::start_opts(opts).await;
     let http = client();
@@ -509,13 +499,8 @@ async fn access_control_by_network_repository_and_credentials() {
     let dir2 = tempfile::tempdir().unwrap();
     let elsewhere = hubcap::access::AccessPolicy::new(&["10.0.0.0/8".into()], &[], &[], &[], &[]).unwrap();
     let opts = hubcap::serve::ServeOptions {
-        backend: hubcap::serve::Backend::Local(dir2.path().to_owned()),
-        upstreams: vec![format!("docker.io={}", hub.url)],
-        credentials: None,
-        credentials_secret: None,
-        mirror: config(),
-        fetch_concurrency: 4,
         access: elsewhere,
+        ..common::options(hubcap::serve::Backend::Local(dir2.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
     };
     let closed = Hubcap::start_opts(opts).await;
     let resp = http.get(format!("{}/v2/", closed.url)).send().await.unwrap();

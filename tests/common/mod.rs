@@ -37,6 +37,20 @@ pub fn config() -> MirrorConfig {
     }
 }
 
+/// The options the tests serve with: `backend`, `upstreams`, no upstream
+/// credentials, open access.
+pub fn options(backend: hubcap::serve::Backend, upstreams: Vec<String>, mirror: MirrorConfig) -> ServeOptions {
+    ServeOptions {
+        backend,
+        upstreams,
+        credentials: None,
+        credentials_secret: None,
+        mirror,
+        fetch_concurrency: 8,
+        access: Default::default(),
+    }
+}
+
 /// A `hubcap serve` running in this process on 127.0.0.1:0.
 pub struct Hubcap {
     pub url: String,
@@ -48,16 +62,7 @@ pub struct Hubcap {
 
 impl Hubcap {
     pub async fn start(data: &Path, upstreams: Vec<String>, mirror: MirrorConfig) -> Hubcap {
-        Hubcap::start_opts(ServeOptions {
-            backend: hubcap::serve::Backend::Local(data.to_owned()),
-            upstreams,
-            credentials: None,
-            credentials_secret: None,
-            mirror,
-            fetch_concurrency: 8,
-            access: Default::default(),
-        })
-        .await
+        Hubcap::start_opts(options(hubcap::serve::Backend::Local(data.to_owned()), upstreams, mirror)).await
     }
 
     pub async fn start_opts(opts: ServeOptions) -> Hubcap {
