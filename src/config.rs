@@ -34,7 +34,8 @@ pub struct MirrorArgs {
     /// Seconds a tag re-validation may take before the cached tag is served.
     #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0)]
     pub revalidate_timeout: f64,
-    /// Blob copies from upstream running at once (in-process fetcher).
+    /// Blob copies from upstream running at once (the in-process fetcher, or
+    /// one fetcher Lambda working through a batch of stream records).
     #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
     pub fetch_concurrency: usize,
 }

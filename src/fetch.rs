@@ -99,6 +99,13 @@ impl Fetcher {
         Err(err)
     }
 
+    /// Gives up a claimed copy that was cut off (the fetcher Lambda's
+    /// deadline): the blob goes back to `pending` with no lease, so the next
+    /// delivery, or the stream record this write emits, copies it at once.
+    pub async fn release(&self, digest: &Digest) -> Result<(), FetchError> {
+        Ok(self.index.set_blob_state(digest, BlobState::Pending, None, None).await?)
+    }
+
     /// One copy attempt: stream, hash, write; commit only a verified blob.
     async fn copy(&self, job: &FetchJob) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;

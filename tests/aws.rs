@@ -181,6 +181,83 @@ async fn the_fetcher_consumes_real_stream_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fetcher_copies_a_batch_concurrently_and_stops_before_its_deadline() {
+    use hubcap::lambda::{BatchLimits, handle_stream_within};
+    use std::time::Instant;
+    let hub = FakeHub::start().await;
+    let wide = images::small_image(Format::Docker, "amd64", 210, 4);
+    hub.publish("library/batch", "wide", &Published::Image(wide.clone()));
+    let late = images::small_image(Format::Docker, "amd64", 211, 2);
+    hub.publish("library/batch", "late", &Published::Image(late.clone()));
+    let StreamWorld { moto: _moto, api, fetcher, mut pump, .. } = stream_world(&hub, "batch").await;
+    let http = client();
+    let ids = |event: &aws_lambda_events::event::dynamodb::Event| -> Vec<String> {
+        event.records.iter().map(|r| r.change.sequence_number.clone().unwrap()).collect()
+    };
+    // What the event source mapping's filter lets through: pending blobs.
+    let pending = |mut event: aws_lambda_events::event::dynamodb::Event| {
+        event.records.retain(|r| hubcap::lambda::job_from_record(r).unwrap().is_some());
+        event
+    };
+
+    // Five blobs, each answered by upstream only after a second: copied
+    // side by side, the batch takes about one second, not five.
+    get_manifest(&http, &api, "batch", "wide", ALL_MANIFESTS).await;
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 5, "config and four layers");
+    hub.set_fault(Fault::Slow(Duration::from_secs(1)));
+    let started = Instant::now();
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(5)).await;
+    let took = started.elapsed();
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    assert!(took < Duration::from_millis(3500), "five one-second copies at once took {took:?}");
+    for (digest, _) in wide.blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once");
+    }
+
+    // Near its deadline the handler starts nothing new and cuts off what
+    // runs: every record is reported back (by its sequence number) and the
+    // cut-off blob is pending again at once, with no lease to wait out.
+    hub.set_fault(Fault::None);
+    get_manifest(&http, &api, "batch", "late", ALL_MANIFESTS).await;
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 3, "config and two layers");
+    let first = hubcap::lambda::job_from_record(&event.records[0]).unwrap().unwrap().digest;
+    hub.set_fault(Fault::Slow(Duration::from_secs(5)));
+    let now = Instant::now();
+    let limits = BatchLimits {
+        concurrency: 1,
+        stop_starting: Some(now + Duration::from_millis(1000)),
+        cut_off: Some(now + Duration::from_millis(1500)),
+    };
+    let resp = handle_stream_within(&fetcher, event.clone(), limits).await;
+    let took = now.elapsed();
+    assert!(took < Duration::from_millis(4000), "returned at the cut-off, not after the 5 s copy: {took:?}");
+    let mut reported: Vec<String> = resp.batch_item_failures.iter().map(|f| f.item_identifier.clone().unwrap()).collect();
+    reported.sort();
+    let mut all = ids(&event);
+    all.sort();
+    assert_eq!(reported, all, "the cut-off record and the two never started");
+    let requeued = pump.poll().await;
+    let pending_again: Vec<String> = requeued
+        .records
+        .iter()
+        .filter_map(|r| hubcap::lambda::job_from_record(r).unwrap())
+        .map(|j| j.digest.to_string())
+        .collect();
+    assert_eq!(pending_again, vec![first.to_string()], "the cut-off blob is pending again: a fresh stream record");
+
+    // The retry of the reported records copies everything, once.
+    hub.set_fault(Fault::None);
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(4)).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    for (digest, _) in late.blobs() {
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once");
+        get_blob(&http, &api, "batch", &digest).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_sharing_a_table_and_bucket_fetch_each_blob_once() {
     let hub = FakeHub::start().await;
     let img = images::small_image(Format::Oci, "amd64", 203, 4);

@@ -13,12 +13,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let settings = LambdaSettings::from_env()?;
     let settings = &settings;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        let remaining = std::time::Duration::from_millis(event.context.deadline.saturating_sub(now_ms()));
+        let remaining = hubcap::lambda::instant_of(event.context.deadline).saturating_duration_since(std::time::Instant::now());
         hubcap::lambda::maintenance(settings, &event.payload, remaining).await
     }))
     .await
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
