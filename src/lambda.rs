@@ -352,8 +352,13 @@ pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: Batch
     response
 }
 
-/// The `Instant` of a Lambda deadline given in milliseconds since the epoch.
-pub fn instant_of(deadline_ms: u64) -> Instant {
+/// The `Instant` of a Lambda deadline given in milliseconds since the
+/// epoch. `None` for one long past: `cargo lambda watch` sends a fixed
+/// 600 000 (ten minutes after 1970), which is no deadline at all.
+pub fn instant_of(deadline_ms: u64) -> Option<Instant> {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+    if deadline_ms + 60_000 < now_ms {
+        return None;
+    }
+    Some(Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms)))
 }

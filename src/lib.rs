@@ -15,7 +15,9 @@
 //! - `fetch`: the blob fetch job (upstream -> store, verified) and the
 //!   in-process queue that runs it.
 //! - `serve`: wiring for `hubcap serve` and the TCP server.
-//! - `lambda`: the adapters the `api` and `fetcher` Lambda binaries run.
+//! - `lambda`: the adapters the `api`, `fetcher` and `gc` Lambda binaries run.
+//! - `lambda_dev`: `hubcap lambda-dev`, the Function URL front and stream
+//!   pump that complete a local `cargo lambda watch` setup.
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
 //! - `access`: who may use the mirror (networks, repositories, credentials).
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
@@ -34,6 +36,7 @@ pub mod fetch;
 pub mod gc;
 pub mod http;
 pub mod lambda;
+pub mod lambda_dev;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;

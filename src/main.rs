@@ -42,6 +42,29 @@ enum Command {
     /// upstream requests saved, the last ratelimit-remaining, the oldest and
     /// least recently pulled images.
     Stats(Box<StatsArgs>),
+    /// Development: complete a `cargo lambda watch` setup on moto. Forwards
+    /// clients to the `api` function with repeated headers joined, as a
+    /// Function URL does, and feeds the table's stream to the `fetcher`.
+    LambdaDev(LambdaDevArgs),
+}
+
+#[derive(clap::Args)]
+struct LambdaDevArgs {
+    /// Where clients (daemon.json's registry-mirrors) connect.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    listen: SocketAddr,
+    /// The api function's URL under `cargo lambda watch`.
+    #[arg(long, default_value = "http://127.0.0.1:9000/lambda-url/api")]
+    api_url: String,
+    /// The table whose stream feeds the fetcher (AWS_ENDPOINT_URL: moto).
+    #[arg(long, env = "HUBCAP_TABLE")]
+    table: Option<String>,
+    /// The fetcher function's invoke URL under `cargo lambda watch`.
+    #[arg(long)]
+    fetcher_url: Option<String>,
+    /// How often the stream is read, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +165,16 @@ async fn main() -> std::process::ExitCode {
         Command::Warm(args) => warm_cmd(*args).await,
         Command::Gc(args) => gc_cmd(*args).await,
         Command::Stats(args) => stats_cmd(*args).await,
+        Command::LambdaDev(args) => {
+            let opts = hubcap::lambda_dev::LambdaDevOptions {
+                listen: args.listen,
+                api_url: args.api_url,
+                table: args.table,
+                fetcher_url: args.fetcher_url,
+                poll_every: std::time::Duration::from_millis(args.poll_ms),
+            };
+            hubcap::lambda_dev::run(opts, serve::shutdown_signal()).await
+        }
         Command::Check(args) => {
             let opts = hubcap::check::CheckOptions {
                 url: args.url,

@@ -435,37 +435,81 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
     assert!(emf.iter().all(|r| r["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "hubcap"));
 }
 
+/// A Lambda binary this test build made, run by cargo lambda's emulator as
+/// the function `name`.
+fn lambda_function(dir: &Path, name: &str, bin: &str, port: u16, settings: &[(&str, String)], env: Vec<(&'static str, String)>) -> Proc {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env("AWS_LAMBDA_FUNCTION_NAME", name)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt/{name}"));
+    for (k, v) in settings.iter().cloned().chain(env) {
+        cmd.env(k, v);
+    }
+    Proc::spawn(&mut cmd, dir.join(format!("{name}.log")))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
+async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_watch_and_lambda_dev() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let hub = FakeHub::start().await;
-    // A single-platform image: cargo lambda's Function URL emulator passes
-    // on one of a client's repeated Accept headers (AWS joins them with
-    // commas), so index negotiation is covered by the event tests instead.
-    let img = Published::Image(images::small_image(Format::Oci, "amd64", 206, 3));
+    // A multi-arch OCI index: skopeo, like Docker, sends one Accept header
+    // per media type, which the emulator alone would cut to the first.
+    let img = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 206, 3), images::small_image(Format::Oci, "arm64", 207, 2)],
+    );
     hub.publish("library/lambda", "1", &img);
     let moto = Moto::start().await;
     let storage = moto.setup("watch-bucket", "watch").await;
-    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
-    let _pump = Pump::start(&moto.url, "watch", fetcher);
 
-    let (_watch, api, base, port) = lambda_watch(
-        d,
-        &[
-            ("HUBCAP_BUCKET", "watch-bucket".into()),
-            ("HUBCAP_TABLE", "watch".into()),
-            ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
-        ],
-        moto.env(),
-    )
-    .await;
-    let _ = &base;
+    // The emulator, the api and fetcher functions, and `hubcap lambda-dev`
+    // in front (the Function URL's header joining) feeding the stream to
+    // the fetcher (the event source mapping).
+    let port = free_port();
+    let _watch = Proc::spawn(
+        std::process::Command::new("cargo").args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "--invoke-address",
+            "127.0.0.1",
+            "--invoke-port",
+            &port.to_string(),
+        ]),
+        d.join("watch.log"),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settings = [
+        ("HUBCAP_BUCKET", "watch-bucket".to_owned()),
+        ("HUBCAP_TABLE", "watch".into()),
+        ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
+    ];
+    let api = lambda_function(d, "api", env!("CARGO_BIN_EXE_api"), port, &settings, moto.env());
+    let fetcher = lambda_function(d, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &settings, moto.env());
+    let front_port = free_port();
+    let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+    dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", "watch"])
+        .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
+        .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
+        .env("NO_COLOR", "1");
+    for (k, v) in moto.env() {
+        dev.env(k, v);
+    }
+    let dev = Proc::spawn(&mut dev, d.join("lambda-dev.log"));
+    wait_ready(&format!("http://127.0.0.1:{front_port}/v2/"), &dev).await;
 
     // cargo lambda invoke with a sample event.
     let out = run(tokio::process::Command::new("cargo").args([
         "lambda",
         "invoke",
+        "api",
         "--invoke-address",
         "127.0.0.1",
         "--invoke-port",
@@ -476,18 +520,20 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
     .await;
     assert!(out.contains("\"statusCode\":200") || out.contains("\"statusCode\": 200"), "{out}");
 
-    let conf = common::registries_conf(d, &format!("127.0.0.1:{port}"), "lambda");
+    let conf = common::registries_conf(d, &format!("127.0.0.1:{front_port}"), "lambda");
     let policy = common::skopeo_policy(d);
     let out_dir = d.join("pulled");
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.arg("--registries-conf").arg(&conf).arg("--policy").arg(&policy);
-    cmd.args(["copy", "--retry-times", "0", "docker://docker.io/library/lambda:1"]).arg(format!("dir:{}", out_dir.display()));
-    run(&mut cmd).await;
+    cmd.args(["copy", "--all", "--retry-times", "0", "docker://docker.io/library/lambda:1"]).arg(format!("dir:{}", out_dir.display()));
+    let copied = cmd.stdin(std::process::Stdio::null()).output().await.unwrap();
+    let logs = || format!("api:\n{}\nfetcher:\n{}\nlambda-dev:\n{}", api.log(), fetcher.log(), dev.log());
+    assert!(copied.status.success(), "skopeo: {}\n{}", String::from_utf8_lossy(&copied.stderr), logs());
     let manifest = std::fs::read(out_dir.join("manifest.json")).unwrap();
-    assert_eq!(sha256(&manifest), img.digest(), "{}", String::from_utf8_lossy(&manifest));
+    assert_eq!(sha256(&manifest), img.digest(), "the index itself: {}", String::from_utf8_lossy(&manifest));
     for (digest, bytes) in img.all_blobs() {
         let file = out_dir.join(digest.trim_start_matches("sha256:"));
-        let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", api.log()));
+        let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", logs()));
         assert_eq!(got, bytes.to_vec(), "{digest}: every byte");
     }
     let (store, _) = hubcap::storage::aws::connect(&storage).await;
@@ -497,6 +543,7 @@ async fn skopeo_pulls_through_the_api_lambda_under_cargo_lambda_watch() {
         use hubcap::storage::BlobStore;
         assert!(store.size(&d).await.unwrap().is_some(), "{digest} is in S3, put there by the fetcher");
     }
+    assert!(fetcher.log().contains("\"fetched\""), "the fetcher function copied the blobs:\n{}", logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

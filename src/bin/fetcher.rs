@@ -15,8 +15,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let fetcher = hubcap::lambda::fetcher(&settings).await?;
     let (fetcher, concurrency) = (&fetcher, settings.mirror.fetch_concurrency);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
-        let deadline = hubcap::lambda::instant_of(event.context.deadline);
-        let limits = BatchLimits::before(deadline, concurrency);
+        let limits = match hubcap::lambda::instant_of(event.context.deadline) {
+            Some(deadline) => BatchLimits::before(deadline, concurrency),
+            None => BatchLimits::unbounded(concurrency),
+        };
         Ok::<_, lambda_runtime::Error>(hubcap::lambda::handle_stream_within(fetcher, event.payload, limits).await)
     }))
     .await

@@ -13,7 +13,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let settings = LambdaSettings::from_env()?;
     let settings = &settings;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        let remaining = hubcap::lambda::instant_of(event.context.deadline).saturating_duration_since(std::time::Instant::now());
+        // Without a real deadline (the emulator), a Lambda's longest run.
+        let remaining = hubcap::lambda::instant_of(event.context.deadline)
+            .map_or(std::time::Duration::from_secs(900), |d| d.saturating_duration_since(std::time::Instant::now()));
         hubcap::lambda::maintenance(settings, &event.payload, remaining).await
     }))
     .await
