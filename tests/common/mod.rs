@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fakehub;
+pub mod iam;
 pub mod images;
 pub mod moto;
 pub mod procs;

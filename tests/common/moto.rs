@@ -95,55 +95,324 @@ pub async fn storage_at(url: &str, bucket: &str, table: &str) -> AwsStorage {
 }
 
 /// Forwards everything to moto and counts each call by operation:
-/// `DynamoDB.GetItem`, `S3.GET`, ...
+/// `DynamoDB.GetItem`, `S3.GET`, ... It also records each call as an
+/// [`AwsCall`]: who signed it, the IAM actions and resources it needs, and
+/// moto's answer (`records`, `take_records`), for the IAM test.
 pub struct CountingProxy {
     pub url: String,
     pub calls: Arc<Mutex<BTreeMap<String, usize>>>,
+    pub records: Arc<Mutex<Vec<AwsCall>>>,
+}
+
+/// One AWS call that went through a [`CountingProxy`].
+#[derive(Clone, Debug)]
+pub struct AwsCall {
+    /// The access key id that signed it (the header's or a presigned URL's
+    /// credential), `anonymous` when unsigned.
+    pub principal: String,
+    /// `DynamoDB.GetItem`, `S3.HEAD /bucket/key`, `secretsmanager.GetSecretValue`, ...
+    pub operation: String,
+    /// The IAM (action, resource ARN) pairs the call needs, as AWS
+    /// authorizes it: e.g. a HeadObject needs `s3:GetObject` on the object, a
+    /// DeleteObjects `s3:DeleteObject` on each key, a TransactWriteItems the
+    /// item action of each of its items.
+    pub needs: Vec<(String, String)>,
+    /// moto's HTTP status.
+    pub status: u16,
+}
+
+/// The account moto puts everything in.
+pub const MOTO_ACCOUNT: &str = "123456789012";
+
+struct Proxy {
+    upstream: String,
+    calls: Arc<Mutex<BTreeMap<String, usize>>>,
+    records: Arc<Mutex<Vec<AwsCall>>>,
+    http: reqwest::Client,
+    /// DynamoDB Streams shard iterator -> its stream's ARN (GetRecords names only the iterator).
+    iterators: Mutex<HashMap<String, String>>,
 }
 
 impl CountingProxy {
     pub async fn start(upstream: &str) -> CountingProxy {
         let calls: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-        let state =
-            (upstream.to_owned(), calls.clone(), reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap());
+        let records: Arc<Mutex<Vec<AwsCall>>> = Arc::default();
+        let state = Proxy {
+            upstream: upstream.to_owned(),
+            calls: calls.clone(),
+            records: records.clone(),
+            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            iterators: Mutex::default(),
+        };
         let app = Router::new().fallback(forward).with_state(Arc::new(state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        CountingProxy { url, calls }
+        CountingProxy { url, calls, records }
     }
 
     pub fn take(&self) -> BTreeMap<String, usize> {
         std::mem::take(&mut *self.calls.lock().unwrap())
     }
+
+    /// The calls recorded since the last `take_records`, in order.
+    pub fn take_records(&self) -> Vec<AwsCall> {
+        std::mem::take(&mut *self.records.lock().unwrap())
+    }
 }
 
-type ProxyState = Arc<(String, Arc<Mutex<BTreeMap<String, usize>>>, reqwest::Client)>;
-
-async fn forward(State(state): State<ProxyState>, req: Request) -> Response {
-    let (upstream, calls, http) = &*state;
-    let op = match req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()) {
+async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response {
+    let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let op = match &target {
         Some(t) => format!("DynamoDB.{}", t.rsplit('.').next().unwrap_or(t)),
         None => format!("S3.{}", req.method()),
     };
-    *calls.lock().unwrap().entry(op).or_default() += 1;
-    let url = format!("{upstream}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    *state.calls.lock().unwrap().entry(op).or_default() += 1;
+    let (principal, region, service) = signer(&req);
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let url = format!("{}{}", state.upstream, req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let method = req.method().clone();
     let mut headers = req.headers().clone();
     headers.remove("host");
     let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
-    let resp = http.request(method, url).headers(headers).body(body).send().await.unwrap();
-    let mut out = Response::builder().status(resp.status());
-    for (k, v) in resp.headers() {
+    let resp = state.http.request(method.clone(), url).headers(headers.clone()).body(body.clone()).send().await.unwrap();
+    let status = resp.status();
+    let resp_headers = resp.headers().clone();
+    let resp_body = resp.bytes().await.unwrap();
+
+    let (operation, needs) = match &target {
+        Some(t) => {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let answer: serde_json::Value = serde_json::from_slice(&resp_body).unwrap_or_default();
+            (json_operation(&service, t), json_needs(&state, &service, t, &request, &answer, &region))
+        }
+        None if service == "s3" || service.is_empty() => {
+            (format!("S3.{method} {path}"), s3_needs(method.as_str(), &path, &query, &headers, &body))
+        }
+        None => (format!("{service}.{method} {path}?{query}"), vec![(format!("{service}:unknown"), "*".to_owned())]),
+    };
+    state.records.lock().unwrap().push(AwsCall { principal, operation, needs, status: status.as_u16() });
+
+    let mut out = Response::builder().status(status);
+    for (k, v) in &resp_headers {
         out = out.header(k, v);
     }
-    out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
+    out.body(Body::from(resp_body)).unwrap()
+}
+
+/// (access key id, region, service) of a request's SigV4 credential scope,
+/// from its `Authorization` header or a presigned URL's `X-Amz-Credential`.
+fn signer(req: &Request) -> (String, String, String) {
+    let from_header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.split("Credential=").nth(1))
+        .map(|c| c.split([',', ' ']).next().unwrap_or("").to_owned());
+    let from_query = || {
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-amz-credential"))
+            .map(|(_, v)| v.into_owned())
+    };
+    match from_header.or_else(from_query) {
+        Some(scope) => {
+            let parts: Vec<&str> = scope.split('/').collect();
+            let get = |i: usize| parts.get(i).copied().unwrap_or("").to_owned();
+            (get(0), get(2), get(3))
+        }
+        None => ("anonymous".to_owned(), "us-east-1".to_owned(), String::new()),
+    }
+}
+
+fn json_operation(service: &str, target: &str) -> String {
+    let op = target.rsplit('.').next().unwrap_or(target);
+    match target.split_once('_').map(|(p, _)| p).unwrap_or(target) {
+        "DynamoDB" => format!("DynamoDB.{op}"),
+        "DynamoDBStreams" => format!("DynamoDBStreams.{op}"),
+        _ => format!("{service}.{op}"),
+    }
+}
+
+/// What a JSON-protocol call (DynamoDB, DynamoDB Streams, Secrets Manager,
+/// SQS) needs: `service:Operation` on the resource its body names.
+fn json_needs(
+    state: &Proxy,
+    service: &str,
+    target: &str,
+    request: &serde_json::Value,
+    answer: &serde_json::Value,
+    region: &str,
+) -> Vec<(String, String)> {
+    let op = target.rsplit('.').next().unwrap_or(target);
+    let prefix = if service.is_empty() { "unknown" } else { service };
+    let str_of = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let table_arn = |name: &str| format!("arn:aws:dynamodb:{region}:{MOTO_ACCOUNT}:table/{name}");
+    match service {
+        "dynamodb" if target.starts_with("DynamoDBStreams") => {
+            let arn = match op {
+                "GetRecords" => {
+                    let it = str_of(request, "ShardIterator").unwrap_or_default();
+                    state.iterators.lock().unwrap().get(&it).cloned()
+                }
+                "ListStreams" => None,
+                _ => str_of(request, "StreamArn"),
+            };
+            let arn = arn.unwrap_or_else(|| "*".to_owned());
+            let next = match op {
+                "GetShardIterator" => str_of(answer, "ShardIterator"),
+                "GetRecords" => str_of(answer, "NextShardIterator"),
+                _ => None,
+            };
+            if let Some(next) = next {
+                state.iterators.lock().unwrap().insert(next, arn.clone());
+            }
+            vec![(format!("dynamodb:{op}"), arn)]
+        }
+        "dynamodb" => match op {
+            "TransactWriteItems" | "TransactGetItems" => request["TransactItems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|item| item.as_object()?.iter().next().map(|(kind, spec)| (kind.clone(), spec.clone())))
+                .map(|(kind, spec)| {
+                    let action = match kind.as_str() {
+                        "Put" => "PutItem",
+                        "Update" => "UpdateItem",
+                        "Delete" => "DeleteItem",
+                        "ConditionCheck" => "ConditionCheckItem",
+                        "Get" => "GetItem",
+                        other => other,
+                    };
+                    (format!("dynamodb:{action}"), table_arn(&str_of(&spec, "TableName").unwrap_or_default()))
+                })
+                .collect(),
+            "BatchWriteItem" | "BatchGetItem" => request["RequestItems"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(table, _)| (format!("dynamodb:{op}"), table_arn(table)))
+                .collect(),
+            _ => {
+                let resource = match (str_of(request, "TableName"), str_of(request, "IndexName")) {
+                    (Some(t), Some(i)) => format!("{}/index/{i}", table_arn(&t)),
+                    (Some(t), None) => table_arn(&t),
+                    (None, _) => "*".to_owned(),
+                };
+                vec![(format!("dynamodb:{op}"), resource)]
+            }
+        },
+        "secretsmanager" => {
+            let id = str_of(request, "SecretId").or_else(|| str_of(request, "Name")).unwrap_or_default();
+            let arn = if id.starts_with("arn:") { id } else { format!("arn:aws:secretsmanager:{region}:{MOTO_ACCOUNT}:secret:{id}") };
+            vec![(format!("secretsmanager:{op}"), arn)]
+        }
+        "sqs" => {
+            let name = str_of(request, "QueueUrl")
+                .map(|u| u.trim_end_matches('/').rsplit('/').next().unwrap_or("").to_owned())
+                .or_else(|| str_of(request, "QueueName"))
+                .unwrap_or_default();
+            vec![(format!("sqs:{op}"), format!("arn:aws:sqs:{region}:{MOTO_ACCOUNT}:{name}"))]
+        }
+        _ => vec![(format!("{prefix}:{op}"), "*".to_owned())],
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a path-style S3 request needs, as S3 authorizes it (the
+/// "Actions, resources, and condition keys for Amazon S3" table): HeadObject
+/// and GetObject `s3:GetObject`; PutObject, CreateMultipartUpload, UploadPart
+/// and CompleteMultipartUpload `s3:PutObject`; ListParts
+/// `s3:ListMultipartUploadParts`; AbortMultipartUpload
+/// `s3:AbortMultipartUpload`; DeleteObject, and DeleteObjects for each key,
+/// `s3:DeleteObject`; ListObjects(V2) and HeadBucket `s3:ListBucket` on the
+/// bucket. (That a GetObject/HeadObject of a missing key also needs
+/// `s3:ListBucket` is left to the caller: it depends on the answer.)
+fn s3_needs(method: &str, path: &str, query: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> Vec<(String, String)> {
+    let path = path.trim_start_matches('/');
+    let (bucket, key) = match path.split_once('/') {
+        Some((b, k)) if !k.is_empty() => (percent_decode(b), Some(percent_decode(k))),
+        Some((b, _)) => (percent_decode(b), None),
+        None => (percent_decode(path), None),
+    };
+    let params: Vec<String> = url::form_urlencoded::parse(query.as_bytes()).map(|(k, _)| k.into_owned()).collect();
+    let has = |p: &str| params.iter().any(|k| k == p);
+    let bucket_arn = format!("arn:aws:s3:::{bucket}");
+    let need = |action: &str, resource: &str| vec![(format!("s3:{action}"), resource.to_owned())];
+    let Some(key) = key else {
+        return match method {
+            "GET" if has("uploads") => need("ListBucketMultipartUploads", &bucket_arn),
+            "GET" if has("location") => need("GetBucketLocation", &bucket_arn),
+            "GET" if has("versions") => need("ListBucketVersions", &bucket_arn),
+            "GET" | "HEAD" => need("ListBucket", &bucket_arn),
+            "PUT" if params.is_empty() => need("CreateBucket", &bucket_arn),
+            "POST" if has("delete") => {
+                let text = String::from_utf8_lossy(body);
+                text.split("<Key>")
+                    .skip(1)
+                    .filter_map(|rest| rest.split("</Key>").next())
+                    .map(|k| {
+                        let k = k.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&");
+                        ("s3:DeleteObject".to_owned(), format!("{bucket_arn}/{k}"))
+                    })
+                    .collect()
+            }
+            "DELETE" if params.is_empty() => need("DeleteBucket", &bucket_arn),
+            _ => need(&format!("{method}Bucket?{query}"), &bucket_arn),
+        };
+    };
+    let object = format!("{bucket_arn}/{key}");
+    match method {
+        "GET" if has("uploadId") => need("ListMultipartUploadParts", &object),
+        "GET" if has("tagging") => need("GetObjectTagging", &object),
+        "GET" if has("acl") => need("GetObjectAcl", &object),
+        "GET" if has("attributes") => need("GetObjectAttributes", &object),
+        "GET" | "HEAD" => need("GetObject", &object),
+        "PUT" if has("tagging") => need("PutObjectTagging", &object),
+        "PUT" if has("acl") => need("PutObjectAcl", &object),
+        "PUT" => {
+            let mut needs = need("PutObject", &object);
+            if let Some(src) = headers.get("x-amz-copy-source").and_then(|v| v.to_str().ok()) {
+                let src = percent_decode(src.split('?').next().unwrap_or(src));
+                needs.push(("s3:GetObject".to_owned(), format!("arn:aws:s3:::{}", src.trim_start_matches('/'))));
+            }
+            needs
+        }
+        "POST" if has("uploads") || has("uploadId") => need("PutObject", &object),
+        "DELETE" if has("uploadId") => need("AbortMultipartUpload", &object),
+        "DELETE" => need("DeleteObject", &object),
+        _ => need(&format!("{method}Object?{query}"), &object),
+    }
 }
 
 /// One call of an AWS JSON-protocol API (DynamoDB, DynamoDB Streams,
 /// Secrets Manager) straight to moto, which reads the service from the
 /// credential scope and checks no signature. Panics unless it succeeds.
 pub async fn aws_json(url: &str, service: &str, target: &str, body: &serde_json::Value) -> serde_json::Value {
+    aws_json_as(url, "test", service, target, body).await
+}
+
+/// `aws_json` signed (in name: moto checks no signature) with `access_key`,
+/// so a [`CountingProxy`] records it as that principal's call.
+pub async fn aws_json_as(url: &str, access_key: &str, service: &str, target: &str, body: &serde_json::Value) -> serde_json::Value {
     let version = if service == "secretsmanager" { "1.1" } else { "1.0" };
     let resp = reqwest::Client::new()
         .post(url)
@@ -151,7 +420,7 @@ pub async fn aws_json(url: &str, service: &str, target: &str, body: &serde_json:
         .header("content-type", format!("application/x-amz-json-{version}"))
         .header(
             "authorization",
-            format!("AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"),
+            format!("AWS4-HMAC-SHA256 Credential={access_key}/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"),
         )
         .body(body.to_string())
         .send()

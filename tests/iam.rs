@@ -1,0 +1,244 @@
+//! The three functions run under their own IAM policies from template.yaml
+//! (after the SAM transform): every AWS call each one makes on its real code
+//! paths is recorded and must be allowed by its policy, or the test fails
+//! naming the function, the action and the resource. See common/iam.rs.
+//!
+//! `HUBCAP_TEMPLATE=path` checks against another template (to see the test
+//! fail on a copy with a permission removed).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fakehub::{Fault, FakeHub};
+use common::iam::{API, EventSourceMapping, FETCHER, GC, Stack, checks, default_credentials, sdk_as, violations};
+use common::images::{self, Format, Published};
+use common::moto::{CountingProxy, Moto, aws_json};
+use common::{ALL_MANIFESTS, client, config, get_manifest, pull};
+use hubcap::serve::{Backend, upstreams_from};
+use hubcap::storage::aws::{AwsStorage, Encryption};
+
+const USER: &str = "fleet-bot";
+const TOKEN: &str = "dckr_pat_iam";
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// The backend as `function` sees it: the stack's bucket and table through
+/// the recording proxy, signed with the function's credentials.
+async fn storage_as(proxy: &CountingProxy, stack: &Stack, function: &str) -> AwsStorage {
+    AwsStorage {
+        bucket: stack.bucket.clone(),
+        table: stack.table.clone(),
+        encryption: Encryption::BucketDefault,
+        sdk: Some(sdk_as(&proxy.url, function).await),
+    }
+}
+
+/// A function's cold start: its upstreams, with the credentials read from
+/// Secrets Manager by the default AWS configuration, as `api_router` and
+/// `fetcher` do.
+async fn cold_start_upstreams(proxy: &CountingProxy, function: &str, hub: &FakeHub, secret: &str) -> hubcap::proxy::Upstreams {
+    default_credentials(&proxy.url, function);
+    upstreams_from(&[format!("docker.io={}", hub.url)], None, Some(secret)).await.unwrap()
+}
+
+/// An image index over `child` padded with an annotation past the size
+/// DynamoDB items hold, so the api stores and reads it in S3 (manifests/).
+fn large_index(child: images::Image) -> Published {
+    let media_type = "application/vnd.oci.image.index.v1+json";
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": [{
+            "mediaType": child.media_type, "digest": child.digest, "size": child.manifest.len(),
+            "platform": { "architecture": child.arch, "os": "linux" },
+        }],
+        "annotations": { "org.example.padding": "x".repeat(hubcap::storage::aws::INLINE_MANIFEST_MAX + 1024) },
+    });
+    Published::Index { media_type: media_type.into(), body: Bytes::from(serde_json::to_vec(&body).unwrap()), children: vec![child] }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies() {
+    common::init_logs();
+    // Upstream requires the credentials kept in Secrets Manager.
+    let hub = FakeHub::start_with(Some((USER, TOKEN))).await;
+    let app = images::small_image(Format::Oci, "amd64", 301, 2);
+    let big = large_index(app.clone());
+    hub.publish("library/iam-app", "1", &big);
+    let broken = images::small_image(Format::Oci, "amd64", 302, 1);
+    hub.publish("library/iam-broken", "1", &Published::Image(broken.clone()));
+    let warm = images::small_image(Format::Docker, "amd64", 303, 2);
+    hub.publish("library/iam-warm", "1", &Published::Image(warm.clone()));
+
+    // The stack, created by the test (not by a function).
+    let moto = Moto::start().await;
+    let (bucket, table) = ("iam-bucket".to_owned(), "iam".to_owned());
+    moto.setup(&bucket, &table).await;
+    let described = aws_json(&moto.url, "dynamodb", "DynamoDB_20120810.DescribeTable", &serde_json::json!({ "TableName": table })).await;
+    let stream_arn = described["Table"]["LatestStreamArn"].as_str().unwrap().to_owned();
+    let queue = aws_json(&moto.url, "sqs", "AmazonSQS.CreateQueue", &serde_json::json!({ "QueueName": "iam-dlq" })).await;
+    let queue_url = queue["QueueUrl"].as_str().unwrap().to_owned();
+    let attrs = aws_json(
+        &moto.url,
+        "sqs",
+        "AmazonSQS.GetQueueAttributes",
+        &serde_json::json!({ "QueueUrl": queue_url, "AttributeNames": ["QueueArn"] }),
+    )
+    .await;
+    let queue_arn = attrs["Attributes"]["QueueArn"].as_str().unwrap().to_owned();
+    let secret_value = serde_json::json!({ "username": USER, "password": TOKEN }).to_string();
+    let secret = aws_json(
+        &moto.url,
+        "secretsmanager",
+        "secretsmanager.CreateSecret",
+        &serde_json::json!({ "Name": "hubcap/dockerhub", "SecretString": secret_value }),
+    )
+    .await;
+    let secret_arn = secret["ARN"].as_str().unwrap().to_owned();
+    let stack = Stack { bucket, table, stream_arn, queue_url, queue_arn, secret_arn };
+    let proxy = CountingProxy::start(&moto.url).await;
+    let http = client();
+
+    // Cold starts of the api and the fetcher (each reads the secret), and
+    // the fetcher's event source mapping.
+    let api_upstreams = cold_start_upstreams(&proxy, API, &hub, &stack.secret_arn).await;
+    let fetcher_upstreams = cold_start_upstreams(&proxy, FETCHER, &hub, &stack.secret_arn).await;
+    let api_storage = storage_as(&proxy, &stack, API).await;
+    let (router, _) = hubcap::lambda::api_router_with(&api_storage, api_upstreams, config(), 100, Default::default()).await.unwrap();
+    let api = serve(router).await;
+    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage_as(&proxy, &stack, FETCHER).await, fetcher_upstreams).await);
+    let esm = EventSourceMapping::start(&proxy.url, &stack.stream_arn, fetcher, &stack.queue_url);
+
+    // A cold pull (misses: the fetcher copies the blobs, the api waits),
+    // every blob downloaded through its presigned URL; then warm.
+    let pulled = pull(&http, &api, "iam-app", "1").await;
+    assert_eq!((pulled.digest.as_str(), pulled.image_digest.as_str()), (big.digest().as_str(), app.digest.as_str()));
+    pull(&http, &api, "iam-app", "1").await;
+    // A second api instance: nothing in memory, everything from DynamoDB
+    // and S3 (the large index is stored under manifests/).
+    let again = cold_start_upstreams(&proxy, API, &hub, &stack.secret_arn).await;
+    let (router, mirror) = hubcap::lambda::api_router_with(&api_storage, again, config(), 100, Default::default()).await.unwrap();
+    let api2 = serve(router).await;
+    pull(&http, &api2, "iam-app", "1").await;
+    let resp = http.get(format!("{api2}/_hubcap/stats")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the stats inventory (a Scan)");
+    mirror.flush_stats().await.unwrap();
+
+    // A blob upstream corrupts: the fetch fails, the batch goes to the
+    // dead-letter queue.
+    hub.set_fault(Fault::WrongBytes);
+    get_manifest(&http, &api, "iam-broken", "1", ALL_MANIFESTS).await;
+    let dead = esm.dead_lettered.clone();
+    wait_for("the failed batch in the dead-letter queue", Duration::from_secs(60), || dead.load(std::sync::atomic::Ordering::SeqCst) > 0)
+        .await;
+    hub.set_fault(Fault::None);
+    esm.stop().await;
+
+    // The gc function: the warm schedule (reads the secret, copies an image
+    // in-process), a sweep that keeps everything, then sweeps that expire
+    // everything and delete it.
+    let upstream = format!("docker.io={}", hub.url);
+    let gc_storage = storage_as(&proxy, &stack, GC).await;
+    let gc = |event: &str, unused_for: &str| {
+        let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([
+            "gc",
+            "--upstream",
+            &upstream,
+            "--credentials-secret",
+            &stack.secret_arn,
+            "--warm-images",
+            "library/iam-warm:1",
+            "--unused-for",
+            unused_for,
+            "--grace",
+            "0",
+        ])
+        .unwrap();
+        let payload: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{}/events/{event}", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap();
+        let storage = gc_storage.clone();
+        async move {
+            hubcap::lambda::maintenance_on(Backend::Aws(Box::new(storage)), &settings, &payload, Duration::from_secs(300)).await.unwrap()
+        }
+    };
+    default_credentials(&proxy.url, GC);
+    let warmed = gc("warm.json", "30d").await;
+    assert_eq!(warmed["warmed"], serde_json::json!(["library/iam-warm:1"]), "{warmed}");
+    let sweep = gc("scheduled.json", "30d").await;
+    assert!(sweep["expired"].as_array().unwrap().is_empty(), "{sweep}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (mut expired, mut deleted_blobs, mut deleted_manifests) = (0, 0, 0);
+    for _ in 0..3 {
+        let sweep = gc("scheduled.json", "1s").await;
+        expired += sweep["expired"].as_array().unwrap().len();
+        deleted_blobs += sweep["deleted_blobs"].as_u64().unwrap();
+        deleted_manifests += sweep["deleted_manifests"].as_u64().unwrap();
+        if deleted_blobs > 0 && sweep["grace_blobs"].as_u64() == Some(0) {
+            break;
+        }
+    }
+    assert!(expired >= 2 && deleted_blobs > 0 && deleted_manifests > 0, "{expired} {deleted_blobs} {deleted_manifests}");
+
+    // Every call each function made, against its own policy.
+    let calls = proxy.take_records();
+    let checks = checks(&calls);
+    let (problems, decisions) = violations(&stack, &checks);
+    let mut seen: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (c, _) in &decisions {
+        seen.entry(c.function.as_str()).or_default().insert(c.action.as_str());
+    }
+    let summary: Vec<String> = seen.iter().map(|(f, a)| format!("{f}: {}", a.iter().cloned().collect::<Vec<_>>().join(" "))).collect();
+    eprintln!("calls checked ({} distinct needs):\n  {}", checks.len(), summary.join("\n  "));
+    assert!(problems.is_empty(), "{} call(s) the template's policies do not allow:\n  {}", problems.len(), problems.join("\n  "));
+
+    // The test exercised what each function does (else it proves little).
+    let want: HashMap<&str, &[&str]> = HashMap::from([
+        (
+            API,
+            &[
+                "secretsmanager:GetSecretValue",
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:Scan",
+                "s3:GetObject",
+                "s3:PutObject",
+            ][..],
+        ),
+        (
+            FETCHER,
+            &[
+                "secretsmanager:GetSecretValue",
+                "dynamodb:UpdateItem",
+                "dynamodb:GetRecords",
+                "s3:GetObject",
+                "s3:ListBucket",
+                "s3:PutObject",
+                "sqs:SendMessage",
+            ][..],
+        ),
+        (GC, &["secretsmanager:GetSecretValue", "dynamodb:Scan", "dynamodb:DeleteItem", "s3:PutObject", "s3:DeleteObject"][..]),
+    ]);
+    for (function, actions) in want {
+        for action in actions {
+            assert!(seen.get(function).is_some_and(|s| s.contains(action)), "{function} never needed {action}: {summary:#?}");
+        }
+    }
+}
