@@ -20,15 +20,17 @@ fi
 
 # PyPI tools, pinned: moto_server (S3, DynamoDB, DynamoDB Streams, Secrets
 # Manager), cargo-lambda (the Lambda runtime and Function URL emulator, and
-# the Lambda build with Zig), cfn-lint and the SAM CLI (template checks, build).
+# the Lambda build with Zig), cfn-lint, the SAM CLI and checkov (template
+# checks, build).
 need_pip=0
-for tool in moto_server cargo-lambda cfn-lint sam python-zig; do
+for tool in moto_server cargo-lambda cfn-lint sam checkov python-zig; do
   command -v "$tool" >/dev/null 2>&1 || need_pip=1
 done
 if [ "$need_pip" = 1 ]; then
-  echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli"
+  echo "tests/run.sh: installing moto[server], cargo-lambda, ziglang, cfn-lint, aws-sam-cli, checkov"
   python3 -m pip install --quiet --disable-pip-version-check \
-    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.17.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0'
+    'moto[server]==5.2.1' 'cargo-lambda==1.9.2' 'ziglang==0.17.1' 'cfn-lint==1.58.0' 'aws-sam-cli==1.170.0' \
+    'checkov==3.2.459'
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
   hash -r
 fi
