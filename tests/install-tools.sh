@@ -7,7 +7,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 missing=()
-for tool in skopeo podman ctr containerd docker-registry wrk ab; do
+for tool in skopeo podman ctr containerd docker-registry dockerd wrk ab; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -15,7 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   # ctr ships in the containerd package.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-    skopeo podman containerd docker-registry wrk apache2-utils >/dev/null
+    skopeo podman containerd docker-registry docker.io wrk apache2-utils >/dev/null
 fi
 
 # PyPI tools, pinned: moto_server (S3, DynamoDB, DynamoDB Streams, Secrets

@@ -1,0 +1,371 @@
+//! Docker's own daemon (Debian's docker.io, dockerd 20.10) pulls through
+//! `registry-mirrors`: against the real `hubcap serve`, and against the `api`
+//! Lambda under `cargo lambda watch` on moto with the fetcher fed by the
+//! table's stream. Each pulls a multi-arch OCI index and Docker schema 2
+//! images cold, checks what the daemon stored byte by byte (`docker save`),
+//! removes the images, stops the upstream and pulls again from the mirror
+//! alone.
+//!
+//! dockerd falls back to Docker Hub when a mirror fails, so each scenario
+//! runs in namespaces of its own: the outer test re-runs this binary for the
+//! inner test under `unshare --net --mount --pid`. The network namespace has
+//! only loopback (a fallback finds no route, nothing can leave the host); the
+//! mount namespace puts tmpfs over /run and /etc/docker (dockerd writes its
+//! key.json and plugin directory there); the PID namespace's init is the
+//! inner test, so when it ends, however it ends, the kernel kills dockerd,
+//! its containerd and every other process it started.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::images::{self, Format, Image, Published, sha256};
+use common::procs::{Proc, free_port, wait_ready};
+
+/// Set for the inner tests, which do nothing without it.
+const IN_NETNS: &str = "HUBCAP_IN_NETNS";
+
+/// Runs in the new namespaces, then becomes the inner test.
+const SETUP: &str = "set -e; ip link set lo up; mount -t tmpfs tmpfs /run; mkdir -p /etc/docker; mount -t tmpfs tmpfs /etc/docker; exec \"$0\" \"$@\"";
+
+/// Runs the inner test `name` of this binary in its own network, mount and
+/// PID namespaces; fails with its output when it fails.
+fn run_isolated(name: &str) {
+    let started = Instant::now();
+    let out = Command::new("unshare")
+        .args(["--net", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"])
+        .args(["sh", "-c", SETUP])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(IN_NETNS, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("test result: ok. 1 passed"),
+        "{name} in its own namespaces: {}\n{text}",
+        out.status
+    );
+    println!("{name}: {:.1} s in its namespaces\n{text}", started.elapsed().as_secs_f64());
+}
+
+/// True in the inner run (after checking that nothing but loopback is
+/// reachable); false in an ordinary run, where the inner test returns.
+fn isolated() -> bool {
+    if std::env::var_os(IN_NETNS).is_none() {
+        return false;
+    }
+    // /proc/self/net is this process's network namespace (/sys/class/net is
+    // the one sysfs was mounted in, the host's).
+    let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap();
+    let ifaces: Vec<&str> = dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(ifaces, ["lo"], "only loopback in this network namespace:\n{dev}");
+    // A UDP connect only looks the route up; nothing is sent.
+    for addr in ["192.0.2.1:9", "[2001:db8::1]:9"] {
+        let probe = std::net::UdpSocket::bind(if addr.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" });
+        if let Ok(probe) = probe {
+            assert!(probe.connect(addr).is_err(), "{addr} must be unreachable from this namespace");
+        }
+    }
+    true
+}
+
+/// A temporary directory with a short path (unix socket paths are short).
+fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("hd").tempdir_in("/tmp").unwrap()
+}
+
+/// Debian's dockerd with `registry-mirrors` = [`mirror`], vfs storage, no
+/// networking of its own; stopped (SIGTERM, then SIGKILL) when dropped.
+struct Dockerd {
+    proc: Proc,
+    sock: String,
+    config: PathBuf,
+}
+
+impl Dockerd {
+    async fn start(dir: &Path, mirror: &str) -> Dockerd {
+        let dir = dir.join("docker");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = serde_json::json!({
+            "storage-driver": "vfs",
+            "iptables": false,
+            "ip6tables": false,
+            "ip-forward": false,
+            "ip-masq": false,
+            "bridge": "none",
+            "userland-proxy": false,
+            "registry-mirrors": [mirror],
+            "log-level": "debug",
+        });
+        std::fs::write(dir.join("daemon.json"), config.to_string()).unwrap();
+        let sock = format!("unix://{}", dir.join("sock").display());
+        let proc = Proc::spawn(
+            Command::new("/usr/sbin/dockerd")
+                .arg("--config-file")
+                .arg(dir.join("daemon.json"))
+                .arg("--data-root")
+                .arg(dir.join("root"))
+                .arg("--exec-root")
+                .arg(dir.join("exec"))
+                .arg("--pidfile")
+                .arg(dir.join("pid"))
+                .args(["-H", &sock]),
+            dir.join("dockerd.log"),
+        );
+        let d = Dockerd { proc, sock, config: dir.join("client") };
+        for _ in 0..300 {
+            let out = d.docker().args(["version", "--format", "{{.Server.Version}}"]).output().await.unwrap();
+            if out.status.success() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("dockerd did not start:\n{}", d.proc.log());
+    }
+
+    /// Debian's docker client, talking to this daemon only.
+    fn docker(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("/usr/bin/docker");
+        cmd.args(["-H", &self.sock]).env("DOCKER_CONFIG", &self.config).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `docker args...`; panics with the daemon's log unless it succeeds.
+    async fn run(&self, args: &[&str]) -> String {
+        let out = self.docker().args(args).output().await.unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "docker {args:?} failed:\n{text}\n--- dockerd log ---\n{}", self.log_tail());
+        text
+    }
+
+    /// Every pull went to `mirror` and none fell back to another endpoint
+    /// (in this namespace a fallback fails, but it must not even be tried).
+    fn assert_mirror_only(&self, mirror: &str, pulled: &[(&str, &str, Published)]) {
+        let log = self.proc.log();
+        for (name, _, _) in pulled {
+            let short = name.trim_start_matches("library/");
+            let want = format!("Trying to pull {short} from {mirror}/ v2");
+            assert_eq!(log.matches(&want).count(), 2, "{want}, cold and warm:\n{}", self.log_tail());
+        }
+        for bad in ["Attempting next endpoint", "registry-1.docker.io", "level=error"] {
+            assert!(!log.contains(bad), "dockerd: {bad}:\n{}", self.log_tail());
+        }
+    }
+
+    /// The daemon's log, without the gRPC chatter.
+    fn log_tail(&self) -> String {
+        let log = self.proc.log();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("module=grpc")).collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let pid = self.proc.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Proc's own drop kills it.
+    }
+}
+
+/// The image of `published` a linux/amd64 daemon pulls.
+fn amd64(published: &Published) -> &Image {
+    published.images().into_iter().find(|i| i.arch == "amd64").expect("an amd64 image")
+}
+
+/// The images every scenario pulls: a multi-arch OCI index (most of Docker
+/// Hub today), a Docker schema 2 manifest list and a plain Docker schema 2
+/// image. A few layers of a few KB each.
+fn test_images(seed: u64) -> Vec<(&'static str, &'static str, Published)> {
+    let oci = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", seed, 3), images::small_image(Format::Oci, "arm64", seed + 1, 2)],
+    );
+    let list = images::index(
+        Format::Docker,
+        vec![images::small_image(Format::Docker, "arm64", seed + 2, 1), images::small_image(Format::Docker, "amd64", seed + 3, 2)],
+    );
+    let plain = Published::Image(images::small_image(Format::Docker, "amd64", seed + 4, 2));
+    vec![("library/oci-index", "1", oci), ("library/docker-list", "1", list), ("library/docker-plain", "1", plain)]
+}
+
+/// Pulls `name:tag` with the daemon and checks what it stored: the digest it
+/// reports and records, the image ID (the config's digest), the layers'
+/// diff_ids, and, from `docker save`, the config's bytes and every
+/// uncompressed layer hashing to its diff_id.
+async fn pull_and_verify(docker: &Dockerd, dir: &Path, name: &str, tag: &str, published: &Published) {
+    let reference = format!("{name}:{tag}");
+    let out = docker.run(&["pull", &reference]).await;
+    let digest = published.digest();
+    assert!(out.contains(&format!("Digest: {digest}")), "{reference}: the daemon saw upstream's digest\n{out}");
+    let want = amd64(published);
+    let config: serde_json::Value = serde_json::from_slice(&want.config.1).unwrap();
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect();
+
+    let inspect = docker.run(&["image", "inspect", &reference]).await;
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let inspect = &inspect[0];
+    assert_eq!(inspect["Id"], want.config.0, "{reference}: the image ID is the config's digest");
+    assert_eq!(inspect["Architecture"], "amd64");
+    let repo_digests: Vec<&str> = inspect["RepoDigests"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert!(repo_digests.iter().any(|d| d.ends_with(&format!("@{digest}"))), "{reference}: RepoDigests {repo_digests:?}");
+    assert_eq!(inspect["RootFS"]["Layers"], serde_json::json!(diff_ids), "{reference}: layers");
+
+    let tarball = dir.join(format!("{}.tar", name.replace('/', "_")));
+    docker.run(&["save", "-o", tarball.to_str().unwrap(), &reference]).await;
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(&tarball).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        files.insert(path, bytes);
+    }
+    std::fs::remove_file(&tarball).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    let config_file = manifest[0]["Config"].as_str().unwrap();
+    assert_eq!(files[config_file], want.config.1.to_vec(), "{reference}: the config, byte for byte");
+    let layers: Vec<String> =
+        manifest[0]["Layers"].as_array().unwrap().iter().map(|l| sha256(&files[l.as_str().unwrap()])).collect();
+    assert_eq!(layers, diff_ids, "{reference}: every layer the daemon unpacked hashes to its diff_id");
+}
+
+/// Removes every image from the daemon.
+async fn remove_all(docker: &Dockerd, pulled: &[(&str, &str, Published)]) {
+    for (name, tag, _) in pulled {
+        docker.run(&["rmi", &format!("{name}:{tag}")]).await;
+    }
+    let left = docker.run(&["images", "-aq"]).await;
+    assert!(left.trim().is_empty(), "no image left: {left}");
+}
+
+/// The requests the mirror sent upstream (`/metrics`, this process's count).
+async fn upstream_requests(mirror: &str) -> u64 {
+    let text = reqwest::get(format!("{mirror}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("hubcap_upstream_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// hubcap's access log lines (`hubcap::access`) for `path` prefix.
+fn access_lines<'a>(log: &'a str, path: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.contains("hubcap::access") && (l.contains(&format!("path={path}")) || l.contains(&format!("path=\"{path}"))))
+        .collect()
+}
+
+/// Debian's docker-registry on a loopback port, empty.
+async fn upstream_registry(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let proc = Proc::spawn(Command::new("docker-registry").arg("serve").arg(&config), dir.join("registry.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &proc).await;
+    (proc, url)
+}
+
+/// The `hubcap` binary of this build serving on a loopback port.
+async fn start_hubcap_serve(dir: &Path, upstream: &str) -> (Proc, String) {
+    let port = free_port();
+    let proc = Proc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_hubcap"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .arg("--data")
+            .arg(dir.join("hubcap-data"))
+            .env("HUBCAP_LOG", "info")
+            .env("NO_COLOR", "1"),
+        dir.join("hubcap.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/_hubcap/stats"), &proc).await;
+    (proc, url)
+}
+
+#[test]
+fn docker_pulls_through_hubcap_serve() {
+    run_isolated("netns::hubcap_serve");
+}
+
+mod netns {
+    use super::*;
+
+    /// Scenario 1: dockerd -> `hubcap serve` -> Debian's docker-registry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hubcap_serve() {
+        if !isolated() {
+            return;
+        }
+        common::init_logs();
+        let t0 = Instant::now();
+        let dir = short_tempdir();
+        let d = dir.path();
+        let (registry, registry_url) = upstream_registry(d).await;
+        let pulled = test_images(300);
+        for (name, tag, img) in &pulled {
+            images::push(&registry_url, name, tag, img).await;
+        }
+        let (mirror, mirror_url) = start_hubcap_serve(d, &registry_url).await;
+        let docker = Dockerd::start(d, &mirror_url).await;
+        println!("started in {:.1} s", t0.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        for (name, tag, img) in &pulled {
+            pull_and_verify(&docker, d, name, tag, img).await;
+        }
+        println!("cold pulls in {:.1} s", t.elapsed().as_secs_f64());
+        let log = mirror.log();
+        for (name, tag, _) in &pulled {
+            let lines = access_lines(&log, &format!("/v2/{name}/manifests/{tag}"));
+            assert!(lines.iter().any(|l| l.contains("status=200")), "dockerd asked the mirror for {name}:{tag}:\n{log}");
+        }
+        let cold_upstream = upstream_requests(&mirror_url).await;
+        assert!(cold_upstream > 0);
+
+        remove_all(&docker, &pulled).await;
+        drop(registry);
+        let mark = mirror.log().len();
+        let t = Instant::now();
+        for (name, tag, img) in &pulled {
+            pull_and_verify(&docker, d, name, tag, img).await;
+        }
+        println!("warm pulls in {:.1} s", t.elapsed().as_secs_f64());
+        assert_eq!(upstream_requests(&mirror_url).await, cold_upstream, "the warm pulls sent nothing upstream");
+        let log = mirror.log();
+        let warm = &log[mark..];
+        for (name, _, img) in &pulled {
+            let lines = access_lines(warm, &format!("/v2/{name}/"));
+            assert!(!lines.is_empty() && lines.iter().all(|l| !l.contains("miss")), "{name}: warm requests all hits:\n{warm}");
+            for (blob, _) in amd64(img).blobs() {
+                assert!(
+                    access_lines(warm, &format!("/v2/{name}/blobs/{blob}")).iter().any(|l| l.contains("status=307")),
+                    "{name}: {blob} served again:\n{warm}"
+                );
+            }
+        }
+        docker.assert_mirror_only(&mirror_url, &pulled);
+        drop(docker);
+        println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    }
+}
