@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use axum::Router;
+use lambda_http::request::LambdaRequest;
 use futures_util::StreamExt;
 
 use crate::access::AccessPolicy;
@@ -175,6 +176,46 @@ pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
 pub async fn fetcher_with(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
     let (store, index) = aws::connect(storage).await;
     Fetcher::new(Arc::new(index), Arc::new(store), Arc::new(upstreams))
+}
+
+/// Keeps every value of a header a client sent several times. A REST API
+/// (payload 1.0) delivers the last value in `headers` and all of them in
+/// `multiValueHeaders`, and lambda_http lays `headers` over
+/// `multiValueHeaders`: of Docker's `Accept` headers (one per media type)
+/// only the last would reach the router, and an OCI index would never be
+/// negotiated. Dropping from `headers` what `multiValueHeaders` carries
+/// leaves the complete set. Function URLs and HTTP APIs (payload 2.0) join
+/// repeated headers with commas and need nothing.
+pub fn keep_repeated_headers(mut event: LambdaRequest) -> LambdaRequest {
+    if let LambdaRequest::ApiGatewayV1(ag) = &mut event {
+        let repeated: Vec<_> = ag.multi_value_headers.keys().cloned().collect();
+        for name in repeated {
+            ag.headers.remove(&name);
+        }
+    }
+    event
+}
+
+/// A Lambda HTTP event as the router sees it: every header value kept
+/// (`keep_repeated_headers`), the stage prefix and source IP handled
+/// (`prepare_request`). What the `api` binary does to each event.
+pub fn request_from_event(event: LambdaRequest) -> lambda_http::Request {
+    prepare_request(keep_repeated_headers(event).into())
+}
+
+/// Runs the `api` function: Lambda's HTTP events through `router`.
+pub async fn run_api(router: Router) -> Result<(), lambda_http::Error> {
+    let service = tower::ServiceBuilder::new().map_request(prepare_request).service(router);
+    // lambda_http's own adapter (events in, its response type out), with
+    // the events' repeated headers kept first.
+    let adapter = lambda_http::Adapter::from(service);
+    let handler = tower::ServiceBuilder::new()
+        .map_request(|e: lambda_http::LambdaEvent<LambdaRequest>| lambda_http::LambdaEvent {
+            payload: keep_repeated_headers(e.payload),
+            context: e.context,
+        })
+        .service(adapter);
+    lambda_http::lambda_runtime::run(handler).await
 }
 
 /// Fits a Lambda HTTP request to the router: removes an API Gateway stage

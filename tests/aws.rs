@@ -301,7 +301,13 @@ fn event(name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sample_events_run_through_the_handlers() {
     let hub = FakeHub::start().await;
-    hub.publish("library/hello", "latest", &Published::Image(images::small_image(Format::Oci, "amd64", 205, 1)));
+    // A multi-arch OCI index, as most official images on Docker Hub are now:
+    // each front end must deliver all of Docker's Accept headers for it.
+    let hello = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 205, 1), images::small_image(Format::Oci, "arm64", 215, 1)],
+    );
+    hub.publish("library/hello", "latest", &hello);
     let sample = hub.put_blob("library/hello", b"hubcap sample blob\n");
     let moto = Moto::start().await;
     let storage = moto.setup("events-bucket", "events").await;
@@ -312,12 +318,17 @@ async fn the_sample_events_run_through_the_handlers() {
     for kind in ["function-url", "apigw-v2", "apigw-v1"] {
         for (name, status) in [("base", 200), ("manifest-get", 200), ("manifest-head", 200), ("blob-head", 200), ("blob-get", 307)] {
             let file = format!("{kind}-{name}.json");
-            let req = lambda_http::request::from_str(&event(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-            let req = hubcap::lambda::prepare_request(req);
+            let parsed: lambda_http::request::LambdaRequest = serde_json::from_str(&event(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let req = hubcap::lambda::request_from_event(parsed);
             let client = req.extensions().get::<hubcap::http::ClientAddr>().map(|c| c.0.to_string());
             assert_eq!(client.as_deref(), Some("203.0.113.10"), "{file}: the source IP from the request context");
             let resp = router.clone().oneshot(req).await.unwrap();
             assert_eq!(resp.status().as_u16(), status, "{file}");
+            if name.starts_with("manifest-") {
+                // Docker's own header set, as this front end delivers it.
+                assert_eq!(resp.headers()["content-type"], "application/vnd.oci.image.index.v1+json", "{file}: the index");
+                assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), hello.digest(), "{file}");
+            }
             if name == "blob-get" {
                 assert!(resp.headers()["location"].to_str().unwrap().contains("events-bucket"), "{file}: redirected to S3");
             }

@@ -8,6 +8,5 @@ async fn main() -> Result<(), lambda_http::Error> {
     hubcap::lambda::init_logging();
     let settings = LambdaSettings::from_env()?;
     let (router, _mirror) = hubcap::lambda::api_router(&settings).await?;
-    let service = tower::ServiceBuilder::new().map_request(hubcap::lambda::prepare_request).service(router);
-    lambda_http::run(service).await
+    hubcap::lambda::run_api(router).await
 }
