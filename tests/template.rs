@@ -208,3 +208,577 @@ fn the_gc_function_runs_on_schedules_the_parameters_set() {
         assert!(actions.iter().any(|a| a == needed), "gc may {needed}: {actions:?}");
     }
 }
+
+// ------------------------------------------------------------------------
+// What the emulators do not enforce, checked on the template itself: the
+// template after the SAM transform (samtranslator, offline), with its
+// conditions evaluated for a given set of parameter values.
+
+/// The template after the SAM transform, as CloudFormation receives it.
+fn transformed() -> Value {
+    const SCRIPT: &str = r#"
+import json, os, sys
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+from cfnlint.decode import decode
+from samtranslator.translator.transform import transform
+class Loader:
+    def load(self):
+        return {}
+t, m = decode(sys.argv[1])
+assert not m, m
+for r in t["Resources"].values():
+    if r.get("Type") == "AWS::Serverless::Function":
+        r["Properties"]["CodeUri"] = "s3://bucket/key"
+print(json.dumps(transform(t, {}, Loader())))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("template.yaml"))
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("SAM_CLI_TELEMETRY", "0")
+        .output()
+        .expect("python3 with aws-sam-cli's samtranslator (tests/run.sh installs it)");
+    assert!(out.status.success(), "SAM transform: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One deployment's parameter values: the defaults, plus what is given.
+struct Stack<'a> {
+    t: &'a Value,
+    params: serde_json::Map<String, Value>,
+}
+
+impl<'a> Stack<'a> {
+    fn new(t: &'a Value, given: &[(&str, &str)]) -> Stack<'a> {
+        let mut params = serde_json::Map::new();
+        for (name, p) in t["Parameters"].as_object().unwrap() {
+            let raw = given.iter().find(|(n, _)| n == name).map(|(_, v)| Value::from(*v)).or_else(|| p.get("Default").cloned());
+            let Some(raw) = raw else { continue };
+            let raw = scalar(&raw);
+            let v = if p["Type"].as_str().unwrap().starts_with("CommaDelimitedList") || p["Type"] == "List<String>" {
+                Value::from(raw.split(',').map(|s| Value::from(s.trim())).collect::<Vec<_>>())
+            } else {
+                Value::from(raw)
+            };
+            params.insert(name.clone(), v);
+        }
+        for (name, _) in given {
+            assert!(params.contains_key(*name), "no parameter {name}");
+        }
+        Stack { t, params }
+    }
+
+    /// The minimum a deployment must give: the client networks.
+    fn with(t: &'a Value, given: &[(&str, &str)]) -> Stack<'a> {
+        let mut all = vec![("AllowedClientCidrs", "203.0.113.0/24")];
+        all.extend_from_slice(given);
+        Stack::new(t, &all)
+    }
+
+    fn condition(&self, name: &str) -> bool {
+        self.eval(&self.t["Conditions"][name])
+    }
+
+    fn eval(&self, c: &Value) -> bool {
+        let (f, args) = c.as_object().and_then(|o| o.iter().next()).unwrap_or_else(|| panic!("condition {c}"));
+        match f.as_str() {
+            "Fn::Equals" => self.value(&args[0]) == self.value(&args[1]),
+            "Fn::Not" => !self.eval(&args[0]),
+            "Fn::And" => args.as_array().unwrap().iter().all(|a| self.eval(a)),
+            "Fn::Or" => args.as_array().unwrap().iter().any(|a| self.eval(a)),
+            "Condition" => self.condition(args.as_str().unwrap()),
+            _ => panic!("condition function {f}"),
+        }
+    }
+
+    /// A condition's operand: a literal, a parameter, or a join of one.
+    fn value(&self, v: &Value) -> Value {
+        if let Some(name) = v.get("Ref").and_then(Value::as_str) {
+            return self.params.get(name).cloned().unwrap_or_else(|| panic!("parameter {name}"));
+        }
+        if let Some(j) = v.get("Fn::Join") {
+            let list = self.value(&j[1]);
+            let parts: Vec<String> = list.as_array().unwrap().iter().map(scalar).collect();
+            return Value::from(parts.join(j[0].as_str().unwrap()));
+        }
+        Value::from(scalar(v))
+    }
+
+    /// A value as this deployment sees it: `Fn::If` decided, `AWS::NoValue`
+    /// removed, parameters replaced by their values.
+    fn resolve(&self, v: &Value) -> Option<Value> {
+        match v {
+            Value::Object(o) if o.len() == 1 && o.contains_key("Fn::If") => {
+                let a = &o["Fn::If"];
+                self.resolve(if self.condition(a[0].as_str().unwrap()) { &a[1] } else { &a[2] })
+            }
+            Value::Object(o) if o.len() == 1 && o.contains_key("Ref") => {
+                let name = o["Ref"].as_str().unwrap();
+                if name == "AWS::NoValue" {
+                    None
+                } else {
+                    Some(self.params.get(name).cloned().unwrap_or_else(|| v.clone()))
+                }
+            }
+            Value::Object(o) if o.len() == 1 && o.contains_key("Fn::Sub") => Some(self.sub(&o["Fn::Sub"])),
+            Value::Object(o) => Some(Value::Object(o.iter().filter_map(|(k, v)| self.resolve(v).map(|v| (k.clone(), v))).collect())),
+            Value::Array(a) => Some(Value::Array(a.iter().filter_map(|v| self.resolve(v)).collect())),
+            _ => Some(v.clone()),
+        }
+    }
+
+    /// `Fn::Sub` with the parameters (and its own variables, once resolved to
+    /// strings) put in; a string when nothing is left to substitute.
+    fn sub(&self, arg: &Value) -> Value {
+        let (mut text, vars) = match arg {
+            Value::String(s) => (s.clone(), serde_json::Map::new()),
+            Value::Array(a) => (a[0].as_str().unwrap().to_owned(), self.resolve(&a[1]).unwrap().as_object().unwrap().clone()),
+            _ => panic!("Fn::Sub {arg}"),
+        };
+        let mut rest = serde_json::Map::new();
+        for (name, v) in vars {
+            match v {
+                Value::String(s) => text = text.replace(&format!("${{{name}}}"), &s),
+                other => {
+                    rest.insert(name, other);
+                }
+            }
+        }
+        for (name, v) in &self.params {
+            if let Value::String(s) = v {
+                text = text.replace(&format!("${{{name}}}"), s);
+            }
+        }
+        if !text.contains("${") {
+            Value::from(text)
+        } else if rest.is_empty() {
+            serde_json::json!({ "Fn::Sub": text })
+        } else {
+            serde_json::json!({ "Fn::Sub": [text, rest] })
+        }
+    }
+
+    /// The resources this deployment creates, resolved.
+    fn resources(&self) -> serde_json::Map<String, Value> {
+        self.t["Resources"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.get("Condition").is_none_or(|c| self.condition(c.as_str().unwrap())))
+            .map(|(name, r)| (name.clone(), self.resolve(r).unwrap()))
+            .collect()
+    }
+
+    fn resources_of(&self, ty: &str) -> Vec<(String, Value)> {
+        self.resources().into_iter().filter(|(_, r)| r["Type"] == ty).collect()
+    }
+
+    /// The outputs this deployment has, resolved.
+    fn outputs(&self) -> serde_json::Map<String, Value> {
+        self.t["Outputs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, o)| o.get("Condition").is_none_or(|c| self.condition(c.as_str().unwrap())))
+            .map(|(name, o)| (name.clone(), self.resolve(&o["Value"]).unwrap()))
+            .collect()
+    }
+}
+
+/// The text of a string or of an `Fn::Sub`.
+fn text(v: &Value) -> String {
+    match v.get("Fn::Sub") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => scalar(&a[0]),
+        _ => scalar(v),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A role's policy statements as this deployment sees them.
+fn statements(stack: &Stack, role: &str) -> Vec<Value> {
+    let r = &stack.resources()[role];
+    assert_eq!(r["Type"], "AWS::IAM::Role", "{role}");
+    r["Properties"]["Policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn actions(statement: &Value) -> Vec<String> {
+    match &statement["Action"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a.iter().map(scalar).collect(),
+        _ => vec![],
+    }
+}
+
+#[test]
+fn a_public_function_url_grants_both_invoke_permissions() {
+    // Since October 2025 a new function URL with AuthType NONE answers 403
+    // unless the function's policy allows both actions to everyone.
+    let t = transformed();
+    let stack = Stack::with(&t, &[]);
+    assert_eq!(stack.params["EndpointType"], "FunctionUrl", "the Function URL is the default endpoint");
+    let url = stack.resources_of("AWS::Lambda::Url");
+    assert_eq!(url.len(), 1);
+    assert_eq!(url[0].1["Properties"]["AuthType"], "NONE");
+    assert_eq!(url[0].1["Properties"]["TargetFunctionArn"], serde_json::json!({ "Fn::GetAtt": ["ApiFunction", "Arn"] }));
+    let public: Vec<Value> = stack
+        .resources_of("AWS::Lambda::Permission")
+        .into_iter()
+        .map(|(_, p)| p["Properties"].clone())
+        .filter(|p| p["Principal"] == "*")
+        .collect();
+    assert_eq!(public.len(), 2, "{public:#?}");
+    for p in &public {
+        assert_eq!(p["FunctionName"], serde_json::json!({ "Ref": "ApiFunction" }));
+    }
+    let url_invoke = public.iter().find(|p| p["Action"] == "lambda:InvokeFunctionUrl").expect("lambda:InvokeFunctionUrl");
+    assert_eq!(url_invoke["FunctionUrlAuthType"], "NONE");
+    let invoke = public.iter().find(|p| p["Action"] == "lambda:InvokeFunction").expect("lambda:InvokeFunction");
+    assert_eq!(invoke["InvokedViaFunctionUrl"], true, "only invocations through the function URL");
+    assert!(invoke.get("FunctionUrlAuthType").is_none());
+
+    // No other endpoint leaves a public permission behind.
+    for endpoint in ["HttpApi", "PrivateRestApi"] {
+        let stack = Stack::with(&t, &[("EndpointType", endpoint), ("PrivateApiVpcEndpointId", "vpce-0123456789abcdef0")]);
+        assert!(stack.resources_of("AWS::Lambda::Url").is_empty(), "{endpoint}");
+        let principals: Vec<Value> =
+            stack.resources_of("AWS::Lambda::Permission").into_iter().map(|(_, p)| p["Properties"]["Principal"].clone()).collect();
+        assert!(!principals.contains(&Value::from("*")), "{endpoint}: {principals:?}");
+    }
+}
+
+#[test]
+fn every_role_that_reads_keys_may_list_the_bucket() {
+    // GetObject/HeadObject of a missing key is a 403, not a 404, without
+    // s3:ListBucket on the bucket; the fetcher HEADs every blob before
+    // copying it, the api reads manifests/* bodies, the gc reads both.
+    let t = transformed();
+    let stack = Stack::with(&t, &[]);
+    let bucket = serde_json::json!({ "Fn::GetAtt": ["BlobBucket", "Arn"] });
+    let mut roles = 0;
+    for (name, _) in stack.resources_of("AWS::IAM::Role") {
+        let st = statements(&stack, &name);
+        if !st.iter().any(|s| actions(s).iter().any(|a| a == "s3:GetObject")) {
+            continue;
+        }
+        roles += 1;
+        let list = st
+            .iter()
+            .find(|s| s["Effect"] == "Allow" && actions(s).iter().any(|a| a == "s3:ListBucket"))
+            .unwrap_or_else(|| panic!("{name} reads objects but may not list the bucket"));
+        assert_eq!(list["Resource"], bucket, "{name}: on the bucket itself");
+        // s3:prefix is only in the context of list requests: a condition on
+        // it would not apply to the check a missing key's GET makes.
+        assert!(list.get("Condition").is_none(), "{name}: {list}");
+    }
+    assert_eq!(roles, 3, "api, fetcher and gc read objects");
+}
+
+#[test]
+fn the_fetcher_reserves_no_concurrency_unless_asked() {
+    // An account with the default concurrency quota of 10 rejects any
+    // reservation; a reservation of 0 would stop the fetcher altogether.
+    let t = transformed();
+    let p = &t["Parameters"]["FetcherReservedConcurrency"];
+    assert_eq!(scalar(&p["Default"]), "0");
+    assert_eq!(scalar(&p["MinValue"]), "0");
+    let fetcher = |given: &[(&str, &str)]| Stack::with(&t, given).resources()["FetcherFunction"]["Properties"].clone();
+    assert!(fetcher(&[]).get("ReservedConcurrentExecutions").is_none(), "unreserved by default");
+    assert_eq!(scalar(&fetcher(&[("FetcherReservedConcurrency", "5")])["ReservedConcurrentExecutions"]), "5");
+    for (name, f) in Stack::with(&t, &[]).resources_of("AWS::Lambda::Function") {
+        assert!(f["Properties"].get("ReservedConcurrentExecutions").is_none(), "{name} reserves concurrency by default");
+    }
+}
+
+#[test]
+fn the_client_networks_are_an_explicit_choice() {
+    let t = template("template.yaml");
+    let p = &t["Parameters"]["AllowedClientCidrs"];
+    assert!(p.get("Default").is_none(), "no default: a deployment must choose who may pull");
+    assert!(p["MinLength"].as_u64().unwrap() >= 1);
+    let pattern = p["AllowedPattern"].as_str().unwrap();
+    // CloudFormation matches the whole value against AllowedPattern.
+    let matches = |value: &str| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import re,sys\nprint(bool(re.fullmatch(sys.argv[1], sys.argv[2])))", pattern, value])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim() == "True"
+    };
+    for rejected in ["", " ", "any", "*", "10.0.0.0/8,", ",10.0.0.0/8", "10.0.0.0/8;192.168.0.0/16"] {
+        assert!(!matches(rejected), "{rejected:?} is rejected");
+    }
+    for accepted in ["0.0.0.0/0,::/0", "0.0.0.0/0", "203.0.113.0/24, 198.51.100.7", "2001:db8::/32", "203.0.113.9"] {
+        assert!(matches(accepted), "{accepted:?} is accepted");
+        let networks: Vec<String> = accepted.split(',').map(str::to_owned).collect();
+        hubcap::access::AccessPolicy::new(&networks, &[], &[], &[], &[]).unwrap_or_else(|e| panic!("{accepted:?}: {e}"));
+    }
+    // What the functions are given is exactly the parameter.
+    assert_eq!(t["Globals"]["Function"]["Environment"]["Variables"]["HUBCAP_ALLOW_CIDRS"]["Ref"], "AllowedClientCidrs");
+}
+
+#[test]
+fn the_private_rest_api_is_reached_only_through_its_vpc_endpoint() {
+    let t = transformed();
+    let created = Stack::with(
+        &t,
+        &[
+            ("EndpointType", "PrivateRestApi"),
+            ("VpcId", "vpc-0123456789abcdef0"),
+            ("PrivateApiSubnetIds", "subnet-0123456789abcdef0,subnet-0123456789abcdef1"),
+            ("PrivateApiIngressCidr", "10.0.0.0/16"),
+        ],
+    );
+    let given = Stack::with(&t, &[("EndpointType", "PrivateRestApi"), ("PrivateApiVpcEndpointId", "vpce-0123456789abcdef0")]);
+    for (stack, endpoint) in
+        [(&created, serde_json::json!({ "Ref": "ExecuteApiEndpoint" })), (&given, Value::from("vpce-0123456789abcdef0"))]
+    {
+        let res = stack.resources();
+        let apis = stack.resources_of("AWS::ApiGateway::RestApi");
+        assert_eq!(apis.len(), 1);
+        let (api_name, api) = &apis[0];
+        let api_ref = serde_json::json!({ "Ref": api_name });
+        let cfg = &api["Properties"]["EndpointConfiguration"];
+        assert_eq!(cfg["Types"], serde_json::json!(["PRIVATE"]));
+        assert_eq!(cfg["VpcEndpointIds"], serde_json::json!([endpoint]));
+        // The resource policy lets in the endpoint's requests and nothing else.
+        let policy = api["Properties"]["Policy"]["Statement"].as_array().unwrap();
+        let allow = policy.iter().find(|s| s["Effect"] == "Allow").unwrap();
+        assert_eq!(allow["Condition"]["StringEquals"]["aws:SourceVpce"], endpoint);
+        assert!(
+            policy.iter().all(|s| s["Effect"] == "Deny" || s["Condition"]["StringEquals"]["aws:SourceVpce"] == endpoint),
+            "every Allow is limited to the endpoint"
+        );
+        let deny = policy.iter().find(|s| s["Effect"] == "Deny").unwrap();
+        assert_eq!(deny["Condition"]["StringNotEquals"]["aws:SourceVpce"], endpoint);
+        // ANY on the root and on a greedy {proxy+}, both a Lambda proxy integration of the api.
+        let methods = stack.resources_of("AWS::ApiGateway::Method");
+        assert_eq!(methods.len(), 2);
+        let proxy = stack
+            .resources_of("AWS::ApiGateway::Resource")
+            .into_iter()
+            .find(|(_, r)| r["Properties"]["PathPart"] == "{proxy+}")
+            .expect("a greedy {proxy+} resource");
+        assert_eq!(proxy.1["Properties"]["ParentId"], serde_json::json!({ "Fn::GetAtt": [api_name, "RootResourceId"] }));
+        let on = |resource: &Value| methods.iter().find(|(_, m)| &m["Properties"]["ResourceId"] == resource).map(|(_, m)| m.clone());
+        for m in [
+            on(&serde_json::json!({ "Fn::GetAtt": [api_name, "RootResourceId"] })).expect("a method on the root"),
+            on(&serde_json::json!({ "Ref": proxy.0 })).expect("a method on {proxy+}"),
+        ] {
+            let p = &m["Properties"];
+            assert_eq!(p["RestApiId"], api_ref);
+            assert_eq!(p["HttpMethod"], "ANY");
+            assert_eq!(p["Integration"]["Type"], "AWS_PROXY");
+            assert_eq!(p["Integration"]["IntegrationHttpMethod"], "POST");
+            assert!(text(&p["Integration"]["Uri"]).contains("${ApiFunction.Arn}/invocations"), "{}", p["Integration"]["Uri"]);
+        }
+        // Deployed after its methods, to a stage.
+        let (dep_name, dep) = stack.resources_of("AWS::ApiGateway::Deployment").pop().expect("a deployment");
+        let depends: Vec<String> = dep["DependsOn"].as_array().unwrap().iter().map(scalar).collect();
+        for (m, _) in &methods {
+            assert!(depends.contains(m), "the deployment waits for {m}");
+        }
+        let (_, stage) = stack.resources_of("AWS::ApiGateway::Stage").pop().expect("a stage");
+        assert_eq!(stage["Properties"]["DeploymentId"], serde_json::json!({ "Ref": dep_name }));
+        // API Gateway may invoke the api, for this API only.
+        let perm = stack
+            .resources_of("AWS::Lambda::Permission")
+            .into_iter()
+            .map(|(_, p)| p["Properties"].clone())
+            .find(|p| p["Principal"] == "apigateway.amazonaws.com")
+            .expect("a permission for API Gateway");
+        assert_eq!(perm["Action"], "lambda:InvokeFunction");
+        assert_eq!(perm["FunctionName"], serde_json::json!({ "Ref": "ApiFunction" }));
+        assert!(text(&perm["SourceArn"]).contains(&format!("${{{api_name}}}/*")), "{}", perm["SourceArn"]);
+        // Either the stack's own endpoint or the given one, never both.
+        assert_eq!(res.contains_key("ExecuteApiEndpoint"), endpoint.get("Ref").is_some());
+        // Without a custom domain the URL carries the stage: no daemon.json, a hosts.toml with override_path.
+        let out = stack.outputs();
+        assert!(scalar(&out["DaemonJson"]).starts_with("none"), "{}", out["DaemonJson"]);
+        let hosts = text(&out["ContainerdHostsToml"]);
+        assert!(hosts.contains("override_path = true") && hosts.contains("/v2\"]"), "{hosts}");
+    }
+    let ep = &created.resources()["ExecuteApiEndpoint"]["Properties"];
+    assert_eq!(ep["VpcEndpointType"], "Interface");
+    assert_eq!(ep["ServiceName"], serde_json::json!({ "Fn::Sub": "com.amazonaws.${AWS::Region}.execute-api" }));
+    assert_eq!(ep["PrivateDnsEnabled"], "false", "private DNS would break the VPC's calls to public APIs");
+
+    // With a private custom domain: an empty base path, so a URL with no path that Docker accepts.
+    let domain = Stack::with(
+        &t,
+        &[
+            ("EndpointType", "PrivateRestApi"),
+            ("PrivateApiVpcEndpointId", "vpce-0123456789abcdef0"),
+            ("DomainName", "mirror.example.com"),
+            ("CertificateArn", "arn:aws:acm:us-east-1:123456789012:certificate/abc"),
+        ],
+    );
+    let (dn, d) = domain.resources_of("AWS::ApiGateway::DomainNameV2").pop().expect("a private custom domain");
+    assert_eq!(d["Properties"]["EndpointConfiguration"]["Types"], serde_json::json!(["PRIVATE"]));
+    let (_, mapping) = domain.resources_of("AWS::ApiGateway::BasePathMappingV2").pop().expect("a base path mapping");
+    assert_eq!(mapping["Properties"]["DomainNameArn"], serde_json::json!({ "Ref": dn }));
+    assert!(mapping["Properties"].get("BasePath").is_none_or(|b| b == ""), "an empty base path");
+    let (_, access) = domain.resources_of("AWS::ApiGateway::DomainNameAccessAssociation").pop().expect("an access association");
+    assert_eq!(access["Properties"]["AccessAssociationSource"], "vpce-0123456789abcdef0");
+    assert_eq!(access["Properties"]["AccessAssociationSourceType"], "VPCE");
+    let out = domain.outputs();
+    assert_eq!(out["MirrorUrl"], "https://mirror.example.com/");
+    assert_eq!(out["DaemonJson"], r#"{"registry-mirrors": ["https://mirror.example.com/"]}"#);
+}
+
+#[test]
+fn the_fetcher_is_watched_for_falling_behind_and_failing() {
+    let t = transformed();
+    let alarms = Stack::with(&t, &[]).resources_of("AWS::CloudWatch::Alarm");
+    let find = |ns: &str, metric: &str| {
+        alarms
+            .iter()
+            .map(|(_, a)| a["Properties"].clone())
+            .find(|a| a["Namespace"] == ns && a["MetricName"] == metric)
+            .unwrap_or_else(|| panic!("an alarm on {ns}/{metric}"))
+    };
+    let age = find("AWS/Lambda", "IteratorAge");
+    assert_eq!(age["Dimensions"], serde_json::json!([{ "Name": "FunctionName", "Value": { "Ref": "FetcherFunction" } }]));
+    assert_eq!(age["Statistic"], "Maximum");
+    let failures = find(hubcap::metrics::NAMESPACE, "FetchFailures");
+    assert_eq!(failures["Dimensions"], serde_json::json!([{ "Name": "Function", "Value": "fetcher" }]));
+    assert_eq!(failures["Statistic"], "Sum");
+    // The metric and its dimension are the ones the fetcher emits.
+    let line = hubcap::metrics::emf_line("fetcher", &[("FetchFailures", 1.0, "Count")]);
+    let emf: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(emf["Function"], "fetcher");
+    assert_eq!(emf["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["Function"]]));
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lambda.rs")).unwrap();
+    assert!(src.contains("(\"FetchFailures\"") && src.contains("emf_line(\"fetcher\""), "the fetcher emits FetchFailures");
+}
+
+#[test]
+fn the_bucket_outlives_the_stack() {
+    // CloudFormation cannot delete a bucket with objects in it: `sam delete`
+    // would fail on any mirror that was used.
+    let t = transformed();
+    let bucket = &t["Resources"]["BlobBucket"];
+    assert_eq!(bucket["DeletionPolicy"], "Retain");
+    assert_eq!(bucket["UpdateReplacePolicy"], "Retain");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(readme.contains("aws s3 rm s3://") && readme.contains("aws s3 rb s3://"), "the README says how to empty and delete it");
+}
+
+#[test]
+fn custom_domains_have_their_dns_target_in_the_outputs() {
+    let t = transformed();
+    let cert = ("CertificateArn", "arn:aws:acm:us-east-1:123456789012:certificate/abc");
+    let http = Stack::with(&t, &[("EndpointType", "HttpApi"), ("DomainName", "mirror.example.com"), cert]).outputs();
+    assert_eq!(http["CustomDomainDnsTarget"], serde_json::json!({ "Fn::GetAtt": ["HttpApiDomain", "RegionalDomainName"] }));
+    assert_eq!(http["CustomDomainHostedZoneId"], serde_json::json!({ "Fn::GetAtt": ["HttpApiDomain", "RegionalHostedZoneId"] }));
+    assert_eq!(http["MirrorUrl"], "https://mirror.example.com/");
+    let private = Stack::with(
+        &t,
+        &[
+            ("EndpointType", "PrivateRestApi"),
+            ("DomainName", "mirror.example.com"),
+            cert,
+            ("VpcId", "vpc-0123456789abcdef0"),
+            ("PrivateApiSubnetIds", "subnet-0123456789abcdef0"),
+            ("PrivateApiIngressCidr", "10.0.0.0/16"),
+        ],
+    )
+    .outputs();
+    // The endpoint's regional DNS name: "<zone>:<name>" is its first DnsEntries entry.
+    let entry = serde_json::json!({ "Fn::Select": [0, { "Fn::GetAtt": ["ExecuteApiEndpoint", "DnsEntries"] }] });
+    assert_eq!(private["CustomDomainDnsTarget"], serde_json::json!({ "Fn::Select": [1, { "Fn::Split": [":", entry] }] }));
+    assert_eq!(private["CustomDomainHostedZoneId"], serde_json::json!({ "Fn::Select": [0, { "Fn::Split": [":", entry] }] }));
+    // Without a custom domain, no DNS outputs.
+    let plain = Stack::with(&t, &[]).outputs();
+    assert!(!plain.contains_key("CustomDomainDnsTarget") && !plain.contains_key("CustomDomainHostedZoneId"));
+}
+
+/// Runs checkov on a template with no network: no downloads from Prisma
+/// Cloud, no update check, and inside a new network namespace when possible.
+fn checkov(path: &Path) -> (bool, String) {
+    let isolated = std::process::Command::new("unshare").args(["-n", "true"]).status().is_ok_and(|s| s.success());
+    let mut cmd = if isolated {
+        let mut c = std::process::Command::new("unshare");
+        c.args(["-n", "checkov"]);
+        c
+    } else {
+        std::process::Command::new("checkov")
+    };
+    let out = cmd
+        .arg("-f")
+        .arg(path)
+        .args(["--framework", "cloudformation", "--compact", "--quiet", "--skip-download"])
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .output()
+        .expect("checkov (tests/install-tools.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("FAILED"), text)
+}
+
+#[test]
+fn the_templates_pass_checkov() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("template.yaml")];
+    files.extend(
+        std::fs::read_dir(root.join("infra")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+    );
+    // checkov drops the resources whose condition is false for the defaults:
+    // check every endpoint type, with its options, too.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = "arn:aws:acm:us-east-1:123456789012:certificate/abc";
+    for (name, given) in [
+        ("httpapi", vec![("EndpointType", "HttpApi"), ("DomainName", "mirror.example.com"), ("CertificateArn", cert)]),
+        (
+            "private",
+            vec![
+                ("EndpointType", "PrivateRestApi"),
+                ("DomainName", "mirror.example.com"),
+                ("CertificateArn", cert),
+                ("VpcId", "vpc-0123456789abcdef0"),
+                ("RouteTableIds", "rtb-0123456789abcdef0"),
+                ("PrivateApiSubnetIds", "subnet-0123456789abcdef0"),
+                ("PrivateApiIngressCidr", "10.0.0.0/16"),
+                ("ConsumerVpcEndpointIds", "vpce-0123456789abcdef1"),
+                ("FetcherReservedConcurrency", "5"),
+                ("AlarmTopicArn", "arn:aws:sns:us-east-1:123456789012:alarms"),
+            ],
+        ),
+    ] {
+        let mut t = template("template.yaml");
+        t["Parameters"]["AllowedClientCidrs"]["Default"] = Value::from("10.0.0.0/8");
+        for (p, v) in given {
+            t["Parameters"][p]["Default"] = Value::from(v);
+        }
+        let path = dir.path().join(format!("template-{name}.json"));
+        std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+        files.push(path);
+    }
+    for f in &files {
+        let (ok, text) = checkov(f);
+        assert!(ok, "checkov {}:\n{text}", f.display());
+        // (infra/vpc-endpoint.yaml has nothing checkov checks.)
+        if f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("template")) {
+            assert!(text.contains("Passed checks:") && text.contains("Failed checks: 0"), "checkov read {}:\n{text}", f.display());
+        }
+    }
+    // Every suppression says why.
+    for (name, r) in template("template.yaml")["Resources"].as_object().unwrap() {
+        for skip in r["Metadata"]["checkov"]["skip"].as_array().into_iter().flatten() {
+            assert!(skip["id"].as_str().is_some_and(|id| id.starts_with("CKV")), "{name}: {skip}");
+            assert!(skip["comment"].as_str().is_some_and(|c| c.len() > 40), "{name}: {} needs a real reason", skip["id"]);
+        }
+    }
+}
