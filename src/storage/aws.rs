@@ -124,6 +124,31 @@ pub struct S3BlobStore {
     client: aws_sdk_s3::Client,
     bucket: String,
     encryption: Encryption,
+    /// When the signing credentials expire, as last asked: a presigned URL
+    /// dies with them, whatever lifetime it states.
+    expiry: std::sync::Arc<std::sync::Mutex<Option<CredentialsExpiry>>>,
+    /// The provider of the credentials the client signs with.
+    credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+}
+
+#[derive(Clone, Copy)]
+struct CredentialsExpiry {
+    asked: std::time::Instant,
+    expires: Option<std::time::SystemTime>,
+}
+
+/// How often the credentials' expiry is asked again (a provider may fetch).
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// A presigned URL's lifetime: `ttl`, cut to the signing credentials' end.
+/// The URL stops working then anyway (AWS: "a presigned URL created with
+/// temporary credentials expires when the credentials do"); saying so keeps
+/// clients from holding a URL that looks valid and is not.
+pub fn url_lifetime(ttl: Duration, now: std::time::SystemTime, expires: Option<std::time::SystemTime>) -> Duration {
+    match expires {
+        Some(end) => ttl.min(end.duration_since(now).unwrap_or_default()).max(Duration::from_secs(1)),
+        None => ttl,
+    }
 }
 
 pub fn blob_key(digest: &Digest) -> String {
@@ -136,7 +161,29 @@ fn manifest_key(digest: &Digest) -> String {
 
 impl S3BlobStore {
     pub fn new(client: aws_sdk_s3::Client, bucket: &str, encryption: Encryption) -> S3BlobStore {
-        S3BlobStore { client, bucket: bucket.to_owned(), encryption }
+        S3BlobStore { client, bucket: bucket.to_owned(), encryption, expiry: Default::default(), credentials: None }
+    }
+
+    /// Signs with credentials from `sdk`'s provider, whose expiry bounds the
+    /// lifetime of presigned URLs.
+    pub fn signing_with(mut self, sdk: &aws_config::SdkConfig) -> S3BlobStore {
+        self.credentials = sdk.credentials_provider();
+        self
+    }
+
+    /// When the credentials that sign URLs expire (`None`: not known, e.g.
+    /// static keys, or Lambda's, which come from the environment without an
+    /// expiry), asked at most once a minute.
+    async fn credentials_expiry(&self) -> Option<std::time::SystemTime> {
+        let cached = *self.expiry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.filter(|c| c.asked.elapsed() < EXPIRY_CHECK_EVERY) {
+            return c.expires;
+        }
+        use aws_credential_types::provider::ProvideCredentials;
+        let provider = self.credentials.as_ref()?;
+        let expires = provider.provide_credentials().await.ok().and_then(|c| c.expiry());
+        *self.expiry.lock().unwrap_or_else(|p| p.into_inner()) = Some(CredentialsExpiry { asked: std::time::Instant::now(), expires });
+        expires
     }
 
     async fn put_small(&self, key: &str, body: Bytes) -> Result<()> {
@@ -168,7 +215,11 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String> {
-        let config = PresigningConfig::expires_in(ttl).map_err(|e| StorageError::Unavailable(format!("presigning: {e}")))?;
+        let lifetime = url_lifetime(ttl, std::time::SystemTime::now(), self.credentials_expiry().await);
+        if lifetime < ttl {
+            tracing::debug!(?lifetime, ?ttl, "blob URL lifetime cut to the signing credentials' expiry");
+        }
+        let config = PresigningConfig::expires_in(lifetime).map_err(|e| StorageError::Unavailable(format!("presigning: {e}")))?;
         let req = self
             .client
             .get_object()
@@ -299,7 +350,7 @@ impl BlobWriter for S3BlobWriter {
         let rest = std::mem::take(&mut self.buffer).freeze();
         if self.upload_id.is_none() {
             // Smaller than one part: a single PutObject.
-            let store = S3BlobStore { client: self.client.clone(), bucket: self.bucket.clone(), encryption: self.encryption.clone() };
+            let store = S3BlobStore::new(self.client.clone(), &self.bucket, self.encryption.clone());
             return store.put_small(&self.key, rest).await;
         }
         if !rest.is_empty() {
@@ -1142,7 +1193,7 @@ async fn sdk_config(cfg: &AwsStorage) -> aws_config::SdkConfig {
 pub async fn connect(cfg: &AwsStorage) -> (S3BlobStore, DynamoIndex) {
     let sdk = sdk_config(cfg).await;
     let (s3, ddb) = clients(&sdk);
-    let store = S3BlobStore::new(s3.clone(), &cfg.bucket, cfg.encryption.clone());
+    let store = S3BlobStore::new(s3.clone(), &cfg.bucket, cfg.encryption.clone()).signing_with(&sdk);
     let index = DynamoIndex::new(ddb, &cfg.table, S3BlobStore::new(s3, &cfg.bucket, cfg.encryption.clone()));
     (store, index)
 }
@@ -1163,4 +1214,40 @@ pub async fn setup(cfg: &AwsStorage) -> Result<(bool, bool)> {
     let index = DynamoIndex::new(ddb, &cfg.table, S3BlobStore::new(s3, &cfg.bucket, cfg.encryption.clone()));
     let table = index.create_table().await?;
     Ok((bucket, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn a_url_lives_no_longer_than_its_signing_credentials() {
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(900);
+        assert_eq!(url_lifetime(ttl, now, None), ttl, "static keys: as configured");
+        assert_eq!(url_lifetime(ttl, now, Some(now + Duration::from_secs(3600))), ttl);
+        assert_eq!(url_lifetime(ttl, now, Some(now + Duration::from_secs(300))), Duration::from_secs(300));
+        assert_eq!(url_lifetime(ttl, now, Some(now - Duration::from_secs(5))), Duration::from_secs(1), "never zero");
+    }
+
+    /// The presigned URL states the shorter lifetime (signed locally: no
+    /// request leaves the process).
+    #[tokio::test]
+    async fn presigned_urls_are_cut_to_session_credentials() {
+        let expires = SystemTime::now() + Duration::from_secs(300);
+        let creds = aws_sdk_s3::config::Credentials::new("AKID", "secret", Some("session".into()), Some(expires), "session");
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(creds))
+            .endpoint_url("http://127.0.0.1:9")
+            .build();
+        let (s3, _) = clients(&sdk);
+        let store = S3BlobStore::new(s3, "b", Encryption::BucketDefault).signing_with(&sdk);
+        let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        let url = store.presigned_get(&digest, Duration::from_secs(900)).await.unwrap();
+        let stated: u64 = url.split("X-Amz-Expires=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
+        assert!((295..=300).contains(&stated), "{url}");
+    }
 }
