@@ -151,7 +151,7 @@ impl Dockerd {
         for (name, _, _) in pulled {
             let short = name.trim_start_matches("library/");
             let want = format!("Trying to pull {short} from {mirror}/ v2");
-            assert_eq!(log.matches(&want).count(), 2, "{want}, cold and warm:\n{}", self.log_tail());
+            assert_eq!(log.matches(&want).count(), 3, "{want}, cold, warm by tag and by digest:\n{}", self.log_tail());
         }
         for bad in ["Attempting next endpoint", "registry-1.docker.io", "level=error"] {
             assert!(!log.contains(bad), "dockerd: {bad}:\n{}", self.log_tail());
@@ -205,16 +205,15 @@ fn test_images(seed: u64) -> Vec<(&'static str, &'static str, Published)> {
 /// reports and records, the image ID (the config's digest), the layers'
 /// diff_ids, and, from `docker save`, the config's bytes and every
 /// uncompressed layer hashing to its diff_id.
-async fn pull_and_verify(docker: &Dockerd, dir: &Path, name: &str, tag: &str, published: &Published) {
-    let reference = format!("{name}:{tag}");
-    let out = docker.run(&["pull", &reference]).await;
+async fn pull_and_verify(docker: &Dockerd, dir: &Path, reference: &str, published: &Published) {
+    let out = docker.run(&["pull", reference]).await;
     let digest = published.digest();
     assert!(out.contains(&format!("Digest: {digest}")), "{reference}: the daemon saw upstream's digest\n{out}");
     let want = amd64(published);
     let config: serde_json::Value = serde_json::from_slice(&want.config.1).unwrap();
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect();
 
-    let inspect = docker.run(&["image", "inspect", &reference]).await;
+    let inspect = docker.run(&["image", "inspect", reference]).await;
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let inspect = &inspect[0];
     assert_eq!(inspect["Id"], want.config.0, "{reference}: the image ID is the config's digest");
@@ -223,8 +222,8 @@ async fn pull_and_verify(docker: &Dockerd, dir: &Path, name: &str, tag: &str, pu
     assert!(repo_digests.iter().any(|d| d.ends_with(&format!("@{digest}"))), "{reference}: RepoDigests {repo_digests:?}");
     assert_eq!(inspect["RootFS"]["Layers"], serde_json::json!(diff_ids), "{reference}: layers");
 
-    let tarball = dir.join(format!("{}.tar", name.replace('/', "_")));
-    docker.run(&["save", "-o", tarball.to_str().unwrap(), &reference]).await;
+    let tarball = dir.join("saved.tar");
+    docker.run(&["save", "-o", tarball.to_str().unwrap(), reference]).await;
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     let mut archive = tar::Archive::new(std::fs::File::open(&tarball).unwrap());
     for entry in archive.entries().unwrap() {
@@ -243,11 +242,34 @@ async fn pull_and_verify(docker: &Dockerd, dir: &Path, name: &str, tag: &str, pu
     assert_eq!(layers, diff_ids, "{reference}: every layer the daemon unpacked hashes to its diff_id");
 }
 
-/// Removes every image from the daemon.
-async fn remove_all(docker: &Dockerd, pulled: &[(&str, &str, Published)]) {
-    for (name, tag, _) in pulled {
-        docker.run(&["rmi", &format!("{name}:{tag}")]).await;
+/// How a pull names the image.
+#[derive(Clone, Copy, Debug)]
+enum By {
+    Tag,
+    Digest,
+}
+
+/// Pulls and verifies every image, by tag or by digest.
+async fn pull_all(docker: &Dockerd, dir: &Path, pulled: &[(&str, &str, Published)], by: By) {
+    let t = Instant::now();
+    for (name, tag, img) in pulled {
+        let reference = match by {
+            By::Tag => format!("{name}:{tag}"),
+            By::Digest => format!("{name}@{}", img.digest()),
+        };
+        pull_and_verify(docker, dir, &reference, img).await;
     }
+    println!("pulled by {by:?} in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// Removes every image (and so every layer) from the daemon.
+async fn remove_all(docker: &Dockerd) {
+    let ids = docker.run(&["images", "-aq"]).await;
+    let mut ids: Vec<&str> = ids.split_whitespace().collect();
+    ids.dedup();
+    let mut args = vec!["rmi", "-f"];
+    args.extend(ids);
+    docker.run(&args).await;
     let left = docker.run(&["images", "-aq"]).await;
     assert!(left.trim().is_empty(), "no image left: {left}");
 }
@@ -261,11 +283,38 @@ async fn upstream_requests(mirror: &str) -> u64 {
         .sum()
 }
 
-/// hubcap's access log lines (`hubcap::access`) for `path` prefix.
+/// hubcap's access log lines (`hubcap::access`) whose path starts with
+/// `path`, in the text (`hubcap serve`) or JSON (Lambda) format.
 fn access_lines<'a>(log: &'a str, path: &str) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| l.contains("hubcap::access") && (l.contains(&format!("path={path}")) || l.contains(&format!("path=\"{path}"))))
-        .collect()
+    let forms = [format!("path={path}"), format!("path=\"{path}"), format!("\"path\":\"{path}")];
+    log.lines().filter(|l| l.contains("hubcap::access") && forms.iter().any(|f| l.contains(f))).collect()
+}
+
+/// An access log line's `field` (`cache`, `status`), in either format.
+fn field<'a>(line: &'a str, field: &str) -> &'a str {
+    for start in [format!("{field}=\""), format!("{field}="), format!("\"{field}\":\""), format!("\"{field}\":")] {
+        if let Some(i) = line.find(&start) {
+            let rest = &line[i + start.len()..];
+            return &rest[..rest.find(|c: char| c == '"' || c == ' ' || c == ',').unwrap_or(rest.len())];
+        }
+    }
+    panic!("no {field} in {line}")
+}
+
+/// The warm pulls' requests for each image were all answered from the
+/// cache, config and layers included.
+fn assert_all_hits(warm: &str, pulled: &[(&str, &str, Published)]) {
+    for (name, _, img) in pulled {
+        let lines = access_lines(warm, &format!("/v2/{name}/"));
+        assert!(!lines.is_empty(), "{name} asked for:\n{warm}");
+        for l in &lines {
+            assert_eq!(field(l, "cache"), "hit", "{name}: warm requests all hits:\n{l}");
+        }
+        for (blob, _) in amd64(img).blobs() {
+            let served = access_lines(warm, &format!("/v2/{name}/blobs/{blob}"));
+            assert!(served.iter().filter(|l| field(l, "status") == "307").count() >= 2, "{name}: {blob} served by tag and by digest:\n{warm}");
+        }
+    }
 }
 
 /// Debian's docker-registry on a loopback port, empty.
@@ -303,9 +352,86 @@ async fn start_hubcap_serve(dir: &Path, upstream: &str) -> (Proc, String) {
     (proc, url)
 }
 
+/// A Lambda binary of this build run by cargo lambda's emulator on `port`
+/// as the function `name`.
+fn lambda_function(dir: &Path, name: &str, bin: &str, port: u16, env: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(bin);
+    cmd.env("AWS_LAMBDA_FUNCTION_NAME", name)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt/{name}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(&mut cmd, dir.join(format!("{name}.log")))
+}
+
+/// moto, `cargo lambda watch` running the `api` and `fetcher` binaries, and
+/// `hubcap lambda-dev` in front of them (a Function URL's header joining,
+/// and the table's stream fed to the fetcher as the event source mapping).
+struct LambdaWorld {
+    front: String,
+    api: Proc,
+    fetcher: Proc,
+    dev: Proc,
+    _watch: Proc,
+    _moto: common::moto::Moto,
+}
+
+impl LambdaWorld {
+    async fn start(dir: &Path, upstream: &str) -> LambdaWorld {
+        let moto = common::moto::Moto::start().await;
+        moto.setup("docker-bucket", "docker").await;
+        let port = free_port();
+        let watch = Proc::spawn(
+            Command::new("cargo").args(["lambda", "watch", "--only-lambda-apis", "--invoke-address", "127.0.0.1"]).args([
+                "--invoke-port",
+                &port.to_string(),
+            ]),
+            dir.join("watch.log"),
+        );
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut env: Vec<(&str, String)> = vec![
+            ("HUBCAP_BUCKET", "docker-bucket".into()),
+            ("HUBCAP_TABLE", "docker".into()),
+            ("HUBCAP_UPSTREAM", format!("docker.io={upstream}")),
+        ];
+        env.extend(moto.env());
+        let api = lambda_function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
+        let fetcher = lambda_function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
+        let front_port = free_port();
+        let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
+        dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", "docker"])
+            .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
+            .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
+            .env("NO_COLOR", "1");
+        for (k, v) in moto.env() {
+            dev.env(k, v);
+        }
+        let dev = Proc::spawn(&mut dev, dir.join("lambda-dev.log"));
+        let front = format!("http://127.0.0.1:{front_port}");
+        wait_ready(&format!("{front}/v2/"), &dev).await;
+        LambdaWorld { front, api, fetcher, dev, _watch: watch, _moto: moto }
+    }
+
+    fn logs(&self) -> String {
+        format!("--- api ---\n{}\n--- fetcher ---\n{}\n--- lambda-dev ---\n{}", self.api.log(), self.fetcher.log(), self.dev.log())
+    }
+}
+
 #[test]
 fn docker_pulls_through_hubcap_serve() {
     run_isolated("netns::hubcap_serve");
+}
+
+#[test]
+fn docker_pulls_through_the_lambdas_under_cargo_lambda_watch() {
+    run_isolated("netns::lambdas");
 }
 
 mod netns {
@@ -330,41 +456,72 @@ mod netns {
         let docker = Dockerd::start(d, &mirror_url).await;
         println!("started in {:.1} s", t0.elapsed().as_secs_f64());
 
-        let t = Instant::now();
-        for (name, tag, img) in &pulled {
-            pull_and_verify(&docker, d, name, tag, img).await;
-        }
-        println!("cold pulls in {:.1} s", t.elapsed().as_secs_f64());
+        pull_all(&docker, d, &pulled, By::Tag).await;
         let log = mirror.log();
         for (name, tag, _) in &pulled {
             let lines = access_lines(&log, &format!("/v2/{name}/manifests/{tag}"));
-            assert!(lines.iter().any(|l| l.contains("status=200")), "dockerd asked the mirror for {name}:{tag}:\n{log}");
+            assert!(lines.iter().any(|l| field(l, "status") == "200"), "dockerd asked the mirror for {name}:{tag}:\n{log}");
         }
         let cold_upstream = upstream_requests(&mirror_url).await;
         assert!(cold_upstream > 0);
 
-        remove_all(&docker, &pulled).await;
+        // Warm: upstream gone, the images removed; by tag, then by digest.
         drop(registry);
         let mark = mirror.log().len();
-        let t = Instant::now();
-        for (name, tag, img) in &pulled {
-            pull_and_verify(&docker, d, name, tag, img).await;
+        for by in [By::Tag, By::Digest] {
+            remove_all(&docker).await;
+            pull_all(&docker, d, &pulled, by).await;
         }
-        println!("warm pulls in {:.1} s", t.elapsed().as_secs_f64());
         assert_eq!(upstream_requests(&mirror_url).await, cold_upstream, "the warm pulls sent nothing upstream");
-        let log = mirror.log();
-        let warm = &log[mark..];
+        assert_all_hits(&mirror.log()[mark..], &pulled);
+        docker.assert_mirror_only(&mirror_url, &pulled);
+        drop(docker);
+        println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    }
+
+    /// Scenario 2: dockerd -> `hubcap lambda-dev` -> the `api` function
+    /// under `cargo lambda watch` on moto (S3 + DynamoDB), the `fetcher`
+    /// function fed by the table's stream -> the fake Docker Hub.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lambdas() {
+        if !isolated() {
+            return;
+        }
+        common::init_logs();
+        let t0 = Instant::now();
+        let dir = short_tempdir();
+        let d = dir.path();
+        let mut hub = common::fakehub::FakeHub::start().await;
+        let pulled = test_images(310);
+        for (name, tag, img) in &pulled {
+            hub.publish(name, tag, img);
+        }
+        let world = LambdaWorld::start(d, &hub.url).await;
+        let docker = Dockerd::start(d, &world.front).await;
+        println!("started in {:.1} s", t0.elapsed().as_secs_f64());
+
+        pull_all(&docker, d, &pulled, By::Tag).await;
+        // Every blob came from upstream once, copied into S3 by the fetcher function.
         for (name, _, img) in &pulled {
-            let lines = access_lines(warm, &format!("/v2/{name}/"));
-            assert!(!lines.is_empty() && lines.iter().all(|l| !l.contains("miss")), "{name}: warm requests all hits:\n{warm}");
-            for (blob, _) in amd64(img).blobs() {
-                assert!(
-                    access_lines(warm, &format!("/v2/{name}/blobs/{blob}")).iter().any(|l| l.contains("status=307")),
-                    "{name}: {blob} served again:\n{warm}"
-                );
+            for (digest, _) in amd64(img).blobs() {
+                assert_eq!(hub.cdn_gets(&digest), 1, "{name}: {digest} copied from upstream once\n{}", world.logs());
             }
         }
-        docker.assert_mirror_only(&mirror_url, &pulled);
+        assert!(world.fetcher.log().contains("\"fetched\""), "the fetcher function copied the blobs:\n{}", world.logs());
+        let cold_upstream = upstream_requests(&world.front).await;
+        assert!(cold_upstream > 0);
+
+        // Warm: upstream gone, the images removed; by tag, then by digest.
+        hub.stop().await;
+        let marks = (world.api.log().len(), world.fetcher.log().len());
+        for by in [By::Tag, By::Digest] {
+            remove_all(&docker).await;
+            pull_all(&docker, d, &pulled, by).await;
+        }
+        assert_eq!(upstream_requests(&world.front).await, cold_upstream, "the warm pulls sent nothing upstream\n{}", world.logs());
+        assert_all_hits(&world.api.log()[marks.0..], &pulled);
+        assert!(!world.fetcher.log()[marks.1..].contains("\"fetched\""), "nothing fetched warm:\n{}", world.logs());
+        docker.assert_mirror_only(&world.front, &pulled);
         drop(docker);
         println!("total {:.1} s", t0.elapsed().as_secs_f64());
     }
