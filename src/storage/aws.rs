@@ -174,7 +174,7 @@ impl S3BlobStore {
     /// When the credentials that sign URLs expire (`None`: not known, e.g.
     /// static keys, or Lambda's, which come from the environment without an
     /// expiry), asked at most once a minute.
-    async fn credentials_expiry(&self) -> Option<std::time::SystemTime> {
+    async fn credentials_expiry(&self, ttl: Duration) -> Option<std::time::SystemTime> {
         let cached = *self.expiry.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cached.filter(|c| c.asked.elapsed() < EXPIRY_CHECK_EVERY) {
             return c.expires;
@@ -182,6 +182,9 @@ impl S3BlobStore {
         use aws_credential_types::provider::ProvideCredentials;
         let provider = self.credentials.as_ref()?;
         let expires = provider.provide_credentials().await.ok().and_then(|c| c.expiry());
+        if let Some(left) = expires.and_then(|e| e.duration_since(std::time::SystemTime::now()).ok()).filter(|left| *left < ttl) {
+            tracing::warn!(?left, ?ttl, "the signing credentials expire within the blob URL lifetime: URLs are shortened to match");
+        }
         *self.expiry.lock().unwrap_or_else(|p| p.into_inner()) = Some(CredentialsExpiry { asked: std::time::Instant::now(), expires });
         expires
     }
@@ -215,10 +218,7 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String> {
-        let lifetime = url_lifetime(ttl, std::time::SystemTime::now(), self.credentials_expiry().await);
-        if lifetime < ttl {
-            tracing::debug!(?lifetime, ?ttl, "blob URL lifetime cut to the signing credentials' expiry");
-        }
+        let lifetime = url_lifetime(ttl, std::time::SystemTime::now(), self.credentials_expiry(ttl).await);
         let config = PresigningConfig::expires_in(lifetime).map_err(|e| StorageError::Unavailable(format!("presigning: {e}")))?;
         let req = self
             .client
