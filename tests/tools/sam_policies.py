@@ -212,6 +212,18 @@ def function_policies(spec):
     return policies
 
 
+def supported(name, documents):
+    """moto's evaluator ignores NotResource (a statement with it would allow
+    any resource) and denies on a Condition it has no context for: refuse
+    to decide rather than decide wrong."""
+    for doc in documents:
+        statements = doc["Statement"] if isinstance(doc["Statement"], list) else [doc["Statement"]]
+        for st in statements:
+            for key in ("NotResource", "Condition", "NotPrincipal"):
+                if key in st:
+                    raise SystemExit(f"sam_policies: {name}: a statement with {key} cannot be evaluated offline: {json.dumps(st)}")
+
+
 def decide(documents, action, resource):
     from moto.iam.access_control import IAMPolicy, PermissionResult
 
@@ -230,6 +242,8 @@ def main():
     policies = function_policies(spec)
     result = {"policies": policies}
     if "checks" in spec:
+        for name, docs in policies.items():
+            supported(name, docs)
         decisions = []
         for check in spec["checks"]:
             docs = policies.get(check["function"])
