@@ -486,6 +486,41 @@ fn every_role_that_reads_keys_may_list_the_bucket() {
 }
 
 #[test]
+fn blob_reads_restricted_to_vpc_endpoints_still_let_the_functions_copy_blobs_in() {
+    // With ConsumerVpcEndpointIds the bucket refuses blob reads from outside
+    // those endpoints; the functions run outside any VPC, and every role that
+    // writes blobs (the fetcher, gc's warm list) HEADs and reads them too.
+    let t = transformed();
+    let stack = Stack::with(&t, &[("ConsumerVpcEndpointIds", "vpce-0123456789abcdef1")]);
+    let policy = &stack.resources()["BlobBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"];
+    let deny = policy
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "BlobReadsOnlyThroughConsumerVpcEndpoints")
+        .expect("the endpoint restriction is in force");
+    let exempt = deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"].clone();
+    let exempt: Vec<Value> = match exempt {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    let mut writers = 0;
+    for (name, _) in stack.resources_of("AWS::IAM::Role") {
+        let writes_blobs = statements(&stack, &name).iter().any(|s| {
+            s["Effect"] == "Allow"
+                && actions(s).iter().any(|a| a == "s3:PutObject")
+                && [text(&s["Resource"])].iter().any(|r| r.ends_with("/blobs/*") || r == "${BlobBucket.Arn}/*")
+        });
+        if writes_blobs {
+            writers += 1;
+            let arn = serde_json::json!({ "Fn::GetAtt": [name, "Arn"] });
+            assert!(exempt.contains(&arn), "{name} writes blobs from outside the VPC but the bucket would deny its reads: {exempt:?}");
+        }
+    }
+    assert_eq!(writers, 2, "the fetcher and gc write blobs");
+}
+
+#[test]
 fn the_fetcher_reserves_no_concurrency_unless_asked() {
     // An account with the default concurrency quota of 10 rejects any
     // reservation; a reservation of 0 would stop the fetcher altogether.
