@@ -507,6 +507,30 @@ mod netns {
             assert!(lines.iter().any(|l| field(l, "cache") == "stale"), "{name}:{tag} served stale:\n{log}");
         }
         docker.assert_mirror_only(&mirror_url, &pulled);
+
+        // A mirror that requires credentials: dockerd presents the client's
+        // credentials for Docker Hub (`https://index.docker.io/v1/` in
+        // config.json) to the mirror when challenged; without them it fails.
+        stop_gracefully(mirror);
+        let (mirror, _) =
+            start_hubcap_serve(d, "http://127.0.0.1:9", port, &["--client-user", "ci:pa55word"], "hubcap-locked.log").await;
+        remove_all(&docker).await;
+        let (name, tag, img) = &pulled[0];
+        let reference = format!("{name}:{tag}");
+        let refused = docker.docker().args(["pull", &reference]).output().await.unwrap();
+        assert!(!refused.status.success(), "no credentials, no pull");
+        assert!(mirror.log().contains("status=401"), "challenged:\n{}", mirror.log());
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode("ci:pa55word");
+        std::fs::create_dir_all(&docker.config).unwrap();
+        std::fs::write(
+            docker.config.join("config.json"),
+            serde_json::json!({ "auths": { "https://index.docker.io/v1/": { "auth": auth } } }).to_string(),
+        )
+        .unwrap();
+        pull_and_verify(&docker, d, &reference, img).await;
+        let log = mirror.log();
+        assert!(!log.contains("pa55word") && !log.contains(&auth), "the client's credentials stay out of the log:\n{log}");
         drop(docker);
         println!("total {:.1} s", t0.elapsed().as_secs_f64());
     }
