@@ -154,7 +154,10 @@ impl Dockerd {
             assert!(log.matches(&want).count() >= 3, "{want}, cold, warm by tag and by digest:\n{}", self.log_tail());
         }
         for bad in ["Attempting next endpoint", "registry-1.docker.io", "level=error"] {
-            assert!(!log.contains(bad), "dockerd: {bad}:\n{}", self.log_tail());
+            // Pulling the index's arm64 image after its amd64 one: the
+            // index digest keeps naming the first (dockerd's own complaint).
+            let found: Vec<&str> = log.lines().filter(|l| l.contains(bad) && !l.contains("changed from sha256:")).collect();
+            assert!(found.is_empty(), "dockerd: {bad}:\n{}", found.join("\n"));
         }
     }
 
@@ -180,9 +183,14 @@ impl Drop for Dockerd {
     }
 }
 
+/// The image of `published` for `arch`.
+fn for_arch<'a>(published: &'a Published, arch: &str) -> &'a Image {
+    published.images().into_iter().find(|i| i.arch == arch).unwrap_or_else(|| panic!("an {arch} image"))
+}
+
 /// The image of `published` a linux/amd64 daemon pulls.
 fn amd64(published: &Published) -> &Image {
-    published.images().into_iter().find(|i| i.arch == "amd64").expect("an amd64 image")
+    for_arch(published, "amd64")
 }
 
 /// The images every scenario pulls: a multi-arch OCI index (most of Docker
@@ -206,10 +214,15 @@ fn test_images(seed: u64) -> Vec<(&'static str, &'static str, Published)> {
 /// diff_ids, and, from `docker save`, the config's bytes and every
 /// uncompressed layer hashing to its diff_id.
 async fn pull_and_verify(docker: &Dockerd, dir: &Path, reference: &str, published: &Published) {
-    let out = docker.run(&["pull", reference]).await;
+    pull_platform_and_verify(docker, dir, reference, published, "amd64").await
+}
+
+/// `pull_and_verify` with `docker pull --platform linux/<arch>`.
+async fn pull_platform_and_verify(docker: &Dockerd, dir: &Path, reference: &str, published: &Published, arch: &str) {
+    let out = docker.run(&["pull", "--platform", &format!("linux/{arch}"), reference]).await;
     let digest = published.digest();
     assert!(out.contains(&format!("Digest: {digest}")), "{reference}: the daemon saw upstream's digest\n{out}");
-    let want = amd64(published);
+    let want = for_arch(published, arch);
     let config: serde_json::Value = serde_json::from_slice(&want.config.1).unwrap();
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect();
 
@@ -217,9 +230,13 @@ async fn pull_and_verify(docker: &Dockerd, dir: &Path, reference: &str, publishe
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let inspect = &inspect[0];
     assert_eq!(inspect["Id"], want.config.0, "{reference}: the image ID is the config's digest");
-    assert_eq!(inspect["Architecture"], "amd64");
+    assert_eq!(inspect["Architecture"], arch);
     let repo_digests: Vec<&str> = inspect["RepoDigests"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
-    assert!(repo_digests.iter().any(|d| d.ends_with(&format!("@{digest}"))), "{reference}: RepoDigests {repo_digests:?}");
+    // dockerd 20.10 records no repository digest for an image pulled for
+    // another platform (the index's digest already names the native one).
+    if arch == "amd64" {
+        assert!(repo_digests.iter().any(|d| d.ends_with(&format!("@{digest}"))), "{reference}: RepoDigests {repo_digests:?}");
+    }
     assert_eq!(inspect["RootFS"]["Layers"], serde_json::json!(diff_ids), "{reference}: layers");
 
     let tarball = dir.join("saved.tar");
@@ -263,11 +280,14 @@ async fn pull_all(docker: &Dockerd, dir: &Path, pulled: &[(&str, &str, Published
 }
 
 /// Cold: the last image by digest (a miss by digest, its blobs fetched
-/// for that pull), then every image by tag.
+/// for that pull), every image by tag, and the first one's arm64 image
+/// (`--platform`).
 async fn cold_pulls(docker: &Dockerd, dir: &Path, pulled: &[(&str, &str, Published)]) {
     let (name, _, img) = pulled.last().unwrap();
     pull_and_verify(docker, dir, &format!("{name}@{}", img.digest()), img).await;
     pull_all(docker, dir, pulled, By::Tag).await;
+    let (name, tag, img) = &pulled[0];
+    pull_platform_and_verify(docker, dir, &format!("{name}:{tag}"), img, "arm64").await;
 }
 
 /// Removes every image (and so every layer) from the daemon.
@@ -423,10 +443,10 @@ impl LambdaWorld {
             ("HUBCAP_BUCKET", "docker-bucket".into()),
             ("HUBCAP_TABLE", "docker".into()),
             ("HUBCAP_UPSTREAM", format!("docker.io={upstream}")),
-            // A blob still on its way into S3 waits 0.1 s, then the api
+            // A blob still on its way into S3 waits 0.25 s, then the api
             // redirects Docker back to itself (`?hubcap-wait=N`), up to 5
             // times: the cold pulls go through that loop.
-            ("HUBCAP_BLOB_WAIT", "0.1".into()),
+            ("HUBCAP_BLOB_WAIT", "0.25".into()),
         ];
         env.extend(moto.env());
         let api = lambda_function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
