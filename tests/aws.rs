@@ -450,7 +450,9 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
 /// the function `name`.
 fn lambda_function(dir: &Path, name: &str, bin: &str, port: u16, settings: &[(&str, String)], env: Vec<(&'static str, String)>) -> Proc {
     let mut cmd = std::process::Command::new(bin);
-    cmd.env("AWS_LAMBDA_FUNCTION_NAME", name)
+    // The assertions read its info lines, whatever the caller's HUBCAP_LOG.
+    cmd.env("HUBCAP_LOG", "info")
+        .env("AWS_LAMBDA_FUNCTION_NAME", name)
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
         .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt/{name}"));
