@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::proxy::MirrorConfig;
+use crate::mirror::MirrorConfig;
 use crate::storage::aws::{AwsStorage, Encryption};
 
 #[derive(clap::Args, Clone, Debug)]

@@ -27,7 +27,7 @@ use tower::ServiceExt;
 
 use crate::access::AccessPolicy;
 use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
-use crate::proxy::{BlobAnswer, CacheStatus, Mirror};
+use crate::mirror::{BlobAnswer, CacheStatus, Mirror};
 use crate::storage::local::{BLOB_URL_PREFIX, FsBlobStore};
 
 const API_VERSION: &str = "Docker-Distribution-API-Version";

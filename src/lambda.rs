@@ -18,11 +18,12 @@ use futures_util::StreamExt;
 
 use crate::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
-use crate::fetch::{FetchJob, Fetcher, IndexQueue};
+use crate::mirror::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
 use crate::metrics::{UpstreamDeltas, emf_line};
 use crate::oci::{Digest, RepoPath};
-use crate::proxy::{CacheStatus, Mirror, MirrorConfig, Upstreams};
+use crate::mirror::upstream::Upstreams;
+use crate::mirror::{CacheStatus, Mirror, MirrorConfig};
 use crate::serve::{Backend, BoxError, build_local, upstreams_from};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;

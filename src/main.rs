@@ -263,7 +263,7 @@ async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
     if failed > 0 { Err(format!("{failed} of {} images could not be warmed", args.images.len()).into()) } else { Ok(()) }
 }
 
-async fn warm_all(mirror: &hubcap::proxy::Mirror, images: &[String], platforms: &[String]) -> usize {
+async fn warm_all(mirror: &hubcap::mirror::Mirror, images: &[String], platforms: &[String]) -> usize {
     let mut failed = 0;
     for image in images {
         match hubcap::warm::warm(mirror, image, platforms).await {

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::proxy::Upstreams;
+use crate::mirror::upstream::Upstreams;
 
 pub const NAMESPACE: &str = "hubcap";
 

@@ -10,15 +10,14 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::access::AccessPolicy;
-use crate::fetch::{Fetcher, LocalQueue};
+use crate::mirror::fetch::{Fetcher, LocalQueue};
 use crate::http::{AppState, app};
-use crate::oci::{DOCKER_HUB, canonical_registry};
-use crate::proxy::{Mirror, MirrorConfig, Upstreams};
+use crate::mirror::upstream::{Upstreams, build_upstreams, load_credentials, parse_credentials};
+use crate::mirror::{Mirror, MirrorConfig};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
 use crate::storage::local::{FsBlobStore, SqliteIndex};
 use crate::storage::{BlobStore, Index};
-use crate::upstream::{Credentials, Upstream};
 
 /// Facts per kind kept in the in-memory cache in front of the index.
 pub const MEMORY_CACHE_ENTRIES: usize = 10_000;
@@ -50,84 +49,6 @@ pub struct ServeOptions {
     pub mirror: MirrorConfig,
     pub fetch_concurrency: usize,
     pub access: AccessPolicy,
-}
-
-/// Parses one `--upstream` value into a registry name and base URL.
-pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
-    let (registry, url) = match spec.split_once('=') {
-        Some((r, u)) => (r.trim(), u.trim().to_owned()),
-        None => (spec.trim(), format!("https://{}", spec.trim())),
-    };
-    let registry = canonical_registry(registry).map_err(|e| e.message.into_owned())?;
-    url::Url::parse(&url).map_err(|e| format!("upstream {registry}: invalid URL {url:?}: {e}"))?;
-    Ok((registry, url))
-}
-
-/// Reads a credentials file: see `parse_credentials`.
-pub fn load_credentials(path: &Path) -> Result<HashMap<String, Credentials>, BoxError> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
-    parse_credentials(&text).map_err(|e| format!("credentials file {}: {e}", path.display()).into())
-}
-
-/// Parses docker's `config.json` shape,
-/// `{"auths": {"docker.io": {"username": .., "password": ..} | {"auth": base64}}}`,
-/// or a single `{"username": .., "password": .., "registry": "docker.io"}`
-/// (registry optional), as a Secrets Manager secret is usually written.
-pub fn parse_credentials(text: &str) -> Result<HashMap<String, Credentials>, BoxError> {
-    use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Single {
-        username: String,
-        password: String,
-        registry: Option<String>,
-    }
-    if let Ok(one) = serde_json::from_str::<Single>(text) {
-        let registry = canonical_registry(one.registry.as_deref().unwrap_or(DOCKER_HUB)).map_err(|e| e.message.into_owned())?;
-        return Ok(HashMap::from([(registry, Credentials { username: one.username, password: one.password })]));
-    }
-    #[derive(serde::Deserialize)]
-    struct File {
-        auths: HashMap<String, Entry>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        username: Option<String>,
-        password: Option<String>,
-        auth: Option<String>,
-    }
-    let file: File = serde_json::from_str(text).map_err(|_| "not a docker config.json (auths) nor {username, password}".to_owned())?;
-    let mut out = HashMap::new();
-    for (host, e) in file.auths {
-        let host = host.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or("").to_owned();
-        let creds = match (e.username, e.password, e.auth) {
-            (Some(u), Some(p), _) => Credentials { username: u, password: p },
-            (_, _, Some(a)) => {
-                let decoded =
-                    base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| format!("credentials for {host}: bad auth"))?;
-                let decoded = String::from_utf8(decoded).map_err(|_| format!("credentials for {host}: bad auth"))?;
-                let (u, p) = decoded.split_once(':').ok_or_else(|| format!("credentials for {host}: auth is not user:password"))?;
-                Credentials { username: u.to_owned(), password: p.to_owned() }
-            }
-            _ => return Err(format!("credentials for {host}: need username and password, or auth").into()),
-        };
-        out.insert(canonical_registry(&host).map_err(|e| e.message.into_owned())?, creds);
-    }
-    Ok(out)
-}
-
-/// Builds the upstream clients from `--upstream` values and credentials.
-pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentials>) -> Result<Upstreams, BoxError> {
-    let mut map: Vec<(String, String)> = vec![(DOCKER_HUB.to_owned(), DOCKER_HUB_URL.to_owned())];
-    for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
-        let (registry, url) = parse_upstream(spec)?;
-        map.retain(|(r, _)| *r != registry);
-        map.push((registry, url));
-    }
-    let list = map
-        .into_iter()
-        .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned()))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Upstreams::new(list))
 }
 
 /// The upstreams configured by `--upstream`, with credentials from a file

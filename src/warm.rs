@@ -4,7 +4,7 @@
 //! every config and layer, each verified on the way in.
 
 use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath, split_image};
-use crate::proxy::{BlobAnswer, Mirror};
+use crate::mirror::{BlobAnswer, Mirror};
 
 /// What warming one image brought into the cache.
 #[derive(Debug, Default)]

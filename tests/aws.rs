@@ -16,9 +16,10 @@ use common::images::{self, Format, Published, sha256};
 use common::moto::{CountingProxy, Moto, StreamPump, aws_json, storage_at};
 use common::procs::{Proc, free_port, run, wait_ready};
 use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_manifest, pull};
-use hubcap::fetch::Fetcher;
-use hubcap::proxy::Upstreams;
-use hubcap::serve::{Backend, ServeOptions, build_upstreams};
+use hubcap::mirror::fetch::Fetcher;
+use hubcap::mirror::upstream::Upstreams;
+use hubcap::mirror::upstream::build_upstreams;
+use hubcap::serve::{Backend, ServeOptions};
 use hubcap::storage::aws::AwsStorage;
 use tower::ServiceExt;
 

@@ -45,7 +45,7 @@ async fn storage_as(proxy: &CountingProxy, stack: &Stack, function: &str) -> Aws
 /// A function's cold start: its upstreams, with the credentials read from
 /// Secrets Manager by the default AWS configuration, as `api_router` and
 /// `fetcher` do.
-async fn cold_start_upstreams(proxy: &CountingProxy, function: &str, hub: &FakeHub, secret: &str) -> hubcap::proxy::Upstreams {
+async fn cold_start_upstreams(proxy: &CountingProxy, function: &str, hub: &FakeHub, secret: &str) -> hubcap::mirror::upstream::Upstreams {
     default_credentials(&proxy.url, function);
     upstreams_from(&[format!("docker.io={}", hub.url)], None, Some(secret)).await.unwrap()
 }

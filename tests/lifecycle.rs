@@ -19,7 +19,7 @@ use common::images::{self, Format, Published};
 use common::{Hubcap, client, get_blob, get_manifest, pull};
 use hubcap::gc::{GcOptions, GcReport, Pause, Pin, Step};
 use hubcap::oci::Digest;
-use hubcap::proxy::MirrorConfig;
+use hubcap::mirror::MirrorConfig;
 use hubcap::serve::Backend;
 use hubcap::storage::{BlobState, BlobStore, Index};
 use tokio::sync::{mpsc, oneshot};

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hubcap::fetch::Fetcher;
+use hubcap::mirror::fetch::Fetcher;
 
 use super::moto::{AwsCall, aws_json_as};
 

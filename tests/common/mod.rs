@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubcap::proxy::{Mirror, MirrorConfig};
+use hubcap::mirror::{Mirror, MirrorConfig};
 use hubcap::serve::{ServeOptions, build_local, run};
 use tokio::sync::oneshot;
 

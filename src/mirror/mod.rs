@@ -18,11 +18,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::fetch::{FetchJob, FetchQueue, WaitOutcome};
+pub mod fetch;
+pub mod upstream;
+
+use self::fetch::{FetchJob, FetchQueue, WaitOutcome};
+use self::upstream::{Retry, TagsPage, Upstream, UpstreamError, Upstreams};
 use crate::gc::Inventory;
 use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryError, RepoPath, parse_manifest};
 use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, StoredStats, TagRecord, now};
-use crate::upstream::{Retry, TagsPage, Upstream, UpstreamError};
 
 /// A blob `pending` this long without a fetcher taking it is re-queued.
 const STALE_FETCH: Duration = Duration::from_secs(60);
@@ -115,40 +118,6 @@ impl Counters {
             ("revalidated", l(&self.revalidated)),
             ("pass", l(&self.pass)),
         ]
-    }
-}
-
-/// The configured upstream registries. Anything else is refused: the mirror
-/// is never an open proxy.
-#[derive(Debug, Default)]
-pub struct Upstreams {
-    by_registry: HashMap<String, Arc<Upstream>>,
-    /// Registries that failed recently, until when.
-    backoff: Mutex<HashMap<String, Instant>>,
-}
-
-impl Upstreams {
-    pub fn new(list: impl IntoIterator<Item = Upstream>) -> Upstreams {
-        Upstreams { by_registry: list.into_iter().map(|u| (u.registry.clone(), Arc::new(u))).collect(), backoff: Mutex::default() }
-    }
-
-    pub fn get(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
-        self.by_registry
-            .get(registry)
-            .ok_or_else(|| RegistryError::new(ErrorCode::Denied, format!("registry {registry} is not configured on this mirror")))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        self.by_registry.values()
-    }
-
-    fn backing_off(&self, registry: &str) -> bool {
-        let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(registry).is_some_and(|until| *until > Instant::now())
-    }
-
-    fn back_off(&self, registry: &str, for_: Duration) {
-        self.backoff.lock().unwrap_or_else(|p| p.into_inner()).insert(registry.to_owned(), Instant::now() + for_);
     }
 }
 

@@ -15,9 +15,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{Semaphore, watch};
 
 use crate::oci::{Digest, RepoPath};
-use crate::proxy::Upstreams;
 use crate::storage::{BlobState, BlobStore, BlobWriter, Index, StorageError};
-use crate::upstream::{Retry, UpstreamError};
+use super::upstream::{Retry, UpstreamError, Upstreams};
 
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;

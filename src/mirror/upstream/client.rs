@@ -18,23 +18,11 @@ use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 
+use super::Credentials;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
 /// Longest `Retry-After` the mirror waits out itself before giving up.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
-
-/// Upstream credentials. `Debug` never prints the secret.
-#[derive(Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials({}, <redacted>)", self.username)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

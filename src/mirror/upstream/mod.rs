@@ -1,0 +1,11 @@
+//! Upstream registries: the HTTP client (`client`: token flow, retries,
+//! redirects, rate-limit headers), the set of configured registries with
+//! their back-off (`registry`), and credentials (`credentials`).
+
+mod client;
+mod credentials;
+mod registry;
+
+pub use client::*;
+pub use credentials::*;
+pub use registry::*;

@@ -1,0 +1,73 @@
+//! The configured upstream registries, built from `--upstream` values, and
+//! the back-off that keeps the mirror from asking one that just failed.
+//! Anything not configured is refused: the mirror is never an open proxy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Credentials, Upstream};
+use crate::oci::{DOCKER_HUB, ErrorCode, RegistryError, canonical_registry};
+
+/// Docker Hub's registry endpoint, the default upstream.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+/// The configured upstream registries. Anything else is refused: the mirror
+/// is never an open proxy.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    by_registry: HashMap<String, Arc<Upstream>>,
+    /// Registries that failed recently, until when.
+    backoff: Mutex<HashMap<String, Instant>>,
+}
+
+impl Upstreams {
+    pub fn new(list: impl IntoIterator<Item = Upstream>) -> Upstreams {
+        Upstreams { by_registry: list.into_iter().map(|u| (u.registry.clone(), Arc::new(u))).collect(), backoff: Mutex::default() }
+    }
+
+    pub fn get(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
+        self.by_registry
+            .get(registry)
+            .ok_or_else(|| RegistryError::new(ErrorCode::Denied, format!("registry {registry} is not configured on this mirror")))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.by_registry.values()
+    }
+
+    pub(crate) fn backing_off(&self, registry: &str) -> bool {
+        let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(registry).is_some_and(|until| *until > Instant::now())
+    }
+
+    pub(crate) fn back_off(&self, registry: &str, for_: Duration) {
+        self.backoff.lock().unwrap_or_else(|p| p.into_inner()).insert(registry.to_owned(), Instant::now() + for_);
+    }
+}
+
+/// Parses one `--upstream` value into a registry name and base URL.
+pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
+    let (registry, url) = match spec.split_once('=') {
+        Some((r, u)) => (r.trim(), u.trim().to_owned()),
+        None => (spec.trim(), format!("https://{}", spec.trim())),
+    };
+    let registry = canonical_registry(registry).map_err(|e| e.message.into_owned())?;
+    url::Url::parse(&url).map_err(|e| format!("upstream {registry}: invalid URL {url:?}: {e}"))?;
+    Ok((registry, url))
+}
+
+/// Builds the upstream clients from `--upstream` values and credentials.
+pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentials>) -> Result<Upstreams, Box<dyn std::error::Error + Send + Sync>> {
+    let mut map: Vec<(String, String)> = vec![(DOCKER_HUB.to_owned(), DOCKER_HUB_URL.to_owned())];
+    for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
+        let (registry, url) = parse_upstream(spec)?;
+        map.retain(|(r, _)| *r != registry);
+        map.push((registry, url));
+    }
+    let list = map
+        .into_iter()
+        .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Upstreams::new(list))
+}
