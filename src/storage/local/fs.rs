@@ -1,0 +1,128 @@
+//! Blobs as files: `blobs/sha256/<hex>`, written under `tmp/` and renamed
+//! into place only once verified; signed, expiring URLs for them.
+
+use super::*;
+
+pub struct FsBlobStore {
+    root: PathBuf,
+    /// Signs blob URLs. Kept in the data directory so URLs survive a restart.
+    key: Vec<u8>,
+}
+
+impl FsBlobStore {
+    pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
+        std::fs::create_dir_all(data_dir.join("blobs/sha256"))?;
+        std::fs::create_dir_all(data_dir.join("tmp"))?;
+        // Leftovers of writes cut off by a crash are never visible; clear them.
+        for entry in std::fs::read_dir(data_dir.join("tmp"))? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        let key_path = data_dir.join("signing.key");
+        let key = match std::fs::read(&key_path) {
+            Ok(k) if k.len() >= 32 => k,
+            _ => {
+                let mut k = vec![0u8; 32];
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+                std::fs::write(&key_path, &k)?;
+                k
+            }
+        };
+        Ok(FsBlobStore { root: data_dir.to_owned(), key })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn mac(&self, digest: &Digest, expires: i64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(digest.as_str().as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    /// Checks a signed URL's signature and expiry.
+    pub fn verify(&self, digest: &Digest, expires: i64, sig_hex: &str) -> bool {
+        if expires < now() {
+            return false;
+        }
+        let Ok(sig) = hex::decode(sig_hex) else { return false };
+        self.mac(digest, expires).verify_slice(&sig).is_ok()
+    }
+
+    pub fn sign(&self, digest: &Digest, expires: i64) -> String {
+        hex::encode(self.mac(digest, expires).finalize().into_bytes())
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String> {
+        let expires = now() + ttl.as_secs() as i64;
+        Ok(format!("{BLOB_URL_PREFIX}{}?expires={expires}&sig={}", digest.hex(), self.sign(digest, expires)))
+    }
+
+    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(Box::new(FsBlobWriter { file: Some(file), tmp, dest: self.path(digest) }))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<()> {
+        match tokio::fs::remove_file(self.path(digest)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct FsBlobWriter {
+    file: Option<tokio::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+#[async_trait]
+impl BlobWriter for FsBlobWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        let file = self.file.as_mut().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
+        file.write_all(&chunk).await?;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        tokio::fs::rename(&self.tmp, &self.dest).await?;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        self.file.take();
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+        Ok(())
+    }
+}
+
+impl Drop for FsBlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+

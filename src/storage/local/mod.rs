@@ -1,0 +1,30 @@
+//! The embedded backend for `hubcap serve`: blobs as files under the data
+//! directory (`fs`: written to a temporary name, renamed only once verified,
+//! and HMAC-signed, expiring blob URLs that the same process serves, the
+//! local stand-in for S3 presigned URLs), the index in SQLite (`sqlite`, WAL).
+
+mod fs;
+mod sqlite;
+
+pub use fs::FsBlobStore;
+pub use sqlite::SqliteIndex;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+
+use super::{
+    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, Index, Linked, ManifestRecord, Result, ScanPage, StorageError, StoredStats,
+    TagRecord, now,
+};
+use crate::oci::Digest;
+
+/// Route prefix of the signed blob URLs this backend hands out.
+pub const BLOB_URL_PREFIX: &str = "/_hubcap/blobs/sha256/";
