@@ -74,11 +74,11 @@ impl MirrorArgs {
 #[derive(clap::Args, Clone, Debug)]
 pub struct GcArgs {
     /// Images not pulled for this long expire (e.g. 30d, 12h).
-    #[arg(long, env = "HUBCAP_UNUSED_FOR", default_value = "30d", value_parser = crate::gc::parse_duration)]
+    #[arg(long, env = "HUBCAP_UNUSED_FOR", default_value = "30d", value_parser = crate::lifecycle::parse_duration)]
     pub unused_for: Duration,
     /// Blobs nothing references any more are deleted once unused this long
     /// (protects pulls in flight; keep it above 30m).
-    #[arg(long, env = "HUBCAP_GRACE", default_value = "1d", value_parser = crate::gc::parse_duration)]
+    #[arg(long, env = "HUBCAP_GRACE", default_value = "1d", value_parser = crate::lifecycle::parse_duration)]
     pub grace: Duration,
     /// Images that never expire: REPO[:TAG] patterns with `*` (library/* means
     /// docker.io/library/*; without a tag, the whole repository).
@@ -86,18 +86,18 @@ pub struct GcArgs {
     pub pins: Vec<String>,
     /// Size cap: evict the least recently pulled images until the cache
     /// fits (e.g. 500G).
-    #[arg(long, env = "HUBCAP_MAX_SIZE", value_parser = crate::gc::parse_size)]
+    #[arg(long, env = "HUBCAP_MAX_SIZE", value_parser = crate::lifecycle::parse_size)]
     pub max_size: Option<u64>,
 }
 
 impl GcArgs {
-    pub fn options(&self) -> Result<crate::gc::GcOptions, String> {
-        Ok(crate::gc::GcOptions {
+    pub fn options(&self) -> Result<crate::lifecycle::GcOptions, String> {
+        Ok(crate::lifecycle::GcOptions {
             unused_for: self.unused_for,
             grace: self.grace,
-            pins: self.pins.iter().filter(|p| !p.trim().is_empty()).map(|p| crate::gc::Pin::parse(p)).collect::<Result<_, _>>()?,
+            pins: self.pins.iter().filter(|p| !p.trim().is_empty()).map(|p| crate::lifecycle::Pin::parse(p)).collect::<Result<_, _>>()?,
             max_bytes: self.max_size,
-            ..crate::gc::GcOptions::default()
+            ..crate::lifecycle::GcOptions::default()
         })
     }
 }

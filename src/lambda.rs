@@ -129,7 +129,7 @@ pub async fn maintenance_on(
         let mut warmed = Vec::new();
         let mut failed = Vec::new();
         for image in settings.warm_images.iter().filter(|i| !i.trim().is_empty()) {
-            match crate::warm::warm(&mirror, image.trim(), &settings.warm_platforms).await {
+            match crate::lifecycle::warm::warm(&mirror, image.trim(), &settings.warm_platforms).await {
                 Ok(w) => {
                     tracing::info!(image, manifests = w.manifests, blobs = w.blobs, bytes = w.bytes, "warmed");
                     warmed.push(image.clone());
@@ -146,7 +146,7 @@ pub async fn maintenance_on(
     let mut opts = settings.gc.options()?;
     opts.deadline = Some(std::time::Instant::now() + remaining.saturating_sub(std::time::Duration::from_secs(30)));
     let (index, store, _) = crate::serve::open_backend(&backend, std::time::Duration::ZERO).await?;
-    let report = crate::gc::run(index.as_ref(), store.as_ref(), &opts).await?;
+    let report = crate::lifecycle::run(index.as_ref(), store.as_ref(), &opts).await?;
     tracing::info!(
         expired = report.expired.len(),
         deleted_manifests = report.deleted_manifests,

@@ -32,7 +32,7 @@
 pub mod access;
 pub mod check;
 pub mod config;
-pub mod gc;
+pub mod lifecycle;
 pub mod http;
 pub mod lambda;
 pub mod lambda_dev;
@@ -43,4 +43,3 @@ pub mod secrets;
 pub mod serve;
 pub mod stats;
 pub mod storage;
-pub mod warm;

@@ -79,7 +79,7 @@ struct GcCmdArgs {
     #[arg(long)]
     max_writes: Option<u64>,
     /// Stop after this long (e.g. 10m); the next run finishes the sweep.
-    #[arg(long, value_parser = hubcap::gc::parse_duration)]
+    #[arg(long, value_parser = hubcap::lifecycle::parse_duration)]
     max_time: Option<std::time::Duration>,
     #[command(flatten)]
     gc: GcArgs,
@@ -138,7 +138,7 @@ struct ServeArgs {
     access: AccessArgs,
     /// How often the server runs GC itself (e.g. 1h; 0: never, leave it to
     /// `hubcap gc` or the gc Lambda).
-    #[arg(long, env = "HUBCAP_GC_INTERVAL", default_value = "1h", value_parser = hubcap::gc::parse_duration)]
+    #[arg(long, env = "HUBCAP_GC_INTERVAL", default_value = "1h", value_parser = hubcap::lifecycle::parse_duration)]
     gc_interval: std::time::Duration,
     #[command(flatten)]
     gc: GcArgs,
@@ -226,18 +226,18 @@ async fn gc_cmd(args: GcCmdArgs) -> Result<(), serve::BoxError> {
     opts.deadline = args.max_time.map(|t| std::time::Instant::now() + t);
     warn_short_grace(&opts);
     let (index, store, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
-    let report = hubcap::gc::run(index.as_ref(), store.as_ref(), &opts).await?;
+    let report = hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", hubcap::gc::render(&report));
+        print!("{}", hubcap::lifecycle::render(&report));
     }
     Ok(())
 }
 
 /// Pulls in flight hold blob URLs for up to --url-ttl (15m) and mark blobs
 /// used at most every 10m: a shorter grace can fail them.
-fn warn_short_grace(opts: &hubcap::gc::GcOptions) {
+fn warn_short_grace(opts: &hubcap::lifecycle::GcOptions) {
     if opts.grace < std::time::Duration::from_secs(30 * 60) && !opts.dry_run {
         tracing::warn!(grace = ?opts.grace, "a grace period under 30m can delete blobs of pulls in flight");
     }
@@ -245,7 +245,7 @@ fn warn_short_grace(opts: &hubcap::gc::GcOptions) {
 
 async fn stats_cmd(args: StatsArgs) -> Result<(), serve::BoxError> {
     let (index, _, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
-    let inventory = hubcap::gc::inventory(index.as_ref()).await?;
+    let inventory = hubcap::lifecycle::inventory(index.as_ref()).await?;
     let report = hubcap::stats::report(inventory, &index.stats().await?);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -266,7 +266,7 @@ async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
 async fn warm_all(mirror: &hubcap::mirror::Mirror, images: &[String], platforms: &[String]) -> usize {
     let mut failed = 0;
     for image in images {
-        match hubcap::warm::warm(mirror, image, platforms).await {
+        match hubcap::lifecycle::warm::warm(mirror, image, platforms).await {
             Ok(w) => println!("warmed {image}: {} manifests, {} blobs, {:.1} MiB", w.manifests, w.blobs, w.bytes as f64 / 1048576.0),
             Err(e) => {
                 failed += 1;

@@ -109,7 +109,7 @@ pub const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_sec
 /// The server's background work: storing its request statistics, and a GC
 /// sweep every `gc_interval` (none when zero), the first a minute after
 /// start (or sooner, when the interval is shorter).
-pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::lifecycle::GcOptions, gc_interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         use tokio::time::{Instant, MissedTickBehavior, interval_at};
         let mut flush = interval_at(Instant::now() + STATS_FLUSH_EVERY, STATS_FLUSH_EVERY);
@@ -125,7 +125,7 @@ pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::gc::GcOptions, gc_inter
         loop {
             tokio::select! {
                 _ = flush.tick() => mirror.flush_stats_every(STATS_FLUSH_EVERY).await,
-                _ = next_sweep(&mut sweep) => match crate::gc::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
+                _ = next_sweep(&mut sweep) => match crate::lifecycle::run(mirror.index().as_ref(), mirror.store().as_ref(), &gc).await {
                     Ok(r) => tracing::info!(
                         expired = r.expired.len(),
                         deleted_blobs = r.deleted_blobs,

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::gc::Inventory;
+use crate::lifecycle::Inventory;
 use crate::storage::StoredStats;
 
 #[derive(Clone, Debug, Serialize)]

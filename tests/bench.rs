@@ -638,14 +638,14 @@ async fn benchmark() {
             index.put_tag(&t, &m).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let o = hubcap::gc::GcOptions { unused_for: Duration::ZERO, grace: Duration::ZERO, ..Default::default() };
+        let o = hubcap::lifecycle::GcOptions { unused_for: Duration::ZERO, grace: Duration::ZERO, ..Default::default() };
         let started = Instant::now();
-        let expired = hubcap::gc::run(&index, &store, &o).await.unwrap();
+        let expired = hubcap::lifecycle::run(&index, &store, &o).await.unwrap();
         let expire_secs = started.elapsed().as_secs_f64();
         assert_eq!(expired.expired.len(), n);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let started = Instant::now();
-        let swept = hubcap::gc::run(&index, &store, &o).await.unwrap();
+        let swept = hubcap::lifecycle::run(&index, &store, &o).await.unwrap();
         let sweep_secs = started.elapsed().as_secs_f64();
         assert_eq!(swept.deleted_blobs, 2 * n);
         rows.push((

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published};
 use common::{Hubcap, client, get_blob, get_manifest, pull};
-use hubcap::gc::{GcOptions, GcReport, Pause, Pin, Step};
+use hubcap::lifecycle::{GcOptions, GcReport, Pause, Pin, Step};
 use hubcap::oci::Digest;
 use hubcap::mirror::MirrorConfig;
 use hubcap::serve::Backend;
@@ -88,7 +88,7 @@ fn opts(unused_for: u64, grace: u64) -> GcOptions {
 
 impl Env {
     async fn gc(&self, opts: &GcOptions) -> GcReport {
-        hubcap::gc::run(self.index.as_ref(), self.store.as_ref(), opts).await.unwrap()
+        hubcap::lifecycle::run(self.index.as_ref(), self.store.as_ref(), opts).await.unwrap()
     }
 
     /// Starts a sweep and returns once it reached `step`, with the sweep and
@@ -97,7 +97,7 @@ impl Env {
         let (pause, mut at) = gate(step);
         let (index, store) = (self.index.clone(), self.store.clone());
         let o = GcOptions { pause: Some(pause), ..o };
-        let sweep = tokio::spawn(async move { hubcap::gc::run(index.as_ref(), store.as_ref(), &o).await.unwrap() });
+        let sweep = tokio::spawn(async move { hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &o).await.unwrap() });
         (sweep, at.recv().await.unwrap())
     }
 
@@ -441,7 +441,7 @@ async fn pulls_and_gc_in_a_loop(kind: Kind) {
         tokio::spawn(async move {
             let (mut runs, mut deleted) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = hubcap::gc::run(index.as_ref(), store.as_ref(), &opts(1, 4)).await.unwrap();
+                let r = hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &opts(1, 4)).await.unwrap();
                 runs += 1;
                 deleted += r.deleted_blobs;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -517,7 +517,7 @@ async fn cut_off_sweeps_resume(kind: Kind) {
     for (d, _) in imgs[0].all_blobs() {
         assert!(e.stored(&d).await, "the image pulled meanwhile stays whole");
     }
-    let inv = hubcap::gc::inventory(e.index.as_ref()).await.unwrap();
+    let inv = hubcap::lifecycle::inventory(e.index.as_ref()).await.unwrap();
     assert_eq!((inv.images, inv.blobs as u64, inv.bytes), (1, 3, bytes_of(&imgs[0].all_blobs())));
     e.mirror.stop().await;
 }

@@ -194,7 +194,7 @@ fn the_gc_function_runs_on_schedules_the_parameters_set() {
         assert_eq!(t["Parameters"][param]["Default"], default, "{param}");
     }
     for d in ["30d", "1d", "12h", "90m", "0"] {
-        hubcap::gc::parse_duration(d).unwrap();
+        hubcap::lifecycle::parse_duration(d).unwrap();
     }
     // It may read the table page by page and delete blobs.
     let actions: Vec<String> = gc["Policies"][0]["Statement"]

@@ -23,7 +23,7 @@ pub mod upstream;
 
 use self::fetch::{FetchJob, FetchQueue, WaitOutcome};
 use self::upstream::{Retry, TagsPage, Upstream, UpstreamError, Upstreams};
-use crate::gc::Inventory;
+use crate::lifecycle::Inventory;
 use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryError, RepoPath, parse_manifest};
 use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, StoredStats, TagRecord, now};
 
@@ -233,7 +233,7 @@ impl Mirror {
             match cached.as_ref() {
                 Some((at, inv)) if at.elapsed() < INVENTORY_TTL => inv.clone(),
                 _ => {
-                    let inv = crate::gc::inventory(self.index.as_ref()).await?;
+                    let inv = crate::lifecycle::inventory(self.index.as_ref()).await?;
                     *cached = Some((Instant::now(), inv.clone()));
                     inv
                 }

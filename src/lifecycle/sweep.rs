@@ -1,0 +1,354 @@
+//! One sweep's writes, phase by phase, in the order that is safe at every
+//! step (see the module above): evict to fit the size cap (a decision, no
+//! writes), expire images, delete the manifests no repository holds, delete
+//! the blobs nothing references. Every write is counted against the
+//! sweep's budget; a phase that runs out returns `Stop`, leaving the work it
+//! did not start whole for the next run.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use super::snapshot::{Root, Snapshot};
+use super::{BATCH, GcOptions, GcReport, Step, pause};
+use crate::oci::Digest;
+use crate::storage::{BlobRecord, BlobState, BlobStore, Index, Result, StorageError, now};
+
+/// Counts writes against the sweep's deadline and budget.
+struct Budget {
+    deadline: Option<Instant>,
+    max_writes: Option<u64>,
+    used: u64,
+    dry_run: bool,
+}
+
+impl Budget {
+    /// Whether `n` more writes fit (counts nothing): a unit of work that
+    /// does not fit is left whole to the next run, so every run progresses.
+    fn fits(&self, n: u64) -> bool {
+        self.dry_run || self.max_writes.is_none_or(|m| self.used + n <= m)
+    }
+
+    /// Writes left (for sizing batches).
+    fn left(&self) -> u64 {
+        match self.max_writes {
+            Some(m) if !self.dry_run => m.saturating_sub(self.used),
+            _ => u64::MAX,
+        }
+    }
+
+    /// Whether one more write may be made (and counts it).
+    fn take(&mut self) -> bool {
+        if self.dry_run {
+            return true;
+        }
+        if self.max_writes.is_some_and(|m| self.used >= m) || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
+
+/// The sweep stopped early (budget or deadline): the next run goes on.
+struct Stop;
+
+/// `Err(Stop)` unless one more write is allowed.
+macro_rules! take {
+    ($budget:expr) => {
+        if !$budget.take() {
+            return Ok(Err(Stop));
+        }
+    };
+}
+
+type Phase<T = ()> = Result<std::result::Result<T, Stop>>;
+
+pub(super) struct Sweep<'a> {
+    index: &'a dyn Index,
+    store: &'a dyn BlobStore,
+    opts: &'a GcOptions,
+    snap: &'a Snapshot,
+    report: GcReport,
+    budget: Budget,
+    started: i64,
+}
+
+/// What the images phase leaves standing.
+#[derive(Default)]
+struct Held {
+    /// (repository, manifest) pairs kept images reach.
+    kept_links: HashSet<(String, Digest)>,
+    /// Manifests a kept tag points at.
+    kept_tag_targets: HashSet<Digest>,
+    /// Repository manifests (pulled by digest) not expired.
+    remaining_links: HashSet<(String, Digest)>,
+}
+
+/// What the manifests phase did.
+#[derive(Default)]
+struct Unheld {
+    /// Manifests deleted.
+    gone: HashSet<Digest>,
+    /// Blobs marked used just before their manifest went.
+    stamped: HashSet<Digest>,
+}
+
+impl<'a> Sweep<'a> {
+    pub(super) fn new(index: &'a dyn Index, store: &'a dyn BlobStore, opts: &'a GcOptions, snap: &'a Snapshot, report: GcReport) -> Self {
+        let budget = Budget { deadline: opts.deadline, max_writes: opts.max_writes, used: 0, dry_run: opts.dry_run };
+        Sweep { index, store, opts, snap, report, budget, started: now() }
+    }
+
+    pub(super) async fn run(mut self) -> Result<GcReport> {
+        let stopped = self.phases().await?.is_err();
+        self.report.complete = !stopped;
+        self.report.writes = self.budget.used;
+        Ok(self.report)
+    }
+
+    async fn phases(&mut self) -> Phase {
+        pause(self.opts, Step::Read).await;
+        let cutoff = self.started - self.opts.unused_for.as_secs() as i64;
+        let mut roots = self.snap.roots(&self.opts.pins, cutoff);
+        if let Some(cap) = self.opts.max_bytes {
+            self.evict_to_fit(&mut roots, cap);
+        }
+        let held = match self.expire_images(&roots).await? {
+            Ok(h) => h,
+            Err(stop) => return Ok(Err(stop)),
+        };
+        pause(self.opts, Step::ImagesExpired).await;
+        let unheld = match self.delete_unheld_manifests(&held).await? {
+            Ok(u) => u,
+            Err(stop) => return Ok(Err(stop)),
+        };
+        pause(self.opts, Step::ManifestsDeleted).await;
+        self.delete_unreferenced_blobs(&unheld).await
+    }
+
+    /// Size cap: un-keeps kept, unpinned images, least recently pulled
+    /// first, until what the kept ones reference fits. A tag goes with the
+    /// manifests it leads to that were not pulled by digest since.
+    fn evict_to_fit(&mut self, roots: &mut [Root], cap: u64) {
+        let snap = self.snap;
+        let links_at: HashMap<(String, Digest), usize> =
+            roots.iter().enumerate().filter(|(_, r)| r.tag.is_none()).map(|(i, r)| ((r.repo.clone(), r.digest.clone()), i)).collect();
+        let reached_by_tags: HashSet<(String, Digest)> =
+            roots.iter().filter(|r| r.tag.is_some()).flat_map(|r| snap.reach(&r.repo, &r.digest)).collect();
+        let mut refcount: HashMap<Digest, usize> = HashMap::new();
+        let closures: Vec<HashSet<Digest>> = roots.iter().map(|r| snap.blobs_of(&snap.closure(&r.digest))).collect();
+        for (r, blobs) in roots.iter().zip(&closures) {
+            if r.keep {
+                for b in blobs {
+                    *refcount.entry(b.clone()).or_default() += 1;
+                }
+            }
+        }
+        let mut bytes: u64 = refcount.keys().map(|b| snap.ready_size(b)).sum();
+        let mut order: Vec<usize> = (0..roots.len()).filter(|&i| roots[i].keep && !roots[i].pinned).collect();
+        order.sort_by_key(|&i| (roots[i].pulled_at, roots[i].name()));
+        let mut evict = |i: usize, roots: &mut [Root], bytes: &mut u64| {
+            if !roots[i].keep {
+                return;
+            }
+            roots[i].keep = false;
+            for b in &closures[i] {
+                let c = refcount.get_mut(b).expect("counted");
+                *c -= 1;
+                if *c == 0 {
+                    *bytes -= snap.ready_size(b);
+                }
+            }
+        };
+        for i in order {
+            if bytes <= cap {
+                break;
+            }
+            if !roots[i].keep {
+                continue;
+            }
+            evict(i, roots, &mut bytes);
+            if roots[i].tag.is_some() {
+                self.report.evicted += 1;
+                for m in snap.closure(&roots[i].digest) {
+                    if let Some(&j) = links_at.get(&(roots[i].repo.clone(), m))
+                        && !roots[j].pinned
+                        && roots[j].pulled_at <= roots[i].pulled_at
+                    {
+                        evict(j, roots, &mut bytes);
+                    }
+                }
+            } else if !reached_by_tags.contains(&(roots[i].repo.clone(), roots[i].digest.clone())) {
+                self.report.evicted += 1;
+            }
+        }
+    }
+
+    /// 1. Images: tags and repository manifests not kept are deleted, each
+    /// only if not pulled since the sweep read it (a tag moved or pulled
+    /// meanwhile stays, with what it leads to now).
+    async fn expire_images(&mut self, roots: &[Root]) -> Phase<Held> {
+        let (snap, index, dry_run) = (self.snap, self.index, self.opts.dry_run);
+        let mut held = Held::default();
+        for r in roots.iter().filter(|r| r.keep) {
+            held.kept_links.extend(snap.reach(&r.repo, &r.digest));
+            if r.tag.is_some() {
+                held.kept_tag_targets.insert(r.digest.clone());
+            }
+        }
+        // Unknown pull times are stamped now (records from before they were kept).
+        for r in roots.iter().filter(|r| r.pulled_at == 0 && !dry_run) {
+            take!(self.budget);
+            match &r.tag {
+                Some((t, v)) => index.tag_pulled(&r.repo, t, v).await?,
+                None => {
+                    index.manifest_pulled(&r.repo, &r.digest).await?;
+                }
+            }
+        }
+        // What expired tags led to is part of those images, not listed apart.
+        let mut expired_reach: HashSet<(String, Digest)> = HashSet::new();
+        for r in roots.iter().filter(|r| !r.keep && r.tag.is_some()) {
+            let (t, v) = r.tag.as_ref().expect("a tag");
+            take!(self.budget);
+            if dry_run || index.expire_tag(&r.repo, t, v, &r.digest, r.pulled_at + 1).await? {
+                self.report.expired.push(r.name());
+                expired_reach.extend(snap.reach(&r.repo, &r.digest));
+            } else {
+                let digest = index.tag(&r.repo, t, v).await?.map_or_else(|| r.digest.clone(), |now| now.digest);
+                held.kept_links.extend(snap.reach(&r.repo, &digest));
+                held.kept_tag_targets.insert(digest);
+            }
+        }
+        for r in roots.iter().filter(|r| r.tag.is_none()) {
+            let key = (r.repo.clone(), r.digest.clone());
+            if held.kept_links.contains(&key) {
+                held.remaining_links.insert(key);
+                continue;
+            }
+            take!(self.budget);
+            if dry_run || index.expire_manifest_link(&r.repo, &r.digest, r.pulled_at + 1).await? {
+                if !expired_reach.contains(&key) {
+                    self.report.expired.push(r.name());
+                }
+            } else {
+                held.remaining_links.insert(key);
+            }
+        }
+        Ok(Ok(held))
+    }
+
+    /// 2. Manifests no repository holds any more: their ready blobs are
+    /// marked used first, so a client that got the manifest just before has
+    /// the grace period to fetch them.
+    async fn delete_unheld_manifests(&mut self, held: &Held) -> Phase<Unheld> {
+        let (snap, index, dry_run) = (self.snap, self.index, self.opts.dry_run);
+        let holding: HashSet<&Digest> = held.remaining_links.iter().map(|(_, d)| d).chain(held.kept_tag_targets.iter()).collect();
+        let mut out = Unheld::default();
+        for (digest, refs) in &snap.manifests {
+            if holding.contains(digest) {
+                continue;
+            }
+            let ready: Vec<&Digest> = refs.blobs.iter().filter(|b| snap.blobs.get(*b).is_some_and(|r| r.state == BlobState::Ready)).collect();
+            if !self.budget.fits(ready.len() as u64 + 1) {
+                return Ok(Err(Stop));
+            }
+            if !dry_run {
+                for b in ready {
+                    take!(self.budget);
+                    index.touch_blob(b, None).await?;
+                    out.stamped.insert(b.clone());
+                }
+            } else {
+                out.stamped.extend(refs.blobs.iter().cloned());
+            }
+            take!(self.budget);
+            if dry_run || index.delete_manifest(digest).await? {
+                self.report.deleted_manifests += 1;
+                out.gone.insert(digest.clone());
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    /// 3. Blobs nothing references, unused for the grace period: marked
+    /// `deleting` (a reader that marked one used first wins), then their
+    /// bytes go, then their records.
+    async fn delete_unreferenced_blobs(&mut self, unheld: &Unheld) -> Phase {
+        let snap = self.snap;
+        let referenced: HashSet<&Digest> =
+            snap.manifests.iter().filter(|(d, _)| !unheld.gone.contains(*d)).flat_map(|(_, r)| r.blobs.iter()).collect();
+        let used_before = self.started - self.opts.grace.as_secs() as i64;
+        let mut doomed: Vec<&BlobRecord> = Vec::new();
+        for b in snap.blobs.values().filter(|b| !referenced.contains(&b.digest)) {
+            let due = match b.state {
+                BlobState::Ready | BlobState::Failed => !unheld.stamped.contains(&b.digest) && b.last_used() < used_before,
+                BlobState::Deleting => b.lease_until < self.started,
+                BlobState::Pending | BlobState::Fetching => false,
+            };
+            if due {
+                doomed.push(b);
+            } else if matches!(b.state, BlobState::Ready) {
+                self.report.grace_blobs += 1;
+                self.report.grace_bytes += b.size.unwrap_or(0);
+            }
+        }
+        doomed.sort_by(|a, b| a.digest.as_str().cmp(b.digest.as_str()));
+        let mut rest = &doomed[..];
+        while !rest.is_empty() {
+            // Each blob costs a mark and a finish, the batch one delete call.
+            let n = (BATCH as u64).min(self.budget.left().saturating_sub(1) / 2) as usize;
+            if n == 0 {
+                return Ok(Err(Stop));
+            }
+            let (batch, after) = rest.split_at(n.min(rest.len()));
+            rest = after;
+            if let Err(stop) = self.delete_batch(batch, used_before).await? {
+                return Ok(Err(stop));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// One batch of phase 3.
+    async fn delete_batch(&mut self, batch: &[&BlobRecord], used_before: i64) -> Phase {
+        let (index, opts) = (self.index, self.opts);
+        // A failed blob's partial bytes are not counted as reclaimed.
+        let counted = |b: &BlobRecord| b.state != BlobState::Failed;
+        if opts.dry_run {
+            self.report.deleted_blobs += batch.len();
+            self.report.reclaimed_bytes += batch.iter().filter(|b| counted(b)).filter_map(|b| b.size).sum::<u64>();
+            return Ok(Ok(()));
+        }
+        let marked_at = Instant::now();
+        let mut taken = Vec::new();
+        for b in batch {
+            take!(self.budget);
+            if index.begin_blob_delete(&b.digest, used_before, opts.delete_lease).await? {
+                taken.push(*b);
+            }
+        }
+        if taken.is_empty() {
+            return Ok(Ok(()));
+        }
+        pause(opts, Step::BlobsMarked).await;
+        // The lease is ours for `delete_lease`; never delete bytes once it
+        // may have passed to a reader who fetched the blob again.
+        if marked_at.elapsed() >= opts.delete_lease / 2 {
+            return Err(StorageError::Unavailable("GC marked blobs too slowly to delete them safely; the next run retries".into()));
+        }
+        take!(self.budget);
+        let digests: Vec<Digest> = taken.iter().map(|b| b.digest.clone()).collect();
+        self.store.delete_many(&digests).await?;
+        for b in taken {
+            take!(self.budget);
+            let repos = self.snap.blob_links.get(&b.digest).cloned().unwrap_or_default();
+            index.finish_blob_delete(&b.digest, &repos).await?;
+            self.report.deleted_blobs += 1;
+            if counted(b) {
+                self.report.reclaimed_bytes += b.size.unwrap_or(0);
+            }
+        }
+        Ok(Ok(()))
+    }
+}
