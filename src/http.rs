@@ -27,7 +27,8 @@ use tower::ServiceExt;
 
 use crate::access::AccessPolicy;
 use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
-use crate::mirror::{BlobAnswer, CacheStatus, Mirror};
+use crate::mirror::{BlobAnswer, Mirror};
+use crate::observe::CacheStatus;
 use crate::storage::local::{BLOB_URL_PREFIX, FsBlobStore};
 
 const API_VERSION: &str = "Docker-Distribution-API-Version";
@@ -149,63 +150,23 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 }
 
 /// `GET /_hubcap/stats`: what the cache holds and how it served (all
-/// instances, all time: see `stats::Report`), plus this instance's counts
+/// instances, all time: see `observe::Report`), plus this instance's counts
 /// since start-up and what it knows of its upstreams (JSON).
 async fn stats(State(state): State<AppState>) -> Response {
     let report = match state.mirror.report().await {
         Ok(r) => r,
         Err(e) => return RegistryError::from(e).into_response(),
     };
-    let upstreams: Vec<serde_json::Value> = state
-        .mirror
-        .upstreams()
-        .iter()
-        .map(|u| {
-            serde_json::json!({ "registry": u.registry, "requests": u.requests(), "rate_limited": u.rate_limited(), "ratelimit_remaining": u.ratelimit_remaining() })
-        })
-        .collect();
-    let mut body = serde_json::to_value(&report).unwrap_or_default();
-    let since: serde_json::Map<_, _> =
-        state.mirror.counters().snapshot().iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
-    body["since_start"] = serde_json::json!({ "requests": since });
-    body["upstreams"] = serde_json::json!(upstreams);
+    let body = crate::observe::report::with_instance(&report, &state.mirror.counters().snapshot(), &state.mirror.upstreams().each());
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 /// `GET /metrics`: the same in the Prometheus text format.
 async fn prometheus(State(state): State<AppState>) -> Response {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    out.push_str("# HELP hubcap_requests_total Registry requests answered, by cache result.\n# TYPE hubcap_requests_total counter\n");
-    for (k, v) in state.mirror.counters().snapshot() {
-        let _ = writeln!(out, "hubcap_requests_total{{cache=\"{k}\"}} {v}");
-    }
-    out.push_str(
-        "# HELP hubcap_upstream_requests_total Requests sent to each upstream registry.\n# TYPE hubcap_upstream_requests_total counter\n",
-    );
-    for u in state.mirror.upstreams().iter() {
-        let _ = writeln!(out, "hubcap_upstream_requests_total{{registry=\"{}\"}} {}", u.registry, u.requests());
-    }
-    out.push_str("# HELP hubcap_upstream_rate_limited_total 429 answers from each upstream registry.\n# TYPE hubcap_upstream_rate_limited_total counter\n");
-    for u in state.mirror.upstreams().iter() {
-        let _ = writeln!(out, "hubcap_upstream_rate_limited_total{{registry=\"{}\"}} {}", u.registry, u.rate_limited());
-    }
-    if let Ok(r) = state.mirror.report().await {
-        let c = &r.cache;
-        out.push_str("# HELP hubcap_cache_images Images in the cache.\n# TYPE hubcap_cache_images gauge\n");
-        let _ = writeln!(out, "hubcap_cache_images {}", c.images);
-        out.push_str("# HELP hubcap_cache_bytes Bytes of blobs in the cache.\n# TYPE hubcap_cache_bytes gauge\n");
-        let _ = writeln!(out, "hubcap_cache_bytes {}", c.bytes);
-        out.push_str("# HELP hubcap_cache_blobs Blobs in the cache.\n# TYPE hubcap_cache_blobs gauge\n");
-        let _ = writeln!(out, "hubcap_cache_blobs {}", c.blobs);
-    }
-    out.push_str("# HELP hubcap_upstream_ratelimit_remaining The last ratelimit-remaining an upstream reported.\n# TYPE hubcap_upstream_ratelimit_remaining gauge\n");
-    for u in state.mirror.upstreams().iter() {
-        if let Some(n) = u.ratelimit_remaining() {
-            let _ = writeln!(out, "hubcap_upstream_ratelimit_remaining{{registry=\"{}\"}} {n}", u.registry);
-        }
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    use crate::observe::prometheus;
+    let report = state.mirror.report().await.ok();
+    let text = prometheus::render(&state.mirror.counters().snapshot(), &state.mirror.upstreams().each(), report.as_ref().map(|r| &r.cache));
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
 }
 
 /// `GET /v2/`: the API version check every client starts with.

@@ -20,10 +20,11 @@ use crate::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
 use crate::mirror::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};
-use crate::metrics::{UpstreamDeltas, emf_line};
+use crate::observe::emf::{UpstreamDeltas, emf_line};
 use crate::oci::{Digest, RepoPath};
 use crate::mirror::upstream::Upstreams;
-use crate::mirror::{CacheStatus, Mirror, MirrorConfig};
+use crate::mirror::{Mirror, MirrorConfig};
+use crate::observe::{CacheStatus, STATS_FLUSH_EVERY};
 use crate::serve::{Backend, BoxError, build_local, upstreams_from};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
@@ -91,15 +92,12 @@ async fn emit_request_metrics(
         ("Http5xx", if resp.status().is_server_error() { 1.0 } else { 0.0 }, "Count"),
         ("Latency", started.elapsed().as_secs_f64() * 1000.0, "Milliseconds"),
     ];
-    metrics.extend(state.1.take(state.0.upstreams()));
+    metrics.extend(state.1.take(&state.0.upstreams().each()));
     println!("{}", emf_line("api", &metrics));
     // A warm instance adds its counts to the stored statistics about once a minute.
     state.0.flush_stats_every(STATS_FLUSH_EVERY).await;
     resp
 }
-
-/// How often an `api` instance stores its request statistics.
-const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the `gc` function does with one event: `{"action": "warm"}` caches
 /// `HUBCAP_WARM_IMAGES`; anything else (the schedule's own event) runs a
@@ -319,7 +317,7 @@ pub async fn handle_stream(fetcher: &Fetcher, event: Event) -> DynamoDbEventResp
 /// its blob claimed or stored and does nothing.
 pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: BatchLimits) -> DynamoDbEventResponse {
     let deltas = UpstreamDeltas::default();
-    deltas.take(fetcher.upstreams());
+    deltas.take(&fetcher.upstreams().each());
     let mut failed: Vec<String> = Vec::new();
     let mut queue = std::collections::VecDeque::new();
     for record in &event.records {
@@ -360,12 +358,12 @@ pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: Batch
                 tracing::info!(digest = %job.digest, source = %job.source, ?size, "fetched");
                 let mut m = vec![("BytesFetched", size.unwrap_or(0) as f64, "Bytes"), ("FetchFailures", 0.0, "Count")];
                 m.push(("FetchDuration", took.as_secs_f64() * 1000.0, "Milliseconds"));
-                m.extend(deltas.take(fetcher.upstreams()));
+                m.extend(deltas.take(&fetcher.upstreams().each()));
                 println!("{}", emf_line("fetcher", &m));
             }
             Err(e) => {
                 let mut m = vec![("FetchFailures", 1.0, "Count")];
-                m.extend(deltas.take(fetcher.upstreams()));
+                m.extend(deltas.take(&fetcher.upstreams().each()));
                 println!("{}", emf_line("fetcher", &m));
                 tracing::warn!(digest = %job.digest, source = %job.source, error = %e, "fetch failed");
                 failed.push(id);

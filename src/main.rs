@@ -246,11 +246,11 @@ fn warn_short_grace(opts: &hubcap::lifecycle::GcOptions) {
 async fn stats_cmd(args: StatsArgs) -> Result<(), serve::BoxError> {
     let (index, _, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
     let inventory = hubcap::lifecycle::inventory(index.as_ref()).await?;
-    let report = hubcap::stats::report(inventory, &index.stats().await?);
+    let report = hubcap::observe::report(inventory, &index.stats().await?);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", hubcap::stats::render(&report, hubcap::storage::now()));
+        print!("{}", hubcap::observe::render(&report, hubcap::storage::now()));
     }
     Ok(())
 }

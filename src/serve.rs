@@ -10,6 +10,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::access::AccessPolicy;
+use crate::observe::STATS_FLUSH_EVERY;
 use crate::mirror::fetch::{Fetcher, LocalQueue};
 use crate::http::{AppState, app};
 use crate::mirror::upstream::{Upstreams, build_upstreams, load_credentials, parse_credentials};
@@ -103,8 +104,6 @@ pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), B
     Ok((router, mirror))
 }
 
-/// How often a server adds its request counts to the stored statistics.
-pub const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The server's background work: storing its request statistics, and a GC
 /// sweep every `gc_interval` (none when zero), the first a minute after

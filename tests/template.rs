@@ -687,11 +687,11 @@ fn the_fetcher_is_watched_for_falling_behind_and_failing() {
     let age = find("AWS/Lambda", "IteratorAge");
     assert_eq!(age["Dimensions"], serde_json::json!([{ "Name": "FunctionName", "Value": { "Ref": "FetcherFunction" } }]));
     assert_eq!(age["Statistic"], "Maximum");
-    let failures = find(hubcap::metrics::NAMESPACE, "FetchFailures");
+    let failures = find(hubcap::observe::emf::NAMESPACE, "FetchFailures");
     assert_eq!(failures["Dimensions"], serde_json::json!([{ "Name": "Function", "Value": "fetcher" }]));
     assert_eq!(failures["Statistic"], "Sum");
     // The metric and its dimension are the ones the fetcher emits.
-    let line = hubcap::metrics::emf_line("fetcher", &[("FetchFailures", 1.0, "Count")]);
+    let line = hubcap::observe::emf::emf_line("fetcher", &[("FetchFailures", 1.0, "Count")]);
     let emf: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(emf["Function"], "fetcher");
     assert_eq!(emf["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["Function"]]));

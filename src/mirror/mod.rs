@@ -23,9 +23,9 @@ pub mod upstream;
 
 use self::fetch::{FetchJob, FetchQueue, WaitOutcome};
 use self::upstream::{Retry, TagsPage, Upstream, UpstreamError, Upstreams};
-use crate::lifecycle::Inventory;
+use crate::observe::{CacheStatus, Counters, Report, RequestStats};
 use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryError, RepoPath, parse_manifest};
-use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, StoredStats, TagRecord, now};
+use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, TagRecord, now};
 
 /// A blob `pending` this long without a fetcher taking it is re-queued.
 const STALE_FETCH: Duration = Duration::from_secs(60);
@@ -58,66 +58,6 @@ impl Default for MirrorConfig {
             upstream_backoff: Duration::from_secs(10),
             touch_every: Duration::from_secs(600),
         }
-    }
-}
-
-/// How a request was answered, for the access log and the `X-Cache` header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheStatus {
-    Hit,
-    Miss,
-    /// Cached answer served because upstream failed re-validation.
-    Stale,
-    /// Tag confirmed (or updated) upstream after its TTL.
-    Revalidated,
-    /// Relayed from upstream, not cached (tag lists).
-    Pass,
-}
-
-impl CacheStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-            CacheStatus::Stale => "stale",
-            CacheStatus::Revalidated => "revalidated",
-            CacheStatus::Pass => "pass",
-        }
-    }
-}
-
-/// How requests were answered since start-up (in memory).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub hit: std::sync::atomic::AtomicU64,
-    pub miss: std::sync::atomic::AtomicU64,
-    pub stale: std::sync::atomic::AtomicU64,
-    pub revalidated: std::sync::atomic::AtomicU64,
-    pub pass: std::sync::atomic::AtomicU64,
-}
-
-impl Counters {
-    pub fn record(&self, status: CacheStatus) {
-        let c = match status {
-            CacheStatus::Hit => &self.hit,
-            CacheStatus::Miss => &self.miss,
-            CacheStatus::Stale => &self.stale,
-            CacheStatus::Revalidated => &self.revalidated,
-            CacheStatus::Pass => &self.pass,
-        };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// (cache result, count) for every result.
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
-        let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        [
-            ("hit", l(&self.hit)),
-            ("miss", l(&self.miss)),
-            ("stale", l(&self.stale)),
-            ("revalidated", l(&self.revalidated)),
-            ("pass", l(&self.pass)),
-        ]
     }
 }
 
@@ -164,15 +104,9 @@ pub struct Mirror {
     upstreams: Arc<Upstreams>,
     cfg: MirrorConfig,
     flights: Flights,
-    counters: Counters,
-    /// What was last added to the stored statistics, and when.
-    flushed: tokio::sync::Mutex<(StoredStats, Instant)>,
-    /// The last inventory read for the statistics, and when.
-    inventory: tokio::sync::Mutex<Option<(Instant, Inventory)>>,
+    /// How requests were answered, and what of it is stored.
+    stats: RequestStats,
 }
-
-/// How long an inventory read for `/_hubcap/stats` is reused.
-const INVENTORY_TTL: Duration = Duration::from_secs(60);
 
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
@@ -212,9 +146,7 @@ impl Mirror {
         upstreams: Arc<Upstreams>,
         cfg: MirrorConfig,
     ) -> Mirror {
-        let flushed = tokio::sync::Mutex::new((StoredStats::default(), Instant::now()));
-        let inventory = tokio::sync::Mutex::new(None);
-        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), counters: Counters::default(), flushed, inventory }
+        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), stats: RequestStats::default() }
     }
 
     pub fn index(&self) -> &Arc<dyn Index> {
@@ -225,78 +157,19 @@ impl Mirror {
         &self.store
     }
 
-    /// What the cache holds and how it served, for `/_hubcap/stats`: the
-    /// inventory is read at most once a minute.
-    pub async fn report(&self) -> Result<crate::stats::Report, StorageError> {
-        let inventory = {
-            let mut cached = self.inventory.lock().await;
-            match cached.as_ref() {
-                Some((at, inv)) if at.elapsed() < INVENTORY_TTL => inv.clone(),
-                _ => {
-                    let inv = crate::lifecycle::inventory(self.index.as_ref()).await?;
-                    *cached = Some((Instant::now(), inv.clone()));
-                    inv
-                }
-            }
-        };
-        Ok(crate::stats::report(inventory, &self.stats().await?))
-    }
-
-    /// The counters as the stored statistics count them (totals since start).
-    fn stats_totals(&self) -> StoredStats {
-        let mut out = StoredStats::default();
-        for (k, v) in self.counters.snapshot() {
-            out.counters.insert(k.to_owned(), v);
-        }
-        let (requests, limited) = self.upstreams.iter().fold((0, 0), |(r, l), u| (r + u.requests(), l + u.rate_limited()));
-        out.counters.insert("upstream_requests".into(), requests);
-        out.counters.insert("upstream_rate_limited".into(), limited);
-        // The latest report of any upstream (Docker Hub is the one that limits).
-        out.ratelimit_remaining = self.upstreams.iter().filter_map(|u| u.ratelimit_seen()).max_by_key(|(_, at)| *at);
-        out
+    /// What the cache holds and how it served, for `/_hubcap/stats`.
+    pub async fn report(&self) -> Result<Report, StorageError> {
+        self.stats.report(self.index.as_ref(), &self.upstreams.tally()).await
     }
 
     /// Adds what was counted since the last flush to the stored statistics.
     pub async fn flush_stats(&self) -> Result<(), StorageError> {
-        let mut last = self.flushed.lock().await;
-        let totals = self.stats_totals();
-        let mut delta = StoredStats::default();
-        for (k, v) in &totals.counters {
-            let d = v.saturating_sub(last.0.counters.get(k).copied().unwrap_or(0));
-            if d > 0 {
-                delta.counters.insert(k.clone(), d);
-            }
-        }
-        delta.ratelimit_remaining = totals.ratelimit_remaining.filter(|r| last.0.ratelimit_remaining != Some(*r));
-        if !delta.counters.is_empty() || delta.ratelimit_remaining.is_some() {
-            self.index.add_stats(&delta).await?;
-        }
-        *last = (totals, Instant::now());
-        Ok(())
+        self.stats.flush(self.index.as_ref(), &self.upstreams.tally()).await
     }
 
     /// `flush_stats`, when the last flush is at least `every` old.
     pub async fn flush_stats_every(&self, every: Duration) {
-        if self.flushed.lock().await.1.elapsed() < every {
-            return;
-        }
-        if let Err(e) = self.flush_stats().await {
-            tracing::warn!(error = %e, "could not store request statistics");
-        }
-    }
-
-    /// The stored statistics plus what this instance counted since its last flush.
-    pub async fn stats(&self) -> Result<StoredStats, StorageError> {
-        let mut stored = self.index.stats().await?;
-        let last = self.flushed.lock().await;
-        let totals = self.stats_totals();
-        for (k, v) in totals.counters {
-            let unflushed = v.saturating_sub(last.0.counters.get(&k).copied().unwrap_or(0));
-            *stored.counters.entry(k).or_default() += unflushed;
-        }
-        // The later of what is stored (maybe by another instance) and what this one saw.
-        stored.ratelimit_remaining = stored.ratelimit_remaining.into_iter().chain(totals.ratelimit_remaining).max_by_key(|(_, at)| *at);
-        Ok(stored)
+        self.stats.flush_every(self.index.as_ref(), &self.upstreams.tally(), every).await
     }
 
     fn stale_mark(&self, at: i64) -> bool {
@@ -332,7 +205,7 @@ impl Mirror {
 
     /// How requests were answered since start-up.
     pub fn counters(&self) -> &Counters {
-        &self.counters
+        self.stats.counters()
     }
 
     /// Re-queues fetches a previous run left unfinished.

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Credentials, Upstream};
+use crate::observe::UpstreamTally;
+use crate::observe::prometheus::UpstreamStat;
 use crate::oci::{DOCKER_HUB, ErrorCode, RegistryError, canonical_registry};
 
 /// Docker Hub's registry endpoint, the default upstream.
@@ -34,6 +36,31 @@ impl Upstreams {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.by_registry.values()
+    }
+
+    /// What all upstream clients did since start-up, for the statistics.
+    pub fn tally(&self) -> UpstreamTally {
+        UpstreamTally {
+            requests: self.iter().map(|u| u.requests()).sum(),
+            rate_limited: self.iter().map(|u| u.rate_limited()).sum(),
+            // The latest report of any upstream (Docker Hub is the one that limits).
+            ratelimit_seen: self.iter().filter_map(|u| u.ratelimit_seen()).max_by_key(|(_, at)| *at),
+        }
+    }
+
+    /// Each upstream's numbers, for `/metrics` and `/_hubcap/stats`.
+    pub fn each(&self) -> Vec<UpstreamStat> {
+        let mut out: Vec<UpstreamStat> = self
+            .iter()
+            .map(|u| UpstreamStat {
+                registry: u.registry.clone(),
+                requests: u.requests(),
+                rate_limited: u.rate_limited(),
+                ratelimit_remaining: u.ratelimit_remaining(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.registry.cmp(&b.registry));
+        out
     }
 
     pub(crate) fn backing_off(&self, registry: &str) -> bool {

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::prometheus::UpstreamStat;
 use crate::lifecycle::Inventory;
 use crate::storage::StoredStats;
 
@@ -88,4 +89,17 @@ pub fn render(r: &Report, now: i64) -> String {
         }
     }
     out
+}
+
+/// `/_hubcap/stats`: the report plus this instance's counts since start-up
+/// and each upstream's numbers.
+pub fn with_instance(report: &Report, since_start: &[(&str, u64)], upstreams: &[UpstreamStat]) -> serde_json::Value {
+    let mut body = serde_json::to_value(report).unwrap_or_default();
+    let since: serde_json::Map<_, _> = since_start.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    body["since_start"] = serde_json::json!({ "requests": since });
+    body["upstreams"] = upstreams
+        .iter()
+        .map(|u| serde_json::json!({ "registry": u.registry, "requests": u.requests, "rate_limited": u.rate_limited, "ratelimit_remaining": u.ratelimit_remaining }))
+        .collect();
+    body
 }

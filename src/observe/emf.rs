@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::mirror::upstream::Upstreams;
+use super::prometheus::UpstreamStat;
 
 pub const NAMESPACE: &str = "hubcap";
 
@@ -38,13 +38,13 @@ pub struct UpstreamDeltas {
 }
 
 impl UpstreamDeltas {
-    pub fn take(&self, upstreams: &Upstreams) -> Vec<(&'static str, f64, &'static str)> {
-        let requests: u64 = upstreams.iter().map(|u| u.requests()).sum();
-        let limited: u64 = upstreams.iter().map(|u| u.rate_limited()).sum();
+    pub fn take(&self, upstreams: &[UpstreamStat]) -> Vec<(&'static str, f64, &'static str)> {
+        let requests: u64 = upstreams.iter().map(|u| u.requests).sum();
+        let limited: u64 = upstreams.iter().map(|u| u.rate_limited).sum();
         let dr = requests.saturating_sub(self.requests.swap(requests, Ordering::Relaxed));
         let dl = limited.saturating_sub(self.rate_limited.swap(limited, Ordering::Relaxed));
         let mut out = vec![("UpstreamRequests", dr as f64, "Count"), ("Upstream429", dl as f64, "Count")];
-        if let Some(min) = upstreams.iter().filter_map(|u| u.ratelimit_remaining()).min() {
+        if let Some(min) = upstreams.iter().filter_map(|u| u.ratelimit_remaining).min() {
             out.push(("RatelimitRemaining", min as f64, "Count"));
         }
         out
