@@ -46,7 +46,7 @@ fn secs(s: f64) -> Duration {
 
 impl MirrorArgs {
     /// The options `serve` (and `warm`, and a local-storage Lambda) run with.
-    pub fn serve_options(&self, backend: crate::serve::Backend, access: crate::access::AccessPolicy) -> crate::serve::ServeOptions {
+    pub fn serve_options(&self, backend: crate::serve::Backend, access: crate::http::access::AccessPolicy) -> crate::serve::ServeOptions {
         crate::serve::ServeOptions {
             backend,
             upstreams: self.upstreams.clone(),
@@ -123,8 +123,8 @@ pub struct AccessArgs {
 }
 
 impl AccessArgs {
-    pub fn policy(&self) -> Result<crate::access::AccessPolicy, String> {
-        crate::access::AccessPolicy::new(&self.allow_cidrs, &self.allow_repos, &self.deny_repos, &self.client_users, &self.client_tokens)
+    pub fn policy(&self) -> Result<crate::http::access::AccessPolicy, String> {
+        crate::http::access::AccessPolicy::new(&self.allow_cidrs, &self.allow_repos, &self.deny_repos, &self.client_users, &self.client_tokens)
     }
 }
 

@@ -16,7 +16,7 @@ use axum::Router;
 use lambda_http::request::LambdaRequest;
 use futures_util::StreamExt;
 
-use crate::access::AccessPolicy;
+use crate::http::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
 use crate::mirror::fetch::{FetchJob, Fetcher, IndexQueue};
 use crate::http::{AppState, ClientAddr, app};

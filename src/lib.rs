@@ -29,7 +29,6 @@
 //!
 //! Controllers call services; services never call controllers.
 
-pub mod access;
 pub mod check;
 pub mod config;
 pub mod lifecycle;

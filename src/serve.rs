@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::access::AccessPolicy;
+use crate::http::access::AccessPolicy;
 use crate::observe::STATS_FLUSH_EVERY;
 use crate::mirror::fetch::{Fetcher, LocalQueue};
 use crate::http::{AppState, app};

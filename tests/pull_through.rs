@@ -456,7 +456,7 @@ async fn access_control_by_network_repository_and_credentials() {
     hub.publish("bitnami/redis", "1", &three_layer(21));
     hub.publish("library/secret-db", "1", &three_layer(22));
     let dir = tempfile::tempdir().unwrap();
-    let access = hubcap::access::AccessPolicy::new(
+    let access = hubcap::http::access::AccessPolicy::new(
         &["127.0.0.0/8".into()],
         &["library/*".into()],
         &["library/secret*".into()],
@@ -497,7 +497,7 @@ async fn access_control_by_network_repository_and_credentials() {
 
     // A network that is not allowed is refused before anything else.
     let dir2 = tempfile::tempdir().unwrap();
-    let elsewhere = hubcap::access::AccessPolicy::new(&["10.0.0.0/8".into()], &[], &[], &[], &[]).unwrap();
+    let elsewhere = hubcap::http::access::AccessPolicy::new(&["10.0.0.0/8".into()], &[], &[], &[], &[]).unwrap();
     let opts = hubcap::serve::ServeOptions {
         access: elsewhere,
         ..common::options(hubcap::serve::Backend::Local(dir2.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())

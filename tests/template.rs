@@ -558,7 +558,7 @@ fn the_client_networks_are_an_explicit_choice() {
     for accepted in ["0.0.0.0/0,::/0", "0.0.0.0/0", "203.0.113.0/24, 198.51.100.7", "2001:db8::/32", "203.0.113.9"] {
         assert!(matches(accepted), "{accepted:?} is accepted");
         let networks: Vec<String> = accepted.split(',').map(str::to_owned).collect();
-        hubcap::access::AccessPolicy::new(&networks, &[], &[], &[], &[]).unwrap_or_else(|e| panic!("{accepted:?}: {e}"));
+        hubcap::http::access::AccessPolicy::new(&networks, &[], &[], &[], &[]).unwrap_or_else(|e| panic!("{accepted:?}: {e}"));
     }
     // What the functions are given is exactly the parameter.
     assert_eq!(t["Globals"]["Function"]["Environment"]["Variables"]["HUBCAP_ALLOW_CIDRS"]["Ref"], "AllowedClientCidrs");

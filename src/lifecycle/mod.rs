@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
-use crate::access::{glob, normalise_pattern};
+use crate::http::access::{glob, normalise_pattern};
 use crate::storage::{BlobStore, Index, Result};
 
 mod snapshot;
