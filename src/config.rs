@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::assemble::{Backend, MEMORY_CACHE_ENTRIES, Options};
 use crate::mirror::MirrorConfig;
 use crate::storage::aws::{AwsStorage, Encryption};
 
@@ -45,9 +46,9 @@ fn secs(s: f64) -> Duration {
 }
 
 impl MirrorArgs {
-    /// The options `serve` (and `warm`, and a local-storage Lambda) run with.
-    pub fn serve_options(&self, backend: crate::serve::Backend, access: crate::http::access::AccessPolicy) -> crate::serve::ServeOptions {
-        crate::serve::ServeOptions {
+    /// What a mirror on `backend` is assembled from.
+    pub fn options(&self, backend: Backend, access: crate::http::access::AccessPolicy) -> Options {
+        Options {
             backend,
             upstreams: self.upstreams.clone(),
             credentials: self.credentials.clone(),
@@ -55,6 +56,7 @@ impl MirrorArgs {
             mirror: self.mirror_config(),
             fetch_concurrency: self.fetch_concurrency,
             access,
+            memory_cache_entries: MEMORY_CACHE_ENTRIES,
         }
     }
 
@@ -136,6 +138,22 @@ pub enum StorageKind {
     Aws,
 }
 
+impl StorageKind {
+    /// The backend this kind of storage means, in `data` or `aws`.
+    pub fn backend(self, data: &std::path::Path, aws: &AwsArgs) -> Result<Backend, String> {
+        Ok(match self {
+            StorageKind::Local => Backend::Local(data.to_owned()),
+            StorageKind::Aws => Backend::Aws(Box::new(aws.storage()?)),
+        })
+    }
+}
+
+impl StorageArgs {
+    pub fn backend(&self) -> Result<Backend, String> {
+        self.storage.backend(&self.data, &self.aws)
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct StorageArgs {
     /// Where the cache lives.
@@ -204,5 +222,16 @@ pub struct LambdaSettings {
 impl LambdaSettings {
     pub fn from_env() -> Result<LambdaSettings, clap::Error> {
         <LambdaSettings as clap::Parser>::try_parse_from(["hubcap-lambda"])
+    }
+
+    pub fn backend(&self) -> Result<Backend, String> {
+        self.storage.backend(&self.data, &self.aws)
+    }
+
+    /// What the function's mirror is assembled from.
+    pub fn options(&self) -> Result<Options, String> {
+        let mut opts = self.mirror.options(self.backend()?, self.access.policy()?);
+        opts.memory_cache_entries = self.memory_cache_entries;
+        Ok(opts)
     }
 }

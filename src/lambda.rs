@@ -18,16 +18,15 @@ use futures_util::StreamExt;
 
 use crate::http::access::AccessPolicy;
 use crate::config::{LambdaSettings, StorageKind};
-use crate::mirror::fetch::{FetchJob, Fetcher, IndexQueue};
-use crate::http::{AppState, ClientAddr, app};
+use crate::mirror::fetch::{FetchJob, Fetcher};
+use crate::http::ClientAddr;
 use crate::observe::emf::{UpstreamDeltas, emf_line};
 use crate::oci::{Digest, RepoPath};
 use crate::mirror::upstream::Upstreams;
 use crate::mirror::{Mirror, MirrorConfig};
 use crate::observe::{CacheStatus, STATS_FLUSH_EVERY};
-use crate::serve::{Backend, BoxError, build_local, upstreams_from};
-use crate::storage::aws::{self, AwsStorage};
-use crate::storage::cached::CachedIndex;
+use crate::assemble::{self, Assembled, Backend, BoxError, Fetching, Options};
+use crate::storage::aws::AwsStorage;
 
 /// JSON logs without colour, as CloudWatch wants them.
 pub fn init_logging() {
@@ -41,18 +40,12 @@ pub fn init_logging() {
 /// With `HUBCAP_STORAGE=local` it runs on the embedded backend instead, with
 /// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
-    if settings.storage == StorageKind::Local {
-        let opts = settings.mirror.serve_options(Backend::Local(settings.data.clone()), settings.access.policy()?);
-        let (router, mirror) = build_local(&opts).await?;
-        return Ok((with_metrics(router, mirror.clone()), mirror));
-    }
-    let upstreams =
-        upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref(), settings.mirror.credentials_secret.as_deref())
-            .await?;
-    let access = settings.access.policy()?;
-    api_router_with(&settings.aws.storage()?, upstreams, settings.mirror.mirror_config(), settings.memory_cache_entries, access).await
+    let fetching = if settings.storage == StorageKind::Local { Fetching::InProcess } else { Fetching::ByStream };
+    let Assembled { mirror, router } = assemble::mirror(&settings.options()?, fetching).await?;
+    Ok((with_metrics(router, mirror.clone()), mirror))
 }
 
+/// The `api` function on S3 + DynamoDB with upstreams already built (tests).
 pub async fn api_router_with(
     storage: &AwsStorage,
     upstreams: Upstreams,
@@ -60,10 +53,17 @@ pub async fn api_router_with(
     memory_cache_entries: usize,
     access: AccessPolicy,
 ) -> Result<(Router, Arc<Mirror>), BoxError> {
-    let (store, index) = aws::connect(storage).await;
-    let index = Arc::new(CachedIndex::new(index, memory_cache_entries, cfg.tag_ttl));
-    let mirror = Arc::new(Mirror::new(index, Arc::new(store), Arc::new(IndexQueue), Arc::new(upstreams), cfg));
-    let router = app(AppState { mirror: mirror.clone(), access: Arc::new(access), local_blobs: None });
+    let opts = Options {
+        backend: Backend::Aws(Box::new(storage.clone())),
+        upstreams: Vec::new(),
+        credentials: None,
+        credentials_secret: None,
+        mirror: cfg,
+        fetch_concurrency: 1,
+        access,
+        memory_cache_entries,
+    };
+    let Assembled { mirror, router } = assemble::mirror_with(&opts, upstreams, Fetching::ByStream).await?;
     Ok((with_metrics(router, mirror.clone()), mirror))
 }
 
@@ -107,11 +107,7 @@ pub async fn maintenance(
     event: &serde_json::Value,
     remaining: std::time::Duration,
 ) -> Result<serde_json::Value, BoxError> {
-    let backend = match settings.storage {
-        StorageKind::Local => Backend::Local(settings.data.clone()),
-        StorageKind::Aws => Backend::Aws(Box::new(settings.aws.storage()?)),
-    };
-    maintenance_on(backend, settings, event, remaining).await
+    maintenance_on(settings.backend()?, settings, event, remaining).await
 }
 
 /// `maintenance` on a given backend.
@@ -122,8 +118,8 @@ pub async fn maintenance_on(
     remaining: std::time::Duration,
 ) -> Result<serde_json::Value, BoxError> {
     if event.get("action").and_then(|a| a.as_str()) == Some("warm") {
-        let opts = settings.mirror.serve_options(backend, AccessPolicy::default());
-        let (_, mirror) = build_local(&opts).await?;
+        let opts = settings.mirror.options(backend, AccessPolicy::default());
+        let Assembled { mirror, .. } = assemble::mirror(&opts, Fetching::InProcess).await?;
         let mut warmed = Vec::new();
         let mut failed = Vec::new();
         for image in settings.warm_images.iter().filter(|i| !i.trim().is_empty()) {
@@ -143,8 +139,8 @@ pub async fn maintenance_on(
     }
     let mut opts = settings.gc.options()?;
     opts.deadline = Some(std::time::Instant::now() + remaining.saturating_sub(std::time::Duration::from_secs(30)));
-    let (index, store, _) = crate::serve::open_backend(&backend, std::time::Duration::ZERO).await?;
-    let report = crate::lifecycle::run(index.as_ref(), store.as_ref(), &opts).await?;
+    let storage = assemble::open(&backend, Duration::ZERO, assemble::MEMORY_CACHE_ENTRIES).await?;
+    let report = crate::lifecycle::run(storage.index.as_ref(), storage.store.as_ref(), &opts).await?;
     tracing::info!(
         expired = report.expired.len(),
         deleted_manifests = report.deleted_manifests,
@@ -166,15 +162,14 @@ pub async fn maintenance_on(
 
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
-    let upstreams =
-        upstreams_from(&settings.mirror.upstreams, settings.mirror.credentials.as_deref(), settings.mirror.credentials_secret.as_deref())
-            .await?;
-    Ok(fetcher_with(&settings.aws.storage()?, upstreams).await)
+    let m = &settings.mirror;
+    let upstreams = assemble::upstreams(&m.upstreams, m.credentials.as_deref(), m.credentials_secret.as_deref()).await?;
+    Ok(assemble::fetcher(&settings.aws.storage()?, upstreams).await)
 }
 
+/// The `fetcher` function's worker with upstreams already built (tests).
 pub async fn fetcher_with(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
-    let (store, index) = aws::connect(storage).await;
-    Fetcher::new(Arc::new(index), Arc::new(store), Arc::new(upstreams))
+    assemble::fetcher(storage, upstreams).await
 }
 
 /// Keeps every value of a header a client sent several times. A REST API

@@ -28,7 +28,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::serve::BoxError;
+use crate::assemble::BoxError;
 
 /// Records per fetcher invocation (the template's `StreamBatchSize` default).
 const BATCH_SIZE: usize = 10;

@@ -29,6 +29,7 @@
 //!
 //! Controllers call services; services never call controllers.
 
+pub mod assemble;
 pub mod check;
 pub mod config;
 pub mod lifecycle;

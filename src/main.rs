@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs, StorageKind};
-use hubcap::serve::{self, Backend};
+use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs};
+use hubcap::assemble::{self, Assembled, BoxError, Fetching, MEMORY_CACHE_ENTRIES};
+use hubcap::serve;
 
 #[derive(Parser)]
 #[command(name = "hubcap", version, about = "A pull-through mirror for Docker Hub and other OCI registries")]
@@ -198,17 +199,11 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-fn backend(args: &StorageArgs) -> Result<Backend, serve::BoxError> {
-    Ok(match args.storage {
-        StorageKind::Local => Backend::Local(args.data.clone()),
-        StorageKind::Aws => Backend::Aws(Box::new(args.aws.storage()?)),
-    })
-}
 
-async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
-    let opts = args.mirror.serve_options(backend(&args.storage)?, args.access.policy()?);
+async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
+    let opts = args.mirror.options(args.storage.backend()?, args.access.policy()?);
     let gc = args.gc.options()?;
-    let (router, mirror) = serve::build_local(&opts).await?;
+    let Assembled { mirror, router } = assemble::mirror(&opts, Fetching::InProcess).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
@@ -219,14 +214,14 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), serve::BoxError> {
     Ok(())
 }
 
-async fn gc_cmd(args: GcCmdArgs) -> Result<(), serve::BoxError> {
+async fn gc_cmd(args: GcCmdArgs) -> Result<(), BoxError> {
     let mut opts = args.gc.options()?;
     opts.dry_run = args.dry_run;
     opts.max_writes = args.max_writes;
     opts.deadline = args.max_time.map(|t| std::time::Instant::now() + t);
     warn_short_grace(&opts);
-    let (index, store, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
-    let report = hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &opts).await?;
+    let storage = assemble::open(&args.storage.backend()?, std::time::Duration::ZERO, MEMORY_CACHE_ENTRIES).await?;
+    let report = hubcap::lifecycle::run(storage.index.as_ref(), storage.store.as_ref(), &opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -243,8 +238,8 @@ fn warn_short_grace(opts: &hubcap::lifecycle::GcOptions) {
     }
 }
 
-async fn stats_cmd(args: StatsArgs) -> Result<(), serve::BoxError> {
-    let (index, _, _) = serve::open_backend(&backend(&args.storage)?, std::time::Duration::ZERO).await?;
+async fn stats_cmd(args: StatsArgs) -> Result<(), BoxError> {
+    let index = assemble::open(&args.storage.backend()?, std::time::Duration::ZERO, MEMORY_CACHE_ENTRIES).await?.index;
     let inventory = hubcap::lifecycle::inventory(index.as_ref()).await?;
     let report = hubcap::observe::report(inventory, &index.stats().await?);
     if args.json {
@@ -255,9 +250,9 @@ async fn stats_cmd(args: StatsArgs) -> Result<(), serve::BoxError> {
     Ok(())
 }
 
-async fn warm_cmd(args: WarmArgs) -> Result<(), serve::BoxError> {
-    let opts = args.mirror.serve_options(backend(&args.storage)?, Default::default());
-    let (_, mirror) = serve::build_local(&opts).await?;
+async fn warm_cmd(args: WarmArgs) -> Result<(), BoxError> {
+    let opts = args.mirror.options(args.storage.backend()?, Default::default());
+    let Assembled { mirror, .. } = assemble::mirror(&opts, Fetching::InProcess).await?;
     let failed = warm_all(&mirror, &args.images, &args.platforms).await;
     mirror.flush_stats().await?;
     if failed > 0 { Err(format!("{failed} of {} images could not be warmed", args.images.len()).into()) } else { Ok(()) }
@@ -277,7 +272,7 @@ async fn warm_all(mirror: &hubcap::mirror::Mirror, images: &[String], platforms:
     failed
 }
 
-async fn aws_setup(args: AwsArgs) -> Result<(), serve::BoxError> {
+async fn aws_setup(args: AwsArgs) -> Result<(), BoxError> {
     let cfg = args.storage()?;
     let (bucket, table) = hubcap::storage::aws::setup(&cfg).await?;
     println!("bucket {}: {}", cfg.bucket, if bucket { "created" } else { "exists" });

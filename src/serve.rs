@@ -1,109 +1,14 @@
-//! `hubcap serve`: assembles a backend (embedded files + SQLite, or S3 +
-//! DynamoDB), the in-process fetcher and the configured upstreams into the
-//! router, and runs it on a TCP listener until SIGTERM/SIGINT.
+//! `hubcap serve`: runs an assembled mirror's router on a TCP listener
+//! until SIGTERM/SIGINT, with its background work (storing statistics,
+//! GC sweeps). Building the mirror is `assemble`'s.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::http::access::AccessPolicy;
+use crate::mirror::Mirror;
 use crate::observe::STATS_FLUSH_EVERY;
-use crate::mirror::fetch::{Fetcher, LocalQueue};
-use crate::http::{AppState, app};
-use crate::mirror::upstream::{Upstreams, build_upstreams, load_credentials, parse_credentials};
-use crate::mirror::{Mirror, MirrorConfig};
-use crate::storage::aws::{self, AwsStorage};
-use crate::storage::cached::CachedIndex;
-use crate::storage::local::{FsBlobStore, SqliteIndex};
-use crate::storage::{BlobStore, Index};
-
-/// Facts per kind kept in the in-memory cache in front of the index.
-pub const MEMORY_CACHE_ENTRIES: usize = 10_000;
-
-/// Docker Hub's registry endpoint, the default upstream.
-pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Where the cache lives.
-#[derive(Clone, Debug)]
-pub enum Backend {
-    /// Files and SQLite in this directory.
-    Local(PathBuf),
-    /// S3 and DynamoDB.
-    Aws(Box<AwsStorage>),
-}
-
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    pub backend: Backend,
-    /// `REGISTRY=URL` or `REGISTRY` (then `https://REGISTRY`); docker.io is
-    /// always configured, by default as Docker Hub.
-    pub upstreams: Vec<String>,
-    /// A docker `config.json`-style file with upstream credentials.
-    pub credentials: Option<PathBuf>,
-    /// An AWS Secrets Manager secret (name or ARN) with upstream credentials.
-    pub credentials_secret: Option<String>,
-    pub mirror: MirrorConfig,
-    pub fetch_concurrency: usize,
-    pub access: AccessPolicy,
-}
-
-/// The upstreams configured by `--upstream`, with credentials from a file
-/// (`--credentials`) and/or an AWS Secrets Manager secret, read once here.
-pub async fn upstreams_from(specs: &[String], credentials: Option<&Path>, secret: Option<&str>) -> Result<Upstreams, BoxError> {
-    let mut all = match credentials {
-        Some(path) => load_credentials(path)?,
-        None => HashMap::new(),
-    };
-    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
-        let text = crate::secrets::secret_string(secret).await?;
-        all.extend(parse_credentials(&text).map_err(|e| format!("secret {secret}: {e}"))?);
-    }
-    build_upstreams(specs, &all)
-}
-
-/// Opens a backend: the index (behind the in-memory cache) and the blob
-/// store; for the embedded backend also the store whose URLs this server serves.
-pub async fn open_backend(
-    backend: &Backend,
-    tag_ttl: std::time::Duration,
-) -> Result<(Arc<dyn Index>, Arc<dyn BlobStore>, Option<Arc<FsBlobStore>>), BoxError> {
-    Ok(match backend {
-        Backend::Local(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
-            let store = Arc::new(FsBlobStore::open(dir)?);
-            let index = SqliteIndex::open(&dir.join("index.db"))?;
-            (Arc::new(CachedIndex::new(index, MEMORY_CACHE_ENTRIES, tag_ttl)), store.clone(), Some(store))
-        }
-        Backend::Aws(cfg) => {
-            let (store, index) = aws::connect(cfg).await;
-            (Arc::new(CachedIndex::new(index, MEMORY_CACHE_ENTRIES, tag_ttl)), Arc::new(store), None)
-        }
-    })
-}
-
-/// The mirror with an in-process fetcher, and its router.
-pub async fn build_local(opts: &ServeOptions) -> Result<(Router, Arc<Mirror>), BoxError> {
-    let (index, store, local_blobs) = open_backend(&opts.backend, opts.mirror.tag_ttl).await?;
-    let upstreams = Arc::new(upstreams_from(&opts.upstreams, opts.credentials.as_deref(), opts.credentials_secret.as_deref()).await?);
-    let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
-    let queue = Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency));
-    let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));
-    if matches!(opts.backend, Backend::Local(_)) {
-        // Shared AWS tables are re-driven by their stream, not by each server.
-        let resumed = mirror.resume_fetches().await?;
-        if resumed > 0 {
-            tracing::info!(resumed, "resuming unfinished blob fetches");
-        }
-    }
-    let router = app(AppState { mirror: mirror.clone(), access: Arc::new(opts.access.clone()), local_blobs });
-    Ok((router, mirror))
-}
-
 
 /// The server's background work: storing its request statistics, and a GC
 /// sweep every `gc_interval` (none when zero), the first a minute after

@@ -19,7 +19,7 @@ use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_ma
 use hubcap::mirror::fetch::Fetcher;
 use hubcap::mirror::upstream::Upstreams;
 use hubcap::mirror::upstream::build_upstreams;
-use hubcap::serve::{Backend, ServeOptions};
+use hubcap::assemble::{Backend, Options};
 use hubcap::storage::aws::AwsStorage;
 use tower::ServiceExt;
 
@@ -27,7 +27,7 @@ fn upstreams(hub: &FakeHub) -> Upstreams {
     build_upstreams(&[format!("docker.io={}", hub.url)], &HashMap::new()).unwrap()
 }
 
-fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> ServeOptions {
+fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> Options {
     common::options(Backend::Aws(Box::new(storage)), vec![format!("docker.io={}", hub.url)], config())
 }
 

@@ -564,7 +564,7 @@ async fn benchmark() {
     let proxy = common::moto::CountingProxy::start(&moto.url).await;
     let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;
     let opts = |s: hubcap::storage::aws::AwsStorage| {
-        common::options(hubcap::serve::Backend::Aws(Box::new(s)), vec![format!("docker.io={upstream}")], common::config())
+        common::options(hubcap::assemble::Backend::Aws(Box::new(s)), vec![format!("docker.io={upstream}")], common::config())
     };
     let first = common::Hubcap::start_opts(opts(storage.clone())).await;
     common::pull(&http, &first.url, "small", "1").await;

@@ -18,7 +18,7 @@ use common::iam::{API, EventSourceMapping, FETCHER, GC, Stack, checks, default_c
 use common::images::{self, Format, Published};
 use common::moto::{CountingProxy, Moto, aws_json};
 use common::{ALL_MANIFESTS, client, config, get_manifest, pull};
-use hubcap::serve::{Backend, upstreams_from};
+use hubcap::assemble::Backend;
 use hubcap::storage::aws::{AwsStorage, Encryption};
 
 const USER: &str = "fleet-bot";
@@ -47,7 +47,7 @@ async fn storage_as(proxy: &CountingProxy, stack: &Stack, function: &str) -> Aws
 /// `fetcher` do.
 async fn cold_start_upstreams(proxy: &CountingProxy, function: &str, hub: &FakeHub, secret: &str) -> hubcap::mirror::upstream::Upstreams {
     default_credentials(&proxy.url, function);
-    upstreams_from(&[format!("docker.io={}", hub.url)], None, Some(secret)).await.unwrap()
+    hubcap::assemble::upstreams(&[format!("docker.io={}", hub.url)], None, Some(secret)).await.unwrap()
 }
 
 /// An image index over `child` padded with an annotation past the size

@@ -20,7 +20,7 @@ use common::{Hubcap, client, get_blob, get_manifest, pull};
 use hubcap::lifecycle::{GcOptions, GcReport, Pause, Pin, Step};
 use hubcap::oci::Digest;
 use hubcap::mirror::MirrorConfig;
-use hubcap::serve::Backend;
+use hubcap::assemble::Backend;
 use hubcap::storage::{BlobState, BlobStore, Index};
 use tokio::sync::{mpsc, oneshot};
 
@@ -60,7 +60,8 @@ async fn env(kind: Kind, mirror: MirrorConfig) -> Env {
         }
     };
     let mirror = Hubcap::start_opts(common::options(backend.clone(), vec![format!("docker.io={}", hub.url)], mirror)).await;
-    let (index, store, _) = hubcap::serve::open_backend(&backend, Duration::ZERO).await.unwrap();
+    let hubcap::assemble::Storage { index, store, .. } =
+        hubcap::assemble::open(&backend, Duration::ZERO, hubcap::assemble::MEMORY_CACHE_ENTRIES).await.unwrap();
     Env { hub, mirror, backend, index, store, http: client(), _dir: dir, _moto: moto }
 }
 

@@ -426,9 +426,9 @@ async fn upstream_credentials_are_used_for_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("auth.json");
     std::fs::write(&creds, r#"{"auths":{"https://index.docker.io/v1/":{"auth":"Y2ktYm90OmRja3JfcGF0X3NlY3JldA=="}}}"#).unwrap();
-    let opts = hubcap::serve::ServeOptions {
+    let opts = hubcap::assemble::Options {
         credentials: Some(creds),
-        ..common::options(hubcap::serve::Backend::Local(dir.path().join("data")), vec![format!("docker.io={}", hub.url)], config())
+        ..common::options(hubcap::assemble::Backend::Local(dir.path().join("data")), vec![format!("docker.io={}", hub.url)], config())
     };
     let mirror = Hubcap::start_opts(opts).await;
     pull(&client(), &mirror.url, "alpine", "1").await;
@@ -464,9 +464,9 @@ async fn access_control_by_network_repository_and_credentials() {
         &["static-token".into()],
     )
     .unwrap();
-    let opts = hubcap::serve::ServeOptions {
+    let opts = hubcap::assemble::Options {
         access,
-        ..common::options(hubcap::serve::Backend::Local(dir.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
+        ..common::options(hubcap::assemble::Backend::Local(dir.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
     };
     let mirror = Hubcap::start_opts(opts).await;
     let http = client();
@@ -498,9 +498,9 @@ async fn access_control_by_network_repository_and_credentials() {
     // A network that is not allowed is refused before anything else.
     let dir2 = tempfile::tempdir().unwrap();
     let elsewhere = hubcap::http::access::AccessPolicy::new(&["10.0.0.0/8".into()], &[], &[], &[], &[]).unwrap();
-    let opts = hubcap::serve::ServeOptions {
+    let opts = hubcap::assemble::Options {
         access: elsewhere,
-        ..common::options(hubcap::serve::Backend::Local(dir2.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
+        ..common::options(hubcap::assemble::Backend::Local(dir2.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
     };
     let closed = Hubcap::start_opts(opts).await;
     let resp = http.get(format!("{}/v2/", closed.url)).send().await.unwrap();

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubcap::mirror::{Mirror, MirrorConfig};
-use hubcap::serve::{ServeOptions, build_local, run};
+use hubcap::assemble::{Assembled, Backend, Fetching, MEMORY_CACHE_ENTRIES, Options};
+use hubcap::serve::run;
 use tokio::sync::oneshot;
 
 pub use images::{ALL_MANIFESTS, sha256};
@@ -40,8 +41,8 @@ pub fn config() -> MirrorConfig {
 
 /// The options the tests serve with: `backend`, `upstreams`, no upstream
 /// credentials, open access.
-pub fn options(backend: hubcap::serve::Backend, upstreams: Vec<String>, mirror: MirrorConfig) -> ServeOptions {
-    ServeOptions {
+pub fn options(backend: Backend, upstreams: Vec<String>, mirror: MirrorConfig) -> Options {
+    Options {
         backend,
         upstreams,
         credentials: None,
@@ -49,6 +50,7 @@ pub fn options(backend: hubcap::serve::Backend, upstreams: Vec<String>, mirror: 
         mirror,
         fetch_concurrency: 8,
         access: Default::default(),
+        memory_cache_entries: MEMORY_CACHE_ENTRIES,
     }
 }
 
@@ -63,12 +65,12 @@ pub struct Hubcap {
 
 impl Hubcap {
     pub async fn start(data: &Path, upstreams: Vec<String>, mirror: MirrorConfig) -> Hubcap {
-        Hubcap::start_opts(options(hubcap::serve::Backend::Local(data.to_owned()), upstreams, mirror)).await
+        Hubcap::start_opts(options(Backend::Local(data.to_owned()), upstreams, mirror)).await
     }
 
-    pub async fn start_opts(opts: ServeOptions) -> Hubcap {
+    pub async fn start_opts(opts: Options) -> Hubcap {
         init_logs();
-        let (router, mirror) = build_local(&opts).await.unwrap();
+        let Assembled { mirror, router } = hubcap::assemble::mirror(&opts, Fetching::InProcess).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,148 @@
+//! Building a mirror from its options, for any backend. `hubcap serve`,
+//! `warm`, `gc`, `stats` and the three Lambdas all come through here, so
+//! there is one way to open storage (the index always behind the in-memory
+//! cache), one way to build the upstreams (credentials from a file and/or
+//! AWS Secrets Manager), and one choice of where blob misses are fetched:
+//! - `Fetching::InProcess`: a bounded queue in this process (`hubcap serve`,
+//!   `warm`, the gc Lambda's warm list, an `api` Lambda on local storage);
+//! - `Fetching::ByStream`: the index is the queue, and the `fetcher` Lambda
+//!   consumes its stream (the `api` Lambda on AWS).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::http::access::AccessPolicy;
+use crate::http::{AppState, app};
+use crate::mirror::fetch::{FetchQueue, Fetcher, IndexQueue, LocalQueue};
+use crate::mirror::upstream::{Upstreams, build_upstreams, load_credentials, parse_credentials};
+use crate::mirror::{Mirror, MirrorConfig};
+use crate::storage::aws::{self, AwsStorage};
+use crate::storage::cached::CachedIndex;
+use crate::storage::local::{FsBlobStore, SqliteIndex};
+use crate::storage::{BlobStore, Index};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Facts per kind kept in the in-memory cache in front of the index.
+pub const MEMORY_CACHE_ENTRIES: usize = 10_000;
+
+/// Where the cache lives.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Files and SQLite in this directory.
+    Local(PathBuf),
+    /// S3 and DynamoDB.
+    Aws(Box<AwsStorage>),
+}
+
+/// Everything a mirror is built from.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub backend: Backend,
+    /// `REGISTRY=URL` or `REGISTRY` (then `https://REGISTRY`); docker.io is
+    /// always configured, by default as Docker Hub.
+    pub upstreams: Vec<String>,
+    /// A docker `config.json`-style file with upstream credentials.
+    pub credentials: Option<PathBuf>,
+    /// An AWS Secrets Manager secret (name or ARN) with upstream credentials.
+    pub credentials_secret: Option<String>,
+    pub mirror: MirrorConfig,
+    /// Blob copies at once, with `Fetching::InProcess`.
+    pub fetch_concurrency: usize,
+    pub access: AccessPolicy,
+    /// Facts per kind in the in-memory cache in front of the index.
+    pub memory_cache_entries: usize,
+}
+
+/// Where blob misses are fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetching {
+    InProcess,
+    ByStream,
+}
+
+/// An opened backend.
+pub struct Storage {
+    /// The index, behind the in-memory cache.
+    pub index: Arc<dyn Index>,
+    pub store: Arc<dyn BlobStore>,
+    /// The embedded backend's store, whose signed URLs this process serves.
+    pub local_blobs: Option<Arc<FsBlobStore>>,
+}
+
+/// A mirror and the router that serves it.
+pub struct Assembled {
+    pub mirror: Arc<Mirror>,
+    pub router: Router,
+}
+
+/// Opens a backend.
+pub async fn open(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize) -> Result<Storage, BoxError> {
+    Ok(match backend {
+        Backend::Local(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+            let store = Arc::new(FsBlobStore::open(dir)?);
+            let index = SqliteIndex::open(&dir.join("index.db"))?;
+            let index = Arc::new(CachedIndex::new(index, memory_cache_entries, tag_ttl));
+            Storage { index, store: store.clone(), local_blobs: Some(store) }
+        }
+        Backend::Aws(cfg) => {
+            let (store, index) = aws::connect(cfg).await;
+            let index = Arc::new(CachedIndex::new(index, memory_cache_entries, tag_ttl));
+            Storage { index, store: Arc::new(store), local_blobs: None }
+        }
+    })
+}
+
+/// The upstreams configured by `--upstream`, with credentials from a file
+/// (`--credentials`) and/or an AWS Secrets Manager secret, read once here.
+pub async fn upstreams(specs: &[String], credentials: Option<&Path>, secret: Option<&str>) -> Result<Upstreams, BoxError> {
+    let mut all = match credentials {
+        Some(path) => load_credentials(path)?,
+        None => HashMap::new(),
+    };
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        let text = crate::secrets::secret_string(secret).await?;
+        all.extend(parse_credentials(&text).map_err(|e| format!("secret {secret}: {e}"))?);
+    }
+    build_upstreams(specs, &all)
+}
+
+/// The mirror `opts` describe, and its router.
+pub async fn mirror(opts: &Options, fetching: Fetching) -> Result<Assembled, BoxError> {
+    let upstreams = upstreams(&opts.upstreams, opts.credentials.as_deref(), opts.credentials_secret.as_deref()).await?;
+    mirror_with(opts, upstreams, fetching).await
+}
+
+/// `mirror`, with upstreams already built.
+pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetching) -> Result<Assembled, BoxError> {
+    let Storage { index, store, local_blobs } = open(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries).await?;
+    let upstreams = Arc::new(upstreams);
+    let queue: Arc<dyn FetchQueue> = match fetching {
+        Fetching::InProcess => {
+            let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
+            Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency))
+        }
+        Fetching::ByStream => Arc::new(IndexQueue),
+    };
+    let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));
+    if fetching == Fetching::InProcess && matches!(opts.backend, Backend::Local(_)) {
+        // Shared AWS tables are re-driven by their stream, not by each server.
+        let resumed = mirror.resume_fetches().await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming unfinished blob fetches");
+        }
+    }
+    let router = app(AppState { mirror: mirror.clone(), access: Arc::new(opts.access.clone()), local_blobs });
+    Ok(Assembled { mirror, router })
+}
+
+/// The `fetcher` Lambda's worker: the verified copy on a backend, writing
+/// to the index itself (a fetch's state changes must be seen at once).
+pub async fn fetcher(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
+    let (store, index) = aws::connect(storage).await;
+    Fetcher::new(Arc::new(index), Arc::new(store), Arc::new(upstreams))
+}
