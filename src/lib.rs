@@ -1,44 +1,54 @@
 //! hubcap: a pull-through mirror for Docker Hub and other OCI registries.
 //!
 //! # Layout
-//! - `oci`: registry vocabulary (names, references, digests, media types,
-//!   content negotiation) and the one table of OCI error codes.
-//! - `http`: the axum router. Knows OCI, not storage: thin handlers that call
-//!   the service.
-//! - `proxy`: the pull-through service (`Mirror`): index and store first,
-//!   then upstream, write through. Knows the storage traits, not backends.
-//! - `upstream`: the client for upstream registries (token auth, retries,
-//!   redirects, rate-limit headers).
-//! - `storage`: the `BlobStore` and `Index` traits; the embedded backend
-//!   (`storage::local`: files + SQLite), the AWS one (`storage::aws`: S3 +
-//!   DynamoDB) and the warm in-memory cache (`storage::cached`).
-//! - `fetch`: the blob fetch job (upstream -> store, verified) and the
-//!   in-process queue that runs it.
-//! - `serve`: wiring for `hubcap serve` and the TCP server.
-//! - `lambda`: the adapters the `api`, `fetcher` and `gc` Lambda binaries run.
-//! - `lambda_dev`: `hubcap lambda-dev`, the Function URL front and stream
-//!   pump that complete a local `cargo lambda watch` setup.
+//! Layers, top to bottom; each uses only those below it.
+//!
+//! Entry points
+//! - `serve`: `hubcap serve`'s TCP server and background work.
+//! - `lambda`: what the `api`, `fetcher` and `gc` binaries run, and
+//!   `lambda::dev` (`hubcap lambda-dev`).
+//! - `assemble`: builds a mirror from options, for any backend (used by
+//!   every entry point).
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
-//! - `access`: who may use the mirror (networks, repositories, credentials).
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
-//! - `metrics`: CloudWatch Embedded Metric Format records for the Lambdas.
-//! - `warm`: `hubcap warm`, caching images ahead of time.
-//! - `gc`: lifecycle: which images expire, the safe sweep that removes them
-//!   and their blobs, and the inventory `hubcap stats` reports.
-//! - `stats`: the statistics report (`hubcap stats`, `/_hubcap/stats`).
+//!
+//! HTTP
+//! - `http`: the axum router (OCI routes, the embedded backend's signed blob
+//!   URLs, who may use the mirror). Knows OCI, not storage: thin handlers
+//!   that call the service.
+//!
+//! Services
+//! - `mirror`: the pull-through service (`Mirror`: index and store first,
+//!   then upstream, write through), the verified blob fetch and its queues
+//!   (`mirror::fetch`), and the upstream registries (`mirror::upstream`).
+//!   Knows the storage traits, not backends.
+//! - `lifecycle`: which images expire and the safe sweep that removes them;
+//!   the inventory; `warm`.
+//! - `observe`: request counters and stored statistics, the statistics
+//!   report, Prometheus and CloudWatch EMF renderings.
+//!
+//! Storage
+//! - `storage`: the `BlobStore` and `Index` traits and records; the embedded
+//!   backend (`storage::local`: files + SQLite), the AWS one (`storage::aws`:
+//!   S3 + DynamoDB) and the warm in-memory cache (`storage::cached`). Knows
+//!   its SDKs, nothing of HTTP.
+//! - `secrets`: upstream credentials from AWS Secrets Manager.
+//!
+//! Vocabulary
+//! - `oci`: names, references, digests, media types, content negotiation,
+//!   and the one table of OCI error codes. Pure: no I/O.
 //!
 //! Controllers call services; services never call controllers.
 
 pub mod assemble;
 pub mod check;
 pub mod config;
-pub mod lifecycle;
 pub mod http;
 pub mod lambda;
-pub mod lambda_dev;
+pub mod lifecycle;
+pub mod mirror;
 pub mod observe;
 pub mod oci;
-pub mod mirror;
 pub mod secrets;
 pub mod serve;
 pub mod storage;

@@ -167,14 +167,14 @@ async fn main() -> std::process::ExitCode {
         Command::Gc(args) => gc_cmd(*args).await,
         Command::Stats(args) => stats_cmd(*args).await,
         Command::LambdaDev(args) => {
-            let opts = hubcap::lambda_dev::LambdaDevOptions {
+            let opts = hubcap::lambda::dev::LambdaDevOptions {
                 listen: args.listen,
                 api_url: args.api_url,
                 table: args.table,
                 fetcher_url: args.fetcher_url,
                 poll_every: std::time::Duration::from_millis(args.poll_ms),
             };
-            hubcap::lambda_dev::run(opts, serve::shutdown_signal()).await
+            hubcap::lambda::dev::run(opts, serve::shutdown_signal()).await
         }
         Command::Check(args) => {
             let opts = hubcap::check::CheckOptions {

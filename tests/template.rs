@@ -695,7 +695,7 @@ fn the_fetcher_is_watched_for_falling_behind_and_failing() {
     let emf: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(emf["Function"], "fetcher");
     assert_eq!(emf["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["Function"]]));
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lambda.rs")).unwrap();
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lambda/fetcher.rs")).unwrap();
     assert!(src.contains("(\"FetchFailures\"") && src.contains("emf_line(\"fetcher\""), "the fetcher emits FetchFailures");
 }
 

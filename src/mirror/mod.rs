@@ -213,8 +213,7 @@ impl Mirror {
         let unfinished = self.index.unfinished_blobs().await?;
         let n = unfinished.len();
         for b in unfinished {
-            if let Some((registry, name)) = b.source.split_once('/') {
-                let source = RepoPath { registry: registry.to_owned(), name: name.to_owned() };
+            if let Some(source) = RepoPath::from_key(&b.source) {
                 self.queue.enqueue(FetchJob { digest: b.digest, source, size: b.size });
             }
         }

@@ -104,6 +104,12 @@ impl RepoPath {
     pub fn key(&self) -> String {
         format!("{}/{}", self.registry, self.name)
     }
+
+    /// The repository a stored `key()` names.
+    pub fn from_key(key: &str) -> Option<RepoPath> {
+        let (registry, name) = key.split_once('/')?;
+        Some(RepoPath { registry: registry.to_owned(), name: name.to_owned() })
+    }
 }
 
 impl fmt::Display for RepoPath {

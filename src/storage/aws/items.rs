@@ -7,6 +7,21 @@ use super::s3::manifest_key;
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
+/// A blob left `pending` by a stream record's new image (DynamoDB JSON, as
+/// the stream delivers it): its digest, source repository key and declared
+/// size. `None` for every other item or state.
+pub fn pending_blob(image: &serde_json::Value) -> std::result::Result<Option<(Digest, String, Option<u64>)>, String> {
+    let attr = |name: &str, ty: &str| image.get(name).and_then(|v| v.get(ty)).and_then(|v| v.as_str()).map(str::to_owned);
+    if attr("sk", "S").as_deref() != Some("blob") || attr("state", "S").as_deref() != Some("pending") {
+        return Ok(None);
+    }
+    let pk = attr("pk", "S").unwrap_or_default();
+    let digest = Digest::parse(pk.strip_prefix("blob#").unwrap_or(&pk)).map_err(|e| e.to_string())?;
+    let source = attr("source", "S").ok_or("pending blob without source")?;
+    let size = attr("size", "N").and_then(|s| s.parse().ok());
+    Ok(Some((digest, source, size)))
+}
+
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())

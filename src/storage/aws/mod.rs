@@ -41,6 +41,7 @@ mod s3;
 mod setup;
 
 pub use dynamo::DynamoIndex;
+pub use items::pending_blob;
 pub use s3::{S3BlobStore, blob_key, url_lifetime};
 pub use setup::{create_bucket, setup};
 
