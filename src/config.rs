@@ -126,7 +126,13 @@ pub struct AccessArgs {
 
 impl AccessArgs {
     pub fn policy(&self) -> Result<crate::http::access::AccessPolicy, String> {
-        crate::http::access::AccessPolicy::new(&self.allow_cidrs, &self.allow_repos, &self.deny_repos, &self.client_users, &self.client_tokens)
+        crate::http::access::AccessPolicy::new(
+            &self.allow_cidrs,
+            &self.allow_repos,
+            &self.deny_repos,
+            &self.client_users,
+            &self.client_tokens,
+        )
     }
 }
 

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs};
 use hubcap::assemble::{self, Assembled, BoxError, Fetching, MEMORY_CACHE_ENTRIES};
+use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs};
 use hubcap::serve;
 
 #[derive(Parser)]
@@ -198,7 +198,6 @@ async fn main() -> std::process::ExitCode {
         }
     }
 }
-
 
 async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     let opts = args.mirror.options(args.storage.backend()?, args.access.policy()?);

@@ -13,7 +13,11 @@ use crate::observe::STATS_FLUSH_EVERY;
 /// The server's background work: storing its request statistics, and a GC
 /// sweep every `gc_interval` (none when zero), the first a minute after
 /// start (or sooner, when the interval is shorter).
-pub fn spawn_maintenance(mirror: Arc<Mirror>, gc: crate::lifecycle::GcOptions, gc_interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_maintenance(
+    mirror: Arc<Mirror>,
+    gc: crate::lifecycle::GcOptions,
+    gc_interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         use tokio::time::{Instant, MissedTickBehavior, interval_at};
         let mut flush = interval_at(Instant::now() + STATS_FLUSH_EVERY, STATS_FLUSH_EVERY);

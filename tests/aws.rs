@@ -16,10 +16,10 @@ use common::images::{self, Format, Published, sha256};
 use common::moto::{CountingProxy, Moto, StreamPump, aws_json, storage_at};
 use common::procs::{Proc, free_port, run, wait_ready};
 use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_manifest, pull};
+use hubcap::assemble::{Backend, Options};
 use hubcap::mirror::fetch::Fetcher;
 use hubcap::mirror::upstream::Upstreams;
 use hubcap::mirror::upstream::build_upstreams;
-use hubcap::assemble::{Backend, Options};
 use hubcap::storage::aws::AwsStorage;
 use tower::ServiceExt;
 
@@ -240,12 +240,8 @@ async fn the_fetcher_copies_a_batch_concurrently_and_stops_before_its_deadline()
     all.sort();
     assert_eq!(reported, all, "the cut-off record and the two never started");
     let requeued = pump.poll().await;
-    let pending_again: Vec<String> = requeued
-        .records
-        .iter()
-        .filter_map(|r| hubcap::lambda::job_from_record(r).unwrap())
-        .map(|j| j.digest.to_string())
-        .collect();
+    let pending_again: Vec<String> =
+        requeued.records.iter().filter_map(|r| hubcap::lambda::job_from_record(r).unwrap()).map(|j| j.digest.to_string()).collect();
     assert_eq!(pending_again, vec![first.to_string()], "the cut-off blob is pending again: a fresh stream record");
 
     // The retry of the reported records copies everything, once.

@@ -600,7 +600,7 @@ async fn benchmark() {
         let data = d.join("gc-data");
         let store = hubcap::storage::local::FsBlobStore::open(&data).unwrap();
         let index = hubcap::storage::local::SqliteIndex::open(&data.join("index.db")).unwrap();
-        use hubcap::storage::{BlobStore as _, Index as _};
+        use hubcap::storage::{BlobStore as _, FetchIndex as _, ServeIndex as _};
         for i in 0..n {
             let blobs: Vec<(hubcap::oci::Digest, bytes::Bytes)> = (0..2)
                 .map(|j| {

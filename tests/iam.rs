@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fakehub::{Fault, FakeHub};
+use common::fakehub::{FakeHub, Fault};
 use common::iam::{API, EventSourceMapping, FETCHER, GC, Stack, checks, default_credentials, sdk_as, violations};
 use common::images::{self, Format, Published};
 use common::moto::{CountingProxy, Moto, aws_json};

@@ -17,10 +17,10 @@ use bytes::Bytes;
 use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published};
 use common::{Hubcap, client, get_blob, get_manifest, pull};
-use hubcap::lifecycle::{GcOptions, GcReport, Pause, Pin, Step};
-use hubcap::oci::Digest;
-use hubcap::mirror::MirrorConfig;
 use hubcap::assemble::Backend;
+use hubcap::lifecycle::{GcOptions, GcReport, Pause, Pin, Step};
+use hubcap::mirror::MirrorConfig;
+use hubcap::oci::Digest;
 use hubcap::storage::{BlobState, BlobStore, Index};
 use tokio::sync::{mpsc, oneshot};
 

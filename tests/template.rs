@@ -314,11 +314,7 @@ impl<'a> Stack<'a> {
             }
             Value::Object(o) if o.len() == 1 && o.contains_key("Ref") => {
                 let name = o["Ref"].as_str().unwrap();
-                if name == "AWS::NoValue" {
-                    None
-                } else {
-                    Some(self.params.get(name).cloned().unwrap_or_else(|| v.clone()))
-                }
+                if name == "AWS::NoValue" { None } else { Some(self.params.get(name).cloned().unwrap_or_else(|| v.clone())) }
             }
             Value::Object(o) if o.len() == 1 && o.contains_key("Fn::Sub") => Some(self.sub(&o["Fn::Sub"])),
             Value::Object(o) => Some(Value::Object(o.iter().filter_map(|(k, v)| self.resolve(v).map(|v| (k.clone(), v))).collect())),

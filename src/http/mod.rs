@@ -38,9 +38,9 @@ use axum::routing::{any, get};
 use self::access::AccessPolicy;
 use self::blobs::local_blob;
 use self::registry::dispatch;
-use crate::oci::{ErrorCode, RegistryError};
 use crate::mirror::Mirror;
 use crate::observe::CacheStatus;
+use crate::oci::{ErrorCode, RegistryError};
 use crate::storage::local::{BLOB_URL_PREFIX, FsBlobStore};
 
 pub(crate) const API_VERSION: &str = "Docker-Distribution-API-Version";

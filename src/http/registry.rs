@@ -10,14 +10,13 @@ use axum::response::Response;
 
 use super::{AppState, header_value, query_param};
 use crate::mirror::BlobAnswer;
-use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
 use crate::observe::CacheStatus;
+use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath};
 
 /// Query parameter counting self-redirects while a blob is still fetched.
 const WAIT_PARAM: &str = "hubcap-wait";
 /// Self-redirects before a still-pending blob gets a 503.
 const MAX_WAIT_REDIRECTS: u32 = 5;
-
 
 enum Route<'a> {
     Manifest(&'a str),

@@ -328,9 +328,7 @@ mod tests {
 
     #[test]
     fn the_pump_passes_what_the_templates_filter_passes() {
-        let record = |event: &str, sk: &str, state: &str| {
-            json!({ "eventName": event, "dynamodb": { "NewImage": { "sk": { "S": sk }, "state": { "S": state } } } })
-        };
+        let record = |event: &str, sk: &str, state: &str| json!({ "eventName": event, "dynamodb": { "NewImage": { "sk": { "S": sk }, "state": { "S": state } } } });
         assert!(passes_filter(&record("INSERT", "blob", "pending")));
         assert!(passes_filter(&record("MODIFY", "blob", "pending")));
         assert!(!passes_filter(&record("MODIFY", "blob", "fetching")));

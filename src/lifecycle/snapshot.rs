@@ -241,4 +241,3 @@ impl Snapshot {
 pub async fn inventory(index: &dyn Index) -> Result<Inventory> {
     Ok(read(index).await?.inventory())
 }
-

@@ -249,7 +249,8 @@ impl<'a> Sweep<'a> {
             if holding.contains(digest) {
                 continue;
             }
-            let ready: Vec<&Digest> = refs.blobs.iter().filter(|b| snap.blobs.get(*b).is_some_and(|r| r.state == BlobState::Ready)).collect();
+            let ready: Vec<&Digest> =
+                refs.blobs.iter().filter(|b| snap.blobs.get(*b).is_some_and(|r| r.state == BlobState::Ready)).collect();
             if !self.budget.fits(ready.len() as u64 + 1) {
                 return Ok(Err(Stop));
             }

@@ -3,8 +3,8 @@
 //! manifests of an index (all, or those named by `--platform os/arch`), and
 //! every config and layer, each verified on the way in.
 
-use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath, split_image};
 use crate::mirror::{BlobAnswer, Mirror};
+use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoPath, split_image};
 
 /// What warming one image brought into the cache.
 #[derive(Debug, Default)]

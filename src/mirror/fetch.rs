@@ -14,9 +14,9 @@ use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Semaphore, watch};
 
-use crate::oci::{Digest, RepoPath};
-use crate::storage::{BlobState, BlobStore, BlobWriter, Index, StorageError};
 use super::upstream::{Retry, UpstreamError, Upstreams};
+use crate::oci::{Digest, RepoPath};
+use crate::storage::{BlobState, BlobStore, BlobWriter, FetchIndex, StorageError};
 
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;
@@ -51,13 +51,13 @@ impl FetchError {
 }
 
 pub struct Fetcher {
-    index: Arc<dyn Index>,
+    index: Arc<dyn FetchIndex>,
     store: Arc<dyn BlobStore>,
     upstreams: Arc<Upstreams>,
 }
 
 impl Fetcher {
-    pub fn new(index: Arc<dyn Index>, store: Arc<dyn BlobStore>, upstreams: Arc<Upstreams>) -> Fetcher {
+    pub fn new(index: Arc<dyn FetchIndex>, store: Arc<dyn BlobStore>, upstreams: Arc<Upstreams>) -> Fetcher {
         Fetcher { index, store, upstreams }
     }
 

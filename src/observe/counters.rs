@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::report::{Report, report};
 use crate::lifecycle::Inventory;
-use crate::storage::{Index, StorageError, StoredStats};
+use crate::storage::{Index, StatsIndex, StorageError, StoredStats};
 
 /// How a request was answered, for the access log and the `X-Cache` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl RequestStats {
     }
 
     /// Adds what was counted since the last flush to the stored statistics.
-    pub async fn flush(&self, index: &dyn Index, upstreams: &UpstreamTally) -> Result<(), StorageError> {
+    pub async fn flush(&self, index: &dyn StatsIndex, upstreams: &UpstreamTally) -> Result<(), StorageError> {
         let mut last = self.flushed.lock().await;
         let totals = self.totals(upstreams);
         let mut delta = StoredStats::default();
@@ -158,7 +158,7 @@ impl RequestStats {
     }
 
     /// `flush`, when the last flush is at least `every` old.
-    pub async fn flush_every(&self, index: &dyn Index, upstreams: &UpstreamTally, every: Duration) {
+    pub async fn flush_every(&self, index: &dyn StatsIndex, upstreams: &UpstreamTally, every: Duration) {
         if self.flushed.lock().await.1.elapsed() < every {
             return;
         }
@@ -168,7 +168,7 @@ impl RequestStats {
     }
 
     /// The stored statistics plus what this instance counted since its last flush.
-    async fn stored(&self, index: &dyn Index, upstreams: &UpstreamTally) -> Result<StoredStats, StorageError> {
+    async fn stored(&self, index: &dyn StatsIndex, upstreams: &UpstreamTally) -> Result<StoredStats, StorageError> {
         let mut stored = index.stats().await?;
         let last = self.flushed.lock().await;
         let totals = self.totals(upstreams);

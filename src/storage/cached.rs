@@ -18,7 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lru::LruCache;
 
-use super::{BlobRecord, BlobState, Index, Linked, ManifestRecord, Result, ScanPage, StoredStats, TagRecord, now};
+use super::{
+    BlobRecord, BlobState, FetchIndex, Index, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex, StoredStats, SweepIndex,
+    TagRecord, now,
+};
 use crate::oci::Digest;
 
 /// (repository, tag, Accept variant)
@@ -60,7 +63,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[async_trait]
-impl<I: Index> Index for CachedIndex<I> {
+impl<I: Index> ServeIndex for CachedIndex<I> {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>> {
         Ok(self.tag_manifest(repo, tag, variant).await?.map(|(t, _)| t))
     }
@@ -130,26 +133,6 @@ impl<I: Index> Index for CachedIndex<I> {
         Ok(found)
     }
 
-    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
-        self.inner.create_pending_blob(digest, source, size).await
-    }
-
-    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
-        self.inner.claim_blob(digest, lease).await
-    }
-
-    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
-        self.inner.set_blob_state(digest, state, size, error).await
-    }
-
-    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
-        self.inner.unfinished_blobs().await
-    }
-
-    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
-        self.inner.requeue_stale_blob(digest, stale).await
-    }
-
     async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
         self.forget_tag(repo, tag, variant);
         self.inner.tag_pulled(repo, tag, variant).await
@@ -184,7 +167,33 @@ impl<I: Index> Index for CachedIndex<I> {
         }
         Ok(touched)
     }
+}
 
+#[async_trait]
+impl<I: Index> FetchIndex for CachedIndex<I> {
+    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
+        self.inner.create_pending_blob(digest, source, size).await
+    }
+
+    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
+        self.inner.claim_blob(digest, lease).await
+    }
+
+    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
+        self.inner.set_blob_state(digest, state, size, error).await
+    }
+
+    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
+        self.inner.unfinished_blobs().await
+    }
+
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
+        self.inner.requeue_stale_blob(digest, stale).await
+    }
+}
+
+#[async_trait]
+impl<I: Index> SweepIndex for CachedIndex<I> {
     async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
         self.inner.scan(cursor).await
     }
@@ -214,7 +223,10 @@ impl<I: Index> Index for CachedIndex<I> {
     async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
         self.inner.finish_blob_delete(digest, repos).await
     }
+}
 
+#[async_trait]
+impl<I: Index> StatsIndex for CachedIndex<I> {
     async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
         self.inner.add_stats(delta).await
     }

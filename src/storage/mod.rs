@@ -175,13 +175,24 @@ pub struct StoredStats {
     pub ratelimit_remaining: Option<(i64, i64)>,
 }
 
-/// Tags, manifests, repository links and blob states.
+/// The index: tags, manifests, repository links, blob states, pull marks
+/// and request counters, as four roles so each caller sees only what it
+/// uses (the `Mirror` serves and queues fetches, a `Fetcher` moves blob
+/// states, the lifecycle sweep reads and deletes, statistics add up).
+/// `Index` is all four, which every backend implements.
 ///
 /// Writes that decide who does work are conditional (`create_pending_blob`,
-/// `put_manifest`): only the first caller wins, so any number of concurrent
-/// misses enqueue one fetch.
+/// `claim_blob`, the lifecycle's expiry and delete steps): only the first
+/// caller wins, so any number of concurrent misses enqueue one fetch.
+/// Timestamps are Unix seconds (`now()`).
+pub trait Index: ServeIndex + FetchIndex + SweepIndex + StatsIndex {}
+
+impl<T: ServeIndex + FetchIndex + SweepIndex + StatsIndex + ?Sized> Index for T {}
+
+/// What serving reads and writes: tags, manifests, links, blob records,
+/// and the pull and use marks a pull leaves for lifecycle.
 #[async_trait]
-pub trait Index: Send + Sync {
+pub trait ServeIndex: Send + Sync {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>>;
 
     /// The tag and the manifest it leads to (linked to `repo`), in as few
@@ -203,7 +214,13 @@ pub trait Index: Send + Sync {
     /// Stores a manifest and links it to `repo`. For an image manifest, also
     /// links its config and layers to `repo` and records each blob not yet
     /// known as `pending` (sourced from `repo`). Returns the blobs this call
-    /// made pending: exactly the ones the caller must enqueue. One atomic act.
+    /// made pending: exactly the ones the caller must enqueue.
+    ///
+    /// SQLite does it in one transaction. DynamoDB does it as ordered writes
+    /// (each blob's link and conditional pending write, then the manifest
+    /// item, then `repo`'s copy): a crash part-way leaves blobs known (and
+    /// maybe pending) without the manifest, never a manifest whose blobs are
+    /// unknown, and the next miss of the manifest finishes the job.
     async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>>;
 
     /// Records that `repo` contains `digest` (checked upstream).
@@ -211,28 +228,6 @@ pub trait Index: Send + Sync {
 
     /// The blob's record, and whether `repo` is linked to it.
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>>;
-
-    /// Makes the blob `pending` if it is unknown or `failed`. True when this
-    /// call did so (the caller then enqueues it).
-    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool>;
-
-    /// Takes the fetch of a blob: succeeds when it is `pending` or `failed`,
-    /// or `fetching` under a lease older than `lease`. At most one fetcher
-    /// holds a blob at a time.
-    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool>;
-
-    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()>;
-
-    /// Blobs left `pending` or `fetching` (for example by a restart).
-    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>>;
-
-    /// Puts a blob whose fetch seems lost back in the queue: `pending` for
-    /// longer than `stale`, or `fetching` under an expired lease. The write
-    /// itself re-triggers the fetcher where the index is the queue. True when
-    /// this call re-queued it.
-    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool>;
-
-    // -- lifecycle ----------------------------------------------------------
 
     /// Records a pull of the tag (if it still exists).
     async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()>;
@@ -245,7 +240,40 @@ pub trait Index: Send + Sync {
     /// False when it is not ready any more: GC is deleting it or did. A
     /// reader that gets false must not hand out the blob's URL.
     async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool>;
+}
 
+/// The fetch queue's states: `pending` (queued), `fetching` (claimed under
+/// a lease), `ready`, `failed`.
+#[async_trait]
+pub trait FetchIndex: Send + Sync {
+    /// Makes the blob `pending` if it is unknown, `failed`, or `deleting`
+    /// under an expired lease (a sweep that died). True when this call did
+    /// so (the caller then enqueues it).
+    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool>;
+
+    /// Takes the fetch of a blob: succeeds when it is `pending` or `failed`,
+    /// or `fetching` under an expired lease; the blob is then `fetching`
+    /// under a lease that ends `lease` from now (`lease_until`, on both
+    /// backends). At most one fetcher holds a blob at a time.
+    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool>;
+
+    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()>;
+
+    /// Blobs left `pending` or `fetching` (for example by a restart).
+    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>>;
+
+    /// Puts a blob whose fetch seems lost back in the queue: `pending` with
+    /// no write for longer than `stale` (`updated_at`), or `fetching` under
+    /// an expired lease (`lease_until`), on both backends. The write
+    /// itself re-triggers the fetcher where the index is the queue. True when
+    /// this call re-queued it.
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool>;
+}
+
+/// What a lifecycle sweep reads and deletes, each step conditional on what
+/// the sweep read (see `lifecycle`).
+#[async_trait]
+pub trait SweepIndex: Send + Sync {
     /// One page of everything the index holds, from `cursor` (None: start).
     async fn scan(&self, cursor: Option<String>) -> Result<ScanPage>;
 
@@ -270,7 +298,11 @@ pub trait Index: Send + Sync {
     /// Last step, once the bytes are gone: removes the `deleting` record and
     /// the blob's links (`repos`: the repositories the sweep saw linking it).
     async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()>;
+}
 
+/// Request counters every instance adds to.
+#[async_trait]
+pub trait StatsIndex: Send + Sync {
     /// Adds to the stored request counters and records the last
     /// `ratelimit-remaining` seen.
     async fn add_stats(&self, delta: &StoredStats) -> Result<()>;

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubcap::mirror::{Mirror, MirrorConfig};
 use hubcap::assemble::{Assembled, Backend, Fetching, MEMORY_CACHE_ENTRIES, Options};
+use hubcap::mirror::{Mirror, MirrorConfig};
 use hubcap::serve::run;
 use tokio::sync::oneshot;
 

@@ -370,7 +370,12 @@ fn s3_needs(method: &str, path: &str, query: &str, headers: &axum::http::HeaderM
                     .skip(1)
                     .filter_map(|rest| rest.split("</Key>").next())
                     .map(|k| {
-                        let k = k.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&");
+                        let k = k
+                            .replace("&lt;", "<")
+                            .replace("&gt;", ">")
+                            .replace("&quot;", "\"")
+                            .replace("&apos;", "'")
+                            .replace("&amp;", "&");
                         ("s3:DeleteObject".to_owned(), format!("{bucket_arn}/{k}"))
                     })
                     .collect()

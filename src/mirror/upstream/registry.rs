@@ -85,7 +85,10 @@ pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
 }
 
 /// Builds the upstream clients from `--upstream` values and credentials.
-pub fn build_upstreams(specs: &[String], credentials: &HashMap<String, Credentials>) -> Result<Upstreams, Box<dyn std::error::Error + Send + Sync>> {
+pub fn build_upstreams(
+    specs: &[String],
+    credentials: &HashMap<String, Credentials>,
+) -> Result<Upstreams, Box<dyn std::error::Error + Send + Sync>> {
     let mut map: Vec<(String, String)> = vec![(DOCKER_HUB.to_owned(), DOCKER_HUB_URL.to_owned())];
     for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
         let (registry, url) = parse_upstream(spec)?;

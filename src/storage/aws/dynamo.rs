@@ -12,7 +12,7 @@ pub struct DynamoIndex {
 }
 
 #[async_trait]
-impl Index for DynamoIndex {
+impl ServeIndex for DynamoIndex {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>> {
         Ok(self.tag_manifest(repo, tag, variant).await?.map(|(t, _)| t))
     }
@@ -169,6 +169,21 @@ impl Index for DynamoIndex {
         Ok(Linked { linked: link.is_some(), record, pulled_at: 0 })
     }
 
+    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
+        self.pulled(repo_pk(repo), tag_sk(tag, variant)).await.map(|_| ())
+    }
+
+    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        self.pulled(repo_pk(repo), manifest_pk(digest)).await
+    }
+
+    async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool> {
+        self.touch(digest, via, None).await
+    }
+}
+
+#[async_trait]
+impl FetchIndex for DynamoIndex {
     async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
         let mut item = Item::new();
         item.insert("pk".into(), s(blob_pk(digest)));
@@ -290,19 +305,10 @@ impl Index for DynamoIndex {
             }
         }
     }
+}
 
-    async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
-        self.pulled(repo_pk(repo), tag_sk(tag, variant)).await.map(|_| ())
-    }
-
-    async fn manifest_pulled(&self, repo: &str, digest: &Digest) -> Result<bool> {
-        self.pulled(repo_pk(repo), manifest_pk(digest)).await
-    }
-
-    async fn touch_blob(&self, digest: &Digest, via: Option<&str>) -> Result<bool> {
-        self.touch(digest, via, None).await
-    }
-
+#[async_trait]
+impl SweepIndex for DynamoIndex {
     async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
         let start = match cursor {
             Some(c) => {
@@ -426,7 +432,10 @@ impl Index for DynamoIndex {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl StatsIndex for DynamoIndex {
     async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
         let mut req = self.client.update_item().table_name(&self.table).key("pk", s("stats")).key("sk", s("stats"));
         let mut add = Vec::new();

@@ -2,8 +2,8 @@
 //! `tag#<tag>#<variant>`, ...), attribute codecs, and the records the index
 //! reads out of items. Only this module knows how an item is spelled.
 
-use super::*;
 use super::s3::manifest_key;
+use super::*;
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
@@ -21,7 +21,6 @@ pub fn pending_blob(image: &serde_json::Value) -> std::result::Result<Option<(Di
     let size = attr("size", "N").and_then(|s| s.parse().ok());
     Ok(Some((digest, source, size)))
 }
-
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())

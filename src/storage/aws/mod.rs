@@ -60,8 +60,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncry
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, Index, Linked, ManifestRecord, Result, ScanPage, StorageError, StoredStats,
-    TagRecord, now,
+    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex,
+    StorageError, StoredStats, SweepIndex, TagRecord, now,
 };
 use crate::oci::Digest;
 
@@ -165,4 +165,3 @@ pub fn clients(sdk: &aws_config::SdkConfig) -> (aws_sdk_s3::Client, aws_sdk_dyna
     let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(sdk).force_path_style(overridden).build());
     (s3, aws_sdk_dynamodb::Client::new(sdk))
 }
-

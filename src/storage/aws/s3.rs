@@ -341,4 +341,3 @@ mod tests {
         assert!((295..=300).contains(&stated), "{url}");
     }
 }
-

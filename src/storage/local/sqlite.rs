@@ -128,7 +128,7 @@ struct Cursor {
 }
 
 #[async_trait]
-impl Index for SqliteIndex {
+impl ServeIndex for SqliteIndex {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>> {
         self.with(|c| {
             c.prepare_cached(&format!("SELECT {TAG_COLS} FROM tags WHERE repo = ?1 AND tag = ?2 AND variant = ?3"))?
@@ -235,55 +235,6 @@ impl Index for SqliteIndex {
         })
     }
 
-    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
-        self.with(|c| c.prepare_cached(PEND_BLOB)?.execute(params![digest.as_str(), size.map(|s| s as i64), source, now()]).map(|n| n > 0))
-    }
-
-    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
-        let t = now();
-        self.with(|c| {
-            c.prepare_cached(
-                "UPDATE blobs SET state = 'fetching', attempts = attempts + 1, updated_at = ?2
-                 WHERE digest = ?1 AND (state IN ('pending', 'failed') OR (state = 'fetching' AND updated_at < ?3))",
-            )?
-            .execute(params![digest.as_str(), t, t - lease.as_secs() as i64])
-            .map(|n| n > 0)
-        })
-    }
-
-    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
-        let t = now();
-        self.with(|c| {
-            c.prepare_cached(
-                "UPDATE blobs SET state = 'pending', updated_at = ?2
-                 WHERE digest = ?1 AND state IN ('pending', 'fetching') AND updated_at < ?3",
-            )?
-            .execute(params![digest.as_str(), t, t - stale.as_secs() as i64])
-            .map(|n| n > 0)
-        })
-    }
-
-    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
-        self.with(|c| {
-            // Never over a GC delete in progress: its bytes are going.
-            c.prepare_cached(
-                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
-                     used_at = CASE WHEN ?2 = 'ready' THEN ?5 ELSE used_at END
-                 WHERE digest = ?1 AND state <> 'deleting'",
-            )?
-            .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])
-            .map(|_| ())
-        })
-    }
-
-    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE state IN ('pending', 'fetching')"))?;
-            let rows = stmt.query_map([], blob_row)?;
-            rows.collect()
-        })
-    }
-
     async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()> {
         self.with(|c| {
             c.prepare_cached("UPDATE tags SET last_pulled = ?4 WHERE repo = ?1 AND tag = ?2 AND variant = ?3")?
@@ -307,7 +258,64 @@ impl Index for SqliteIndex {
                 .map(|n| n > 0)
         })
     }
+}
 
+#[async_trait]
+impl FetchIndex for SqliteIndex {
+    async fn create_pending_blob(&self, digest: &Digest, source: &str, size: Option<u64>) -> Result<bool> {
+        self.with(|c| c.prepare_cached(PEND_BLOB)?.execute(params![digest.as_str(), size.map(|s| s as i64), source, now()]).map(|n| n > 0))
+    }
+
+    async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
+        let t = now();
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'fetching', attempts = attempts + 1, updated_at = ?2, lease_until = ?3
+                 WHERE digest = ?1 AND (state IN ('pending', 'failed') OR (state = 'fetching' AND COALESCE(lease_until, 0) < ?2))",
+            )?
+            .execute(params![digest.as_str(), t, t + lease.as_secs() as i64])
+            .map(|n| n > 0)
+        })
+    }
+
+    async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
+        let t = now();
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'pending', updated_at = ?2, lease_until = 0
+                 WHERE digest = ?1 AND ((state = 'pending' AND updated_at < ?3)
+                                     OR (state = 'fetching' AND COALESCE(lease_until, 0) < ?2))",
+            )?
+            .execute(params![digest.as_str(), t, t - stale.as_secs() as i64])
+            .map(|n| n > 0)
+        })
+    }
+
+    async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            // Never over a GC delete in progress: its bytes are going.
+            c.prepare_cached(
+                "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
+                     used_at = CASE WHEN ?2 = 'ready' THEN ?5 ELSE used_at END,
+                     lease_until = CASE WHEN ?4 IS NULL THEN 0 ELSE lease_until END
+                 WHERE digest = ?1 AND state <> 'deleting'",
+            )?
+            .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])
+            .map(|_| ())
+        })
+    }
+
+    async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE state IN ('pending', 'fetching')"))?;
+            let rows = stmt.query_map([], blob_row)?;
+            rows.collect()
+        })
+    }
+}
+
+#[async_trait]
+impl SweepIndex for SqliteIndex {
     async fn scan(&self, cursor: Option<String>) -> Result<ScanPage> {
         let mut at: Cursor = match cursor {
             Some(c) => serde_json::from_str(&c).map_err(|e| StorageError::Index(format!("bad sweep cursor: {e}")))?,
@@ -438,7 +446,10 @@ impl Index for SqliteIndex {
             tx.commit()
         })
     }
+}
 
+#[async_trait]
+impl StatsIndex for SqliteIndex {
     async fn add_stats(&self, delta: &StoredStats) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -536,4 +547,3 @@ mod tests {
         assert_eq!(store.size(&d('a')).await.unwrap(), Some(5));
     }
 }
-
