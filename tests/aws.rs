@@ -377,7 +377,7 @@ async fn the_sample_events_run_through_the_handlers() {
     let sweep = run("scheduled.json", "30d").await;
     assert_eq!((sweep["complete"].as_bool(), sweep["before"]["images"].as_u64()), (Some(true), Some(1)), "{sweep}");
     assert!(sweep["expired"].as_array().unwrap().is_empty(), "just warmed: {sweep}");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    hubcap::storage::clock::advance(Duration::from_secs(2));
     let sweep = run("scheduled.json", "1s").await;
     assert_eq!(sweep["expired"], serde_json::json!(["docker.io/library/hello:latest"]), "{sweep}");
 }

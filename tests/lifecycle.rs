@@ -175,8 +175,13 @@ fn gate(at: Step) -> (Pause, mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
     (pause, rx)
 }
 
-/// Sleeps past whole seconds: records keep Unix seconds.
+/// Moves the clock `n` seconds on (records keep Unix seconds): no waiting.
 async fn tick(n: u64) {
+    hubcap::storage::clock::advance(Duration::from_secs(n));
+}
+
+/// Real seconds, for the `hubcap` binaries, whose clocks a test cannot move.
+async fn sleep_secs(n: u64) {
     tokio::time::sleep(Duration::from_millis(n * 1000 + 100)).await;
 }
 
@@ -644,14 +649,14 @@ async fn gc_and_stats_commands(kind: Kind) {
     let text = hubcap(&["stats"]);
     assert!(text.contains("cached: 2 images") && text.contains("last ratelimit-remaining: 9"), "{text}");
 
-    tick(2).await;
+    sleep_secs(2).await;
     let dry = hubcap(&["gc", "--dry-run", "--unused-for", "1s", "--grace", "0"]);
     assert!(dry.contains("dry run") && dry.contains("docker.io/library/a:1") && dry.contains("docker.io/library/b:1"), "{dry}");
     assert_eq!(json(&["stats", "--json"])["cache"]["images"], 2, "a dry run changes nothing");
     let run = json(&["gc", "--json", "--unused-for", "1s", "--grace", "0"]);
     assert_eq!(run["expired"].as_array().unwrap().len(), 2, "{run}");
     assert_eq!(run["grace_bytes"].as_u64(), Some(all), "{run}");
-    tick(1).await;
+    sleep_secs(1).await;
     let run = json(&["gc", "--json", "--unused-for", "1s", "--grace", "0"]);
     assert_eq!((run["deleted_blobs"].as_u64(), run["reclaimed_bytes"].as_u64()), (Some(5), Some(all)), "{run}");
     let stats = json(&["stats", "--json"]);

@@ -79,7 +79,7 @@ async fn after_the_ttl_only_a_head_goes_upstream() {
     pull(&http, &mirror.url, "redis", "7").await;
     assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 0));
 
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
     let resp = http.get(format!("{}/v2/redis/manifests/7", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-cache"], "revalidated");
@@ -93,7 +93,7 @@ async fn after_the_ttl_only_a_head_goes_upstream() {
     // The tag moves upstream: after the TTL the new image is served.
     let newer = three_layer(3);
     hub.publish("library/redis", "7", &newer);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
     let pulled = pull(&http, &mirror.url, "redis", "7").await;
     assert_eq!(pulled.digest, newer.digest());
 }
@@ -124,7 +124,7 @@ async fn when_upstream_is_down_cached_tags_are_still_served() {
     hub.publish("library/postgres", "16", &img);
     let http = client();
     pull(&http, &mirror.url, "postgres", "16").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
 
     for fault in [Fault::ServerError, Fault::Slow(Duration::from_secs(5)), Fault::RateLimit] {
         hub.set_fault(fault.clone());

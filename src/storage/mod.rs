@@ -14,9 +14,10 @@
 
 pub mod aws;
 pub mod cached;
+pub mod clock;
 pub mod local;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -35,9 +36,9 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
-/// Seconds since the Unix epoch: the clock every record uses.
+/// Seconds since the Unix epoch: the clock every record uses (`clock`).
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    clock::now()
 }
 
 /// A tag as last seen upstream. `variant` is empty for the manifest upstream
