@@ -275,6 +275,6 @@ async fn aws_setup(args: AwsArgs) -> Result<(), BoxError> {
     let cfg = args.storage()?;
     let (bucket, table) = hubcap::storage::aws::setup(&cfg).await?;
     println!("bucket {}: {}", cfg.bucket, if bucket { "created" } else { "exists" });
-    println!("table {}: {}", cfg.table, if table { "created (stream, TTL on expires_at)" } else { "exists" });
+    println!("table {}: {}", cfg.table, if table { "created (key pk + sk, stream)" } else { "exists" });
     Ok(())
 }

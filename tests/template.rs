@@ -96,7 +96,8 @@ fn the_table_and_stream_filter_match_the_dynamodb_backend() {
         serde_json::json!([{ "AttributeName": "pk", "KeyType": "HASH" }, { "AttributeName": "sk", "KeyType": "RANGE" }])
     );
     assert_eq!(table["StreamSpecification"]["StreamViewType"], "NEW_IMAGE");
-    assert_eq!(table["TimeToLiveSpecification"]["AttributeName"], hubcap::storage::aws::TTL_ATTRIBUTE);
+    // No TTL: expiry is the lifecycle sweep's, which knows what is referenced.
+    assert!(table.get("TimeToLiveSpecification").is_none(), "{table}");
     assert_eq!(table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"], true);
 
     let stream = &t["Resources"]["FetcherFunction"]["Properties"]["Events"]["PendingBlobs"]["Properties"];

@@ -119,10 +119,9 @@ impl ServeIndex for DynamoIndex {
             .table_name(&self.table)
             .key("pk", s(repo_pk(repo)))
             .key("sk", s(blob_pk(digest)))
-            .update_expression("SET #k = :k, linked_at = if_not_exists(linked_at, :t)")
+            .update_expression("SET #k = :k")
             .expression_attribute_names("#k", "kind")
             .expression_attribute_values(":k", s("repo_blob"))
-            .expression_attribute_values(":t", n(now()))
             .send()
             .await
             .map_err(|e| unavailable("DynamoDB UpdateItem", e))?;

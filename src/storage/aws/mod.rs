@@ -27,7 +27,8 @@
 //! after a transaction that found the blob item `ready` and set `used_at` on
 //! both; GC marks a blob `deleting` only when its `used_at` is older than the
 //! grace period, so a link whose `used_at` is recent is safe to serve from.
-//! The table has a stream (new images) and a TTL attribute, `expires_at`.
+//! The table has a stream (new images). It has no TTL attribute: expiry
+//! is the lifecycle sweep's, which knows what is still referenced.
 //!
 //! # Layout
 //! - `s3`: the blob store (multipart writer, presigned URLs);
@@ -51,7 +52,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification, StreamViewType,
-    TimeToLiveSpecification, TransactWriteItem, Update,
+    TransactWriteItem, Update,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -71,8 +72,6 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 pub const INLINE_MANIFEST_MAX: usize = 350 * 1024;
 /// Items per page of a sweep.
 const SCAN_PAGE: i32 = 500;
-/// The table's TTL attribute.
-pub const TTL_ATTRIBUTE: &str = "expires_at";
 
 /// An SDK failure, said briefly: the service's code and message, or the
 /// transport's cause chain.

@@ -38,16 +38,6 @@ impl DynamoIndex {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => false,
             Err(e) => return Err(unavailable("DynamoDB CreateTable", e)),
         };
-        if created {
-            let ttl = TimeToLiveSpecification::builder().enabled(true).attribute_name(TTL_ATTRIBUTE).build().expect("complete TTL spec");
-            self.client
-                .update_time_to_live()
-                .table_name(&self.table)
-                .time_to_live_specification(ttl)
-                .send()
-                .await
-                .map_err(|e| unavailable("DynamoDB UpdateTimeToLive", e))?;
-        }
         Ok(created)
     }
 }
