@@ -11,6 +11,8 @@
 //!   every entry point).
 //! - `config`: settings shared by the CLI and the Lambdas (flags + env).
 //! - `check`: `hubcap check`, an end-to-end probe of a running mirror.
+//! - `warm`: `hubcap warm` and the gc Lambda's warm list: caching images
+//!   ahead of time through the mirror.
 //!
 //! HTTP
 //! - `http`: the axum router (OCI routes, the embedded backend's signed blob
@@ -23,7 +25,7 @@
 //!   (`mirror::fetch`), and the upstream registries (`mirror::upstream`).
 //!   Knows the storage traits, not backends.
 //! - `lifecycle`: which images expire and the safe sweep that removes them;
-//!   the inventory; `warm`.
+//!   the inventory.
 //! - `observe`: request counters and stored statistics, the statistics
 //!   report, Prometheus and CloudWatch EMF renderings.
 //!
@@ -52,3 +54,4 @@ pub mod oci;
 pub mod secrets;
 pub mod serve;
 pub mod storage;
+pub mod warm;

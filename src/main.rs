@@ -260,7 +260,7 @@ async fn warm_cmd(args: WarmArgs) -> Result<(), BoxError> {
 async fn warm_all(mirror: &hubcap::mirror::Mirror, images: &[String], platforms: &[String]) -> usize {
     let mut failed = 0;
     for image in images {
-        match hubcap::lifecycle::warm::warm(mirror, image, platforms).await {
+        match hubcap::warm::warm(mirror, image, platforms).await {
             Ok(w) => println!("warmed {image}: {} manifests, {} blobs, {:.1} MiB", w.manifests, w.blobs, w.bytes as f64 / 1048576.0),
             Err(e) => {
                 failed += 1;

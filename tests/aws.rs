@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published, sha256};
+use common::lambda::{self, LambdaStack};
 use common::moto::{CountingProxy, Moto, StreamPump, aws_json, storage_at};
 use common::procs::{Proc, free_port, run, wait_ready};
 use common::{ALL_MANIFESTS, Hubcap, client, config, error_code, get_blob, get_manifest, pull};
@@ -382,43 +383,6 @@ async fn the_sample_events_run_through_the_handlers() {
     assert_eq!(sweep["expired"], serde_json::json!(["docker.io/library/hello:latest"]), "{sweep}");
 }
 
-/// cargo lambda's emulator of the Lambda control plane and Function URLs,
-/// running the `api` binary this test build made. Returns the emulator, the
-/// function, its URL and port.
-async fn lambda_watch(dir: &Path, settings: &[(&str, String)], env: Vec<(&'static str, String)>) -> (Proc, Proc, String, u16) {
-    let port = free_port();
-    let watch = Proc::spawn(
-        std::process::Command::new("cargo").args([
-            "lambda",
-            "watch",
-            "--only-lambda-apis",
-            "--invoke-address",
-            "127.0.0.1",
-            "--invoke-port",
-            &port.to_string(),
-        ]),
-        dir.join("watch.log"),
-    );
-    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_api"));
-    api.env("AWS_LAMBDA_FUNCTION_NAME", "_")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"));
-    for (k, v) in settings.iter().cloned().chain(env) {
-        api.env(k, v);
-    }
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let api = Proc::spawn(&mut api, dir.join("api.log"));
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{base}/v2/"), &api).await;
-    (watch, api, base, port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -432,7 +396,13 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
         ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
     ];
     // No AWS at all: not even credentials or an endpoint.
-    let (_watch, api, base, _) = lambda_watch(dir.path(), &settings, vec![("AWS_EC2_METADATA_DISABLED", "true".into())]).await;
+    let env = [&settings[..], &[("AWS_EC2_METADATA_DISABLED", "true".into())]].concat();
+    // cargo lambda's emulator of the Lambda control plane and Function URLs,
+    // running the `api` binary this test build made.
+    let (_watch, port) = lambda::watch(dir.path()).await;
+    let api = lambda::default_api(dir.path(), port, &env);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{base}/v2/"), &api).await;
     let pulled = pull(&client(), &base, "offline", "1").await;
     assert_eq!(pulled.digest, img.digest);
     assert!(data.join("index.db").exists());
@@ -441,22 +411,6 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
         api.log().lines().filter(|l| l.contains("CloudWatchMetrics")).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(emf.iter().any(|r| r["Miss"] == 1.0 && r["UpstreamRequests"].as_f64() > Some(0.0)), "{emf:?}");
     assert!(emf.iter().all(|r| r["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "hubcap"));
-}
-
-/// A Lambda binary this test build made, run by cargo lambda's emulator as
-/// the function `name`.
-fn lambda_function(dir: &Path, name: &str, bin: &str, port: u16, settings: &[(&str, String)], env: Vec<(&'static str, String)>) -> Proc {
-    let mut cmd = std::process::Command::new(bin);
-    // The assertions read its info lines, whatever the caller's HUBCAP_LOG.
-    cmd.env("HUBCAP_LOG", "info")
-        .env("AWS_LAMBDA_FUNCTION_NAME", name)
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt/{name}"));
-    for (k, v) in settings.iter().cloned().chain(env) {
-        cmd.env(k, v);
-    }
-    Proc::spawn(&mut cmd, dir.join(format!("{name}.log")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -471,49 +425,12 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
         vec![images::small_image(Format::Oci, "amd64", 206, 3), images::small_image(Format::Oci, "arm64", 207, 2)],
     );
     hub.publish("library/lambda", "1", &img);
-    let moto = Moto::start().await;
-    let storage = moto.setup("watch-bucket", "watch").await;
 
     // The emulator, the api and fetcher functions, and `hubcap lambda-dev`
     // in front (the Function URL's header joining) feeding the stream to
     // the fetcher (the event source mapping).
-    let port = free_port();
-    let _watch = Proc::spawn(
-        std::process::Command::new("cargo").args([
-            "lambda",
-            "watch",
-            "--only-lambda-apis",
-            "--invoke-address",
-            "127.0.0.1",
-            "--invoke-port",
-            &port.to_string(),
-        ]),
-        d.join("watch.log"),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let settings = [
-        ("HUBCAP_BUCKET", "watch-bucket".to_owned()),
-        ("HUBCAP_TABLE", "watch".into()),
-        ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
-    ];
-    let api = lambda_function(d, "api", env!("CARGO_BIN_EXE_api"), port, &settings, moto.env());
-    let fetcher = lambda_function(d, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &settings, moto.env());
-    let front_port = free_port();
-    let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
-    dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", "watch"])
-        .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
-        .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
-        .env("NO_COLOR", "1");
-    for (k, v) in moto.env() {
-        dev.env(k, v);
-    }
-    let dev = Proc::spawn(&mut dev, d.join("lambda-dev.log"));
-    wait_ready(&format!("http://127.0.0.1:{front_port}/v2/"), &dev).await;
+    let stack = LambdaStack::start(d, "watch", &hub.url, &[]).await;
+    let (port, api, fetcher, dev) = (stack.port, &stack.api, &stack.fetcher, &stack.dev);
 
     // cargo lambda invoke with a sample event.
     let out = run(tokio::process::Command::new("cargo").args([
@@ -530,7 +447,7 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
     .await;
     assert!(out.contains("\"statusCode\":200") || out.contains("\"statusCode\": 200"), "{out}");
 
-    let conf = common::registries_conf(d, &format!("127.0.0.1:{front_port}"), "lambda");
+    let conf = common::registries_conf(d, &stack.front, "lambda");
     let policy = common::skopeo_policy(d);
     let out_dir = d.join("pulled");
     let mut cmd = tokio::process::Command::new("skopeo");
@@ -546,7 +463,7 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
         let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", logs()));
         assert_eq!(got, bytes.to_vec(), "{digest}: every byte");
     }
-    let (store, _) = hubcap::storage::aws::connect(&storage).await;
+    let (store, _) = hubcap::storage::aws::connect(&stack.storage).await;
     for (digest, _) in img.all_blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied from upstream once");
         let d = hubcap::oci::Digest::parse(&digest).unwrap();

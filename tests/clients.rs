@@ -13,49 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::images::{self, Format, Published, sha256};
-use common::procs::{Proc, free_port, run, wait_ready};
+use common::procs::{Proc, free_port, run};
+use common::registries::{hubcap_serve, upstream_registry};
 use common::{registries_conf, skopeo_policy};
 use std::process::Stdio;
-
-/// Debian's docker-registry on a loopback port, empty.
-async fn upstream_registry(dir: &Path) -> (Proc, String) {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry-data").display()
-        ),
-    )
-    .unwrap();
-    let proc = Proc::spawn(std::process::Command::new("docker-registry").arg("serve").arg(&config), dir.join("registry.log"));
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/v2/"), &proc).await;
-    (proc, url)
-}
-
-/// The `hubcap` binary this test build made, serving on a loopback port.
-async fn hubcap(dir: &Path, upstream: &str) -> (Proc, String) {
-    hubcap_with(dir, upstream, &[]).await
-}
-
-async fn hubcap_with(dir: &Path, upstream: &str, extra: &[&str]) -> (Proc, String) {
-    let port = free_port();
-    let proc = Proc::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
-            .args(extra)
-            .arg("--data")
-            .arg(dir.join("hubcap-data"))
-            .env("HUBCAP_LOG", "info")
-            .env("NO_COLOR", "1"),
-        dir.join("hubcap.log"),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/_hubcap/stats"), &proc).await;
-    (proc, url)
-}
 
 /// The images every client pulls: several layers, a multi-arch OCI index, a
 /// layer over 32 MiB in a Docker schema 2 image, and a 4-segment name.
@@ -92,7 +53,7 @@ async fn world() -> World {
     for (repo, tag, img) in &images {
         images::push(&registry_url, repo, tag, img).await;
     }
-    let (mirror, mirror_url) = hubcap(dir.path(), &registry_url).await;
+    let (mirror, mirror_url) = hubcap_serve(dir.path(), &registry_url, 0, &[], "hubcap.log").await;
     World { dir, _registry: registry, mirror, mirror_url, images }
 }
 
@@ -251,7 +212,7 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_keeps_its_cache() {
     assert!(mirror.log().contains("shutting down"));
     // Restarted with upstream gone, the cache still serves the image.
     drop(w._registry);
-    let (restarted, url) = hubcap(w.dir.path(), "http://127.0.0.1:9").await;
+    let (restarted, url) = hubcap_serve(w.dir.path(), "http://127.0.0.1:9", 0, &[], "hubcap.log").await;
     let again = common::pull(&http, &url, "org/team/sub/app", "v1").await;
     assert_eq!(again.digest, pulled.digest);
     drop(restarted);
@@ -263,7 +224,7 @@ async fn skopeo_sends_credentials_to_a_mirror_that_requires_them() {
     let (_registry, registry_url) = upstream_registry(dir.path()).await;
     let img = Published::Image(images::small_image(Format::Oci, "amd64", 110, 2));
     images::push(&registry_url, "library/locked", "1", &img).await;
-    let (mirror, url) = hubcap_with(dir.path(), &registry_url, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"]).await;
+    let (mirror, url) = hubcap_serve(dir.path(), &registry_url, 0, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"], "hubcap.log").await;
     let conf = registries_conf(dir.path(), &url, "mirror");
     let policy = skopeo_policy(dir.path());
     let copy = |creds: Option<&str>, out: &str| {

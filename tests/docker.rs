@@ -33,7 +33,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::images::{self, Format, Image, Published, sha256};
-use common::procs::{Proc, free_port, wait_ready};
+use common::lambda::LambdaStack;
+use common::procs::Proc;
+use common::registries::{self, upstream_registry};
 
 /// Set for the inner tests, which do nothing without it.
 const IN_NETNS: &str = "HUBCAP_IN_NETNS";
@@ -84,6 +86,16 @@ fn isolated() -> bool {
 /// A temporary directory with a short path (unix socket paths are short).
 fn short_tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("hd").tempdir_in("/tmp").unwrap()
+}
+
+/// An inner test's start, in its namespaces: logs, the start time and a
+/// short temporary directory. None in an ordinary run, where it returns.
+fn inner() -> Option<(Instant, tempfile::TempDir)> {
+    if !isolated() {
+        return None;
+    }
+    common::init_logs();
+    Some((Instant::now(), short_tempdir()))
 }
 
 /// Debian's dockerd with `registry-mirrors` = [`mirror`], vfs storage, no
@@ -378,120 +390,6 @@ fn stop_gracefully(mut proc: Proc) {
     panic!("no exit 5 s after SIGTERM:\n{}", proc.log());
 }
 
-/// Debian's docker-registry on a loopback port, empty.
-async fn upstream_registry(dir: &Path) -> (Proc, String) {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("registry-data").display()
-        ),
-    )
-    .unwrap();
-    let proc = Proc::spawn(Command::new("docker-registry").arg("serve").arg(&config), dir.join("registry.log"));
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/v2/"), &proc).await;
-    (proc, url)
-}
-
-/// The `hubcap` binary of this build serving on a loopback port.
-/// `port`: 0 for a free one; `log`: the log file's name in `dir`.
-async fn start_hubcap_serve(dir: &Path, upstream: &str, port: u16, extra: &[&str], log: &str) -> (Proc, String) {
-    let port = if port == 0 { free_port() } else { port };
-    let proc = Proc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_hubcap"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
-            .args(extra)
-            .arg("--data")
-            .arg(dir.join("hubcap-data"))
-            .env("HUBCAP_LOG", "info")
-            .env("NO_COLOR", "1"),
-        dir.join(log),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/_hubcap/stats"), &proc).await;
-    (proc, url)
-}
-
-/// A Lambda binary of this build run by cargo lambda's emulator on `port`
-/// as the function `name`.
-fn lambda_function(dir: &Path, name: &str, bin: &str, port: u16, env: &[(&str, String)]) -> Proc {
-    let mut cmd = Command::new(bin);
-    // The assertions read its info lines, whatever the caller's HUBCAP_LOG.
-    cmd.env("HUBCAP_LOG", "info")
-        .env("AWS_LAMBDA_FUNCTION_NAME", name)
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt/{name}"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc::spawn(&mut cmd, dir.join(format!("{name}.log")))
-}
-
-/// moto, `cargo lambda watch` running the `api` and `fetcher` binaries, and
-/// `hubcap lambda-dev` in front of them (a Function URL's header joining,
-/// and the table's stream fed to the fetcher as the event source mapping).
-struct LambdaWorld {
-    front: String,
-    api: Proc,
-    fetcher: Proc,
-    dev: Proc,
-    _watch: Proc,
-    _moto: common::moto::Moto,
-}
-
-impl LambdaWorld {
-    async fn start(dir: &Path, upstream: &str) -> LambdaWorld {
-        let moto = common::moto::Moto::start().await;
-        moto.setup("docker-bucket", "docker").await;
-        let port = free_port();
-        let watch = Proc::spawn(
-            Command::new("cargo")
-                .args(["lambda", "watch", "--only-lambda-apis", "--invoke-address", "127.0.0.1"])
-                .args(["--invoke-port", &port.to_string()]),
-            dir.join("watch.log"),
-        );
-        for _ in 0..300 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut env: Vec<(&str, String)> = vec![
-            ("HUBCAP_BUCKET", "docker-bucket".into()),
-            ("HUBCAP_TABLE", "docker".into()),
-            ("HUBCAP_UPSTREAM", format!("docker.io={upstream}")),
-            // A blob still on its way into S3 waits 0.25 s, then the api
-            // redirects Docker back to itself (`?hubcap-wait=N`), up to 5
-            // times: the cold pulls can take that loop (seen with 0.05 s).
-            ("HUBCAP_BLOB_WAIT", "0.25".into()),
-        ];
-        env.extend(moto.env());
-        let api = lambda_function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
-        let fetcher = lambda_function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
-        let front_port = free_port();
-        let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
-        dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", "docker"])
-            .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
-            .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
-            .env("NO_COLOR", "1");
-        for (k, v) in moto.env() {
-            dev.env(k, v);
-        }
-        let dev = Proc::spawn(&mut dev, dir.join("lambda-dev.log"));
-        let front = format!("http://127.0.0.1:{front_port}");
-        wait_ready(&format!("{front}/v2/"), &dev).await;
-        LambdaWorld { front, api, fetcher, dev, _watch: watch, _moto: moto }
-    }
-
-    fn logs(&self) -> String {
-        format!("--- api ---\n{}\n--- fetcher ---\n{}\n--- lambda-dev ---\n{}", self.api.log(), self.fetcher.log(), self.dev.log())
-    }
-}
-
 #[test]
 fn docker_pulls_through_hubcap_serve() {
     run_isolated("netns::hubcap_serve");
@@ -508,19 +406,14 @@ mod netns {
     /// Scenario 1: dockerd -> `hubcap serve` -> Debian's docker-registry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn hubcap_serve() {
-        if !isolated() {
-            return;
-        }
-        common::init_logs();
-        let t0 = Instant::now();
-        let dir = short_tempdir();
+        let Some((t0, dir)) = inner() else { return };
         let d = dir.path();
         let (registry, registry_url) = upstream_registry(d).await;
         let pulled = test_images(300);
         for (name, tag, img) in &pulled {
             images::push(&registry_url, name, tag, img).await;
         }
-        let (mirror, mirror_url) = start_hubcap_serve(d, &registry_url, 0, &[], "hubcap.log").await;
+        let (mirror, mirror_url) = registries::hubcap_serve(d, &registry_url, 0, &[], "hubcap.log").await;
         let docker = Dockerd::start(d, &mirror_url).await;
         println!("started in {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -547,7 +440,7 @@ mod netns {
         // still gone: the tags are served stale from what is on disk.
         let port: u16 = mirror_url.rsplit(':').next().unwrap().parse().unwrap();
         stop_gracefully(mirror);
-        let (mirror, _) = start_hubcap_serve(d, "http://127.0.0.1:9", port, &["--tag-ttl", "0"], "hubcap-restarted.log").await;
+        let (mirror, _) = registries::hubcap_serve(d, "http://127.0.0.1:9", port, &["--tag-ttl", "0"], "hubcap-restarted.log").await;
         remove_all(&docker).await;
         pull_all(&docker, d, &pulled, By::Tag).await;
         let log = mirror.log();
@@ -561,7 +454,7 @@ mod netns {
         // credentials for Docker Hub (`https://index.docker.io/v1/` in
         // config.json) to the mirror when challenged; without them it fails.
         stop_gracefully(mirror);
-        let (mirror, _) = start_hubcap_serve(d, "http://127.0.0.1:9", port, &["--client-user", "ci:pa55word"], "hubcap-locked.log").await;
+        let (mirror, _) = registries::hubcap_serve(d, "http://127.0.0.1:9", port, &["--client-user", "ci:pa55word"], "hubcap-locked.log").await;
         remove_all(&docker).await;
         let (name, tag, img) = &pulled[0];
         let reference = format!("{name}:{tag}");
@@ -588,19 +481,17 @@ mod netns {
     /// function fed by the table's stream -> the fake Docker Hub.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn lambdas() {
-        if !isolated() {
-            return;
-        }
-        common::init_logs();
-        let t0 = Instant::now();
-        let dir = short_tempdir();
+        let Some((t0, dir)) = inner() else { return };
         let d = dir.path();
         let mut hub = common::fakehub::FakeHub::start().await;
         let pulled = test_images(310);
         for (name, tag, img) in &pulled {
             hub.publish(name, tag, img);
         }
-        let world = LambdaWorld::start(d, &hub.url).await;
+        // A blob still on its way into S3 waits 0.25 s, then the api
+        // redirects Docker back to itself (`?hubcap-wait=N`), up to 5
+        // times: the cold pulls can take that loop (seen with 0.05 s).
+        let world = LambdaStack::start(d, "docker", &hub.url, &[("HUBCAP_BLOB_WAIT", "0.25".into())]).await;
         let docker = Dockerd::start(d, &world.front).await;
         println!("started in {:.1} s", t0.elapsed().as_secs_f64());
 

@@ -32,7 +32,7 @@ pub async fn maintenance_on(
         let mut warmed = Vec::new();
         let mut failed = Vec::new();
         for image in settings.warm_images.iter().filter(|i| !i.trim().is_empty()) {
-            match crate::lifecycle::warm::warm(&mirror, image.trim(), &settings.warm_platforms).await {
+            match crate::warm::warm(&mirror, image.trim(), &settings.warm_platforms).await {
                 Ok(w) => {
                     tracing::info!(image, manifests = w.manifests, blobs = w.blobs, bytes = w.bytes, "warmed");
                     warmed.push(image.clone());

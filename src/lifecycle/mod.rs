@@ -25,8 +25,7 @@
 //! # Layout
 //! - `snapshot`: the index as one sweep reads it, the images it holds, and
 //!   the inventory `hubcap stats` reports;
-//! - `sweep`: deciding and writing, one function per phase;
-//! - `warm`: caching images ahead of time.
+//! - `sweep`: deciding and writing, one function per phase.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +38,6 @@ use crate::storage::{BlobStore, Index, Result};
 
 mod snapshot;
 mod sweep;
-pub mod warm;
 
 pub use snapshot::{ImageInfo, Inventory, inventory};
 

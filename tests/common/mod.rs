@@ -6,8 +6,10 @@
 pub mod fakehub;
 pub mod iam;
 pub mod images;
+pub mod lambda;
 pub mod moto;
 pub mod procs;
+pub mod registries;
 
 use std::net::SocketAddr;
 use std::path::Path;
