@@ -224,7 +224,8 @@ async fn skopeo_sends_credentials_to_a_mirror_that_requires_them() {
     let (_registry, registry_url) = upstream_registry(dir.path()).await;
     let img = Published::Image(images::small_image(Format::Oci, "amd64", 110, 2));
     images::push(&registry_url, "library/locked", "1", &img).await;
-    let (mirror, url) = hubcap_serve(dir.path(), &registry_url, 0, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"], "hubcap.log").await;
+    let (mirror, url) =
+        hubcap_serve(dir.path(), &registry_url, 0, &["--client-user", "ci:pa55word", "--allow-repo", "library/*"], "hubcap.log").await;
     let conf = registries_conf(dir.path(), &url, "mirror");
     let policy = skopeo_policy(dir.path());
     let copy = |creds: Option<&str>, out: &str| {

@@ -454,7 +454,8 @@ mod netns {
         // credentials for Docker Hub (`https://index.docker.io/v1/` in
         // config.json) to the mirror when challenged; without them it fails.
         stop_gracefully(mirror);
-        let (mirror, _) = registries::hubcap_serve(d, "http://127.0.0.1:9", port, &["--client-user", "ci:pa55word"], "hubcap-locked.log").await;
+        let (mirror, _) =
+            registries::hubcap_serve(d, "http://127.0.0.1:9", port, &["--client-user", "ci:pa55word"], "hubcap-locked.log").await;
         remove_all(&docker).await;
         let (name, tag, img) = &pulled[0];
         let reference = format!("{name}:{tag}");

@@ -1,0 +1,123 @@
+//! Lambda on loopback: `cargo lambda watch` (the emulator of Lambda's
+//! control plane and Function URLs), the Lambda binaries of this build run
+//! under it, `hubcap lambda-dev` in front of them, and all of it on moto.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use hubcap::storage::aws::AwsStorage;
+
+use super::moto::Moto;
+use super::procs::{Proc, free_port, wait_ready};
+
+/// `cargo lambda watch --only-lambda-apis` on a free loopback port, once the
+/// port accepts connections (or after 30 s). Returns it and the port.
+pub async fn watch(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let watch = Proc::spawn(
+        Command::new("cargo")
+            .args(["lambda", "watch", "--only-lambda-apis", "--invoke-address", "127.0.0.1"])
+            .args(["--invoke-port", &port.to_string()]),
+        dir.join("watch.log"),
+    );
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (watch, port)
+}
+
+/// `bin` with the environment the Lambda runtime gives the function `name`,
+/// its runtime API at `runtime_api`, and `env`.
+fn runtime(bin: &str, name: &str, runtime_api: String, env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env("AWS_LAMBDA_FUNCTION_NAME", name)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_RUNTIME_API", runtime_api);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A Lambda binary of this build (`bin`) run by the emulator on `port` as
+/// the function `name`, logging to `dir/<name>.log`.
+pub fn function(dir: &Path, name: &str, bin: &str, port: u16, env: &[(&str, String)]) -> Proc {
+    // The assertions read its info lines, whatever the caller's HUBCAP_LOG
+    // (which `env` may still set).
+    let info = [("HUBCAP_LOG", "info".to_owned())];
+    let mut cmd = runtime(bin, name, format!("http://127.0.0.1:{port}/.rt/{name}"), &[&info[..], env].concat());
+    Proc::spawn(&mut cmd, dir.join(format!("{name}.log")))
+}
+
+/// The `api` binary of this build as the emulator's default function (its
+/// Function URL is the emulator's root), with the caller's HUBCAP_LOG,
+/// logging to `dir/api.log`.
+pub fn default_api(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
+    let mut cmd = runtime(env!("CARGO_BIN_EXE_api"), "_", format!("http://127.0.0.1:{port}/.rt"), env);
+    Proc::spawn(&mut cmd, dir.join("api.log"))
+}
+
+/// `hubcap lambda-dev` on a free loopback port in front of the emulator on
+/// `port`: the `api` function's URL (with a Function URL's header joining)
+/// and the table's stream fed to the `fetcher` function. Returns it and its
+/// URL once `/v2/` answers.
+pub async fn lambda_dev(dir: &Path, port: u16, table: &str, env: &[(&str, String)]) -> (Proc, String) {
+    let front_port = free_port();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
+    dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", table])
+        .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
+        .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        dev.env(k, v);
+    }
+    let dev = Proc::spawn(&mut dev, dir.join("lambda-dev.log"));
+    let front = format!("http://127.0.0.1:{front_port}");
+    wait_ready(&format!("{front}/v2/"), &dev).await;
+    (dev, front)
+}
+
+/// moto with the bucket `<table>-bucket` and the table `table`, `cargo
+/// lambda watch` running the `api` and `fetcher` binaries on them (upstream
+/// `docker.io=<upstream>`, plus `extra` settings), and `hubcap lambda-dev`
+/// in front (the Function URL's header joining, and the table's stream fed
+/// to the fetcher as the event source mapping).
+pub struct LambdaStack {
+    /// `hubcap lambda-dev`'s URL: where clients pull.
+    pub front: String,
+    /// The emulator's port.
+    pub port: u16,
+    pub dev: Proc,
+    pub api: Proc,
+    pub fetcher: Proc,
+    pub watch: Proc,
+    pub storage: AwsStorage,
+    pub moto: Moto,
+}
+
+impl LambdaStack {
+    pub async fn start(dir: &Path, table: &str, upstream: &str, extra: &[(&str, String)]) -> LambdaStack {
+        let moto = Moto::start().await;
+        let bucket = format!("{table}-bucket");
+        let storage = moto.setup(&bucket, table).await;
+        let (watch, port) = watch(dir).await;
+        let mut env: Vec<(&str, String)> =
+            vec![("HUBCAP_BUCKET", bucket), ("HUBCAP_TABLE", table.to_owned()), ("HUBCAP_UPSTREAM", format!("docker.io={upstream}"))];
+        env.extend_from_slice(extra);
+        env.extend(moto.env());
+        let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
+        let fetcher = function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
+        let (dev, front) = lambda_dev(dir, port, table, &moto.env()).await;
+        LambdaStack { front, port, dev, api, fetcher, watch, storage, moto }
+    }
+
+    /// The functions' and lambda-dev's logs, for a failure message.
+    pub fn logs(&self) -> String {
+        format!("--- api ---\n{}\n--- fetcher ---\n{}\n--- lambda-dev ---\n{}", self.api.log(), self.fetcher.log(), self.dev.log())
+    }
+}
