@@ -254,13 +254,16 @@ impl<'a> Sweep<'a> {
             if !self.budget.fits(ready.len() as u64 + 1) {
                 return Ok(Err(Stop));
             }
-            if !dry_run {
+            // With no grace period there is nobody to give time to: a blob
+            // unreferenced now goes in this very sweep.
+            let stamp = !self.opts.grace.is_zero();
+            if !dry_run && stamp {
                 for b in ready {
                     take!(self.budget);
                     index.touch_blob(b, None).await?;
                     out.stamped.insert(b.clone());
                 }
-            } else {
+            } else if stamp {
                 out.stamped.extend(refs.blobs.iter().cloned());
             }
             take!(self.budget);
@@ -279,7 +282,12 @@ impl<'a> Sweep<'a> {
         let snap = self.snap;
         let referenced: HashSet<&Digest> =
             snap.manifests.iter().filter(|(d, _)| !unheld.gone.contains(*d)).flat_map(|(_, r)| r.blobs.iter()).collect();
-        let used_before = self.started - self.opts.grace.as_secs() as i64;
+        // No grace: anything used before the next second is due (timestamps
+        // are whole seconds, and this sweep's own second counts).
+        let used_before = match self.opts.grace.as_secs() {
+            0 => self.started + 1,
+            g => self.started - g as i64,
+        };
         let mut doomed: Vec<&BlobRecord> = Vec::new();
         for b in snap.blobs.values().filter(|b| !referenced.contains(&b.digest)) {
             let due = match b.state {
