@@ -17,17 +17,7 @@ impl FsBlobStore {
         for entry in std::fs::read_dir(data_dir.join("tmp"))? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        let key_path = data_dir.join("signing.key");
-        let key = match std::fs::read(&key_path) {
-            Ok(k) if k.len() >= 32 => k,
-            _ => {
-                let mut k = vec![0u8; 32];
-                use std::io::Read;
-                std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
-                std::fs::write(&key_path, &k)?;
-                k
-            }
-        };
+        let key = signing_key(&data_dir.join("signing.key"))?;
         Ok(FsBlobStore { root: data_dir.to_owned(), key })
     }
 
@@ -123,5 +113,42 @@ impl Drop for FsBlobWriter {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// The key that signs blob URLs: read, or made (32 random bytes). Readable
+/// by its owner only: whoever reads it can sign URLs to any cached blob.
+fn signing_key(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Ok(k) = std::fs::read(path)
+        && k.len() >= 32
+    {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        return Ok(k);
+    }
+    let mut k = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(&k)?;
+    f.sync_all()?;
+    Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_signing_key_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signing.key");
+        let made = super::signing_key(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A key left world-readable (by an older version) is tightened, and kept.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(super::signing_key(&path).unwrap(), made);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
