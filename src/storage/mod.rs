@@ -196,12 +196,14 @@ impl<T: ServeIndex + FetchIndex + SweepIndex + StatsIndex + ?Sized> Index for T 
 pub trait ServeIndex: Send + Sync {
     async fn tag(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<TagRecord>>;
 
-    /// The tag and the manifest it leads to (linked to `repo`), in as few
-    /// reads as the backend allows.
+    /// The tag and the manifest it leads to, in as few reads as the backend
+    /// allows. A tag is itself its repository's link to that manifest: the
+    /// manifest comes with it even after a sweep expired the repository's
+    /// by-digest link (DynamoDB's tag items carry a copy).
     async fn tag_manifest(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<(TagRecord, Option<ManifestRecord>)>> {
         let Some(t) = self.tag(repo, tag, variant).await? else { return Ok(None) };
         let m = self.manifest(repo, &t.digest).await?;
-        Ok(Some((t, m.record.filter(|_| m.linked))))
+        Ok(Some((t, m.record)))
     }
 
     /// Points the tag at `manifest` (already stored with `put_manifest`).

@@ -360,7 +360,7 @@ impl SweepIndex for DynamoIndex {
             .table_name(&self.table)
             .key("pk", s(repo_pk(repo)))
             .key("sk", s(manifest_pk(digest)))
-            .condition_expression("attribute_not_exists(last_pulled) OR last_pulled < :before")
+            .condition_expression("attribute_exists(pk) AND (attribute_not_exists(last_pulled) OR last_pulled < :before)")
             .expression_attribute_values(":before", n(pulled_before))
             .send()
             .await;
