@@ -541,3 +541,19 @@ async fn warm_caches_images_ahead_of_time_with_no_server_running() {
     let pulled = pull(&client(), &mirror.url, "base", "1").await;
     assert_eq!(pulled.image_digest, amd64.digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_whose_size_upstream_does_not_say_is_never_served_as_empty() {
+    let (hub, _dir, mirror) = setup().await;
+    let bytes = b"a blob upstream HEADs without a Content-Length".repeat(100);
+    let digest = hub.put_blob("library/sizeless", &bytes);
+    hub.set_fault(Fault::NoBlobLength);
+    let http = client();
+    // Unknown is not zero: the mirror copies the blob, verified, and then
+    // answers the size it really has.
+    let head = http.head(format!("{}/v2/sizeless/blobs/{digest}", mirror.url)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), bytes.len().to_string());
+    assert_eq!(get_blob(&http, &mirror.url, "sizeless", &digest).await.to_vec(), bytes);
+    assert_eq!(hub.cdn_gets(&digest), 1, "copied once, not retried against a size of 0");
+}

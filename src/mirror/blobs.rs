@@ -6,7 +6,8 @@ use super::*;
 
 impl Mirror {
     /// Confirms upstream that `repo` contains `digest`, and records it.
-    async fn confirm_link(&self, repo: &RepoPath, digest: &Digest) -> Result<u64, RegistryError> {
+    /// Returns the size upstream declared, if it did.
+    async fn confirm_link(&self, repo: &RepoPath, digest: &Digest) -> Result<Option<u64>, RegistryError> {
         let upstream = self.upstreams.get(&repo.registry)?;
         match upstream.head_blob(repo, digest, Retry::FETCH).await {
             Ok(Some(size)) => {
@@ -29,7 +30,7 @@ impl Mirror {
         let view = self.index.blob(&key, digest).await?;
         let mut size = view.record.as_ref().and_then(|r| r.size);
         if !view.linked {
-            size = Some(self.confirm_link(repo, digest).await?);
+            size = self.confirm_link(repo, digest).await?;
         }
         if let Some(r) = &view.record
             && self.still_ready(&key, r).await?
@@ -93,15 +94,25 @@ impl Mirror {
             return Ok((size, CacheStatus::Hit));
         }
         let size = match (view.linked, view.record.as_ref().and_then(|r| r.size)) {
-            (true, Some(size)) => size,
+            (true, Some(size)) => Some(size),
             _ => self.confirm_link(repo, digest).await?,
         };
         if let Some(size) = ready {
             return Ok((size, CacheStatus::Hit));
         }
-        self.index.create_pending_blob(digest, &key, Some(size)).await?;
-        self.start_fetch(repo, digest, Some(size));
-        Ok((size, CacheStatus::Miss))
+        if let Some(size) = size {
+            self.index.create_pending_blob(digest, &key, Some(size)).await?;
+            self.start_fetch(repo, digest, Some(size));
+            return Ok((size, CacheStatus::Miss));
+        }
+        // Upstream did not say how large it is (unknown is not zero): the
+        // verified copy will, within the same bounded wait as a GET.
+        if let (BlobAnswer::Ready(_), _) = self.blob(repo, digest).await?
+            && let Some(size) = self.index.blob(&key, digest).await?.record.and_then(|r| r.size)
+        {
+            return Ok((size, CacheStatus::Miss));
+        }
+        Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched; its size is not known yet")).with_retry_after(Some(1)))
     }
 
     // -- tags ---------------------------------------------------------------

@@ -197,9 +197,11 @@ impl Upstream {
 
     /// `HEAD` a blob in `repo`: its size, or `None` when the repository does
     /// not contain it.
-    pub async fn head_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<Option<u64>> {
+    /// `HEAD` a blob: `None` when upstream does not have it; otherwise the
+    /// size upstream declared, if it did (unknown is not zero).
+    pub async fn head_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<Option<Option<u64>>> {
         match self.send(Method::HEAD, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await {
-            Ok(resp) => Ok(Some(header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()).unwrap_or(0))),
+            Ok(resp) => Ok(Some(header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()))),
             Err(UpstreamError::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
