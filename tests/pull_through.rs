@@ -557,3 +557,28 @@ async fn a_blob_whose_size_upstream_does_not_say_is_never_served_as_empty() {
     assert_eq!(get_blob(&http, &mirror.url, "sizeless", &digest).await.to_vec(), bytes);
     assert_eq!(hub.cdn_gets(&digest), 1, "copied once, not retried against a size of 0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_lists_come_in_pages_of_a_thousand_and_an_oversized_one_is_refused() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = three_layer(61);
+    for i in 0..1500 {
+        hub.publish("library/many", &format!("t{i:04}"), &img);
+    }
+    let http = client();
+    // No `n`: a page of at most a thousand, with a Link to the rest.
+    let resp = http.get(format!("{}/v2/many/tags/list", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let link = resp.headers()["link"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["tags"].as_array().unwrap().len(), 1000);
+    assert!(link.contains("last=t0999"), "{link}");
+    let resp = http.get(format!("{}/v2/many/tags/list?last=t0999&n=5000", mirror.url)).send().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["tags"].as_array().unwrap().len(), 500, "the rest");
+    // An upstream that sends megabytes of tags is refused, not relayed.
+    hub.set_fault(Fault::HugeTagList);
+    let resp = http.get(format!("{}/v2/many/tags/list", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(resp).await, "UNAVAILABLE");
+}

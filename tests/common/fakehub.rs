@@ -34,6 +34,8 @@ pub enum Fault {
     WrongBytes,
     /// Blob HEADs say nothing of the size (no Content-Length).
     NoBlobLength,
+    /// Tag lists are 2 MiB, streamed with no Content-Length, whatever `n`.
+    HugeTagList,
 }
 
 #[derive(Default, Debug)]
@@ -356,6 +358,12 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
     }
     if let Some(name) = path.strip_suffix("/tags/list") {
         s.counters.tags_list.fetch_add(1, Ordering::SeqCst);
+        if *s.fault.lock().unwrap() == Fault::HugeTagList {
+            let tags: Vec<String> = (0..150_000).map(|i| format!("tag-{i:08}")).collect();
+            let body = serde_json::json!({ "name": name, "tags": tags }).to_string().into_bytes();
+            let chunks: Vec<Result<Bytes, std::io::Error>> = body.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+            return Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+        }
         let q: HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
         let m = s.manifests.lock().unwrap();
         let Some(refs) = m.get(name) else { return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN") };

@@ -21,6 +21,12 @@ use reqwest::{Method, StatusCode};
 use super::Credentials;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
+/// Most tags asked of upstream per page.
+pub const TAG_PAGE: u32 = 1000;
+/// Largest tag list page read from upstream (a thousand tags of the longest
+/// names the spec allows is about 130 KiB).
+const MAX_TAG_LIST_BYTES: usize = 1024 * 1024;
+
 /// Longest `Retry-After` the mirror waits out itself before giving up.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -164,19 +170,8 @@ impl Upstream {
         let resp = self.send(Method::GET, &self.url(repo, &format!("manifests/{reference}")), repo, accept_header(accept), retry).await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE.as_str());
         let digest = header_digest(resp.headers())?;
-        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
-            return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
-        }
-        let mut body = BytesMut::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
-            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
-                return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(UpstreamManifest { body: body.freeze(), content_type, digest })
+        let body = read_capped(resp, MAX_MANIFEST_BYTES, "manifest").await?;
+        Ok(UpstreamManifest { body, content_type, digest })
     }
 
     /// `HEAD` a manifest: its digest and media type, without a body (Docker
@@ -212,13 +207,14 @@ impl Upstream {
         self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await
     }
 
+    /// One page of a repository's tags: at most `TAG_PAGE` of them, however
+    /// many the client asked for (the spec lets a registry answer fewer, with
+    /// a `Link` to the rest), and at most `MAX_TAG_LIST_BYTES`.
     pub async fn tags(&self, repo: &RepoPath, n: Option<u32>, last: Option<&str>, retry: Retry) -> Result<TagsPage> {
         let mut url = url::Url::parse(&self.url(repo, "tags/list")).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
         {
             let mut q = url.query_pairs_mut();
-            if let Some(n) = n {
-                q.append_pair("n", &n.to_string());
-            }
+            q.append_pair("n", &n.unwrap_or(TAG_PAGE).min(TAG_PAGE).to_string());
             if let Some(last) = last {
                 q.append_pair("last", last);
             }
@@ -226,7 +222,7 @@ impl Upstream {
         let url = url.to_string().trim_end_matches('?').to_owned();
         let resp = self.send(Method::GET, &url, repo, HeaderMap::new(), retry).await?;
         let next_last = header_str(resp.headers(), "link").and_then(|l| link_last(&l));
-        let body = resp.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        let body = read_capped(resp, MAX_TAG_LIST_BYTES, "tag list").await?;
         Ok(TagsPage { body, next_last })
     }
 
@@ -446,6 +442,25 @@ fn link_last(link: &str) -> Option<String> {
     let target = link.split_once('<')?.1.split_once('>')?.0;
     let url = url::Url::parse("http://upstream").ok()?.join(target).ok()?;
     url.query_pairs().find(|(k, _)| k == "last").map(|(_, v)| v.into_owned())
+}
+
+/// A response body read whole, but never more than `cap` bytes: a larger
+/// one (declared or sent) is upstream misbehaving, not the client's answer.
+async fn read_capped(resp: reqwest::Response, cap: usize, what: &str) -> Result<Bytes> {
+    let too_large = || UpstreamError::Invalid(format!("{what} larger than {} KiB", cap / 1024));
+    if resp.content_length().is_some_and(|l| l > cap as u64) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        if body.len() + chunk.len() > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 #[cfg(test)]
