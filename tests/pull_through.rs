@@ -329,6 +329,14 @@ async fn blob_heads_are_answered_directly_and_blob_urls_are_signed() {
     let ranged = http.get(&url).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(ranged.status(), 206);
     assert_eq!(ranged.bytes().await.unwrap(), bytes.slice(10..20));
+    // A suffix longer than the blob is all of it (RFC 9110); a header that
+    // does not parse, or asks several ranges, is ignored: never a 416.
+    let suffix = format!("bytes=-{}", bytes.len() * 10);
+    for range in [suffix.as_str(), "bytes=0-1,5-6", "bytes=junk"] {
+        let whole = http.get(&url).header("range", range).send().await.unwrap();
+        assert_eq!(whole.status(), 200, "{range}");
+        assert_eq!(whole.bytes().await.unwrap(), bytes, "{range}");
+    }
     let head = http.head(&url).send().await.unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["content-length"], bytes.len().to_string().as_str());

@@ -24,7 +24,15 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
     if !store.verify(&digest, expires, &sig) {
         return Err(RegistryError::new(ErrorCode::Denied, "blob URL signature invalid or expired"));
     }
-    let served = tower_http::services::ServeFile::new(store.path(&digest))
+    let path = store.path(&digest);
+    let mut req = req;
+    if let Some(range) = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+        let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|_| RegistryError::code(ErrorCode::BlobUnknown))?;
+        if !range_to_honour(&range, len) {
+            req.headers_mut().remove(header::RANGE);
+        }
+    }
+    let served = tower_http::services::ServeFile::new(path)
         .oneshot(req)
         .await
         .map_err(|e| RegistryError::code(ErrorCode::Unknown).with_internal(e))?;
@@ -35,4 +43,45 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     resp.headers_mut().insert("docker-content-digest", header_value(digest.as_str()));
     Ok(resp)
+}
+
+/// Whether a `Range` header is one to answer with a part (206, or 416 when
+/// it starts past the end): a single `bytes=` range. Anything else is
+/// ignored and the whole blob served, as RFC 9110 allows: a header that
+/// does not parse, several ranges, or a suffix longer than the blob (which
+/// RFC 9110 says means all of it).
+fn range_to_honour(range: &str, len: u64) -> bool {
+    let Some(spec) = range.trim().strip_prefix("bytes=") else { return false };
+    if spec.contains(',') {
+        return false;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return false };
+    let num = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+    match (first.is_empty(), num(first), num(last)) {
+        // `-N`: the last N bytes; N at least the length is all of it.
+        (true, _, Some(n)) => n < len,
+        (false, Some(_), None) if last.is_empty() => true,
+        (false, Some(a), Some(b)) => a <= b,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_to_honour;
+
+    #[test]
+    fn only_a_single_satisfiable_byte_range_is_honoured() {
+        assert!(range_to_honour("bytes=10-19", 100));
+        assert!(range_to_honour("bytes=90-", 100));
+        assert!(range_to_honour("bytes=-10", 100));
+        assert!(range_to_honour("bytes=200-300", 100), "past the end: a 416, as the RFC says");
+        assert!(!range_to_honour("bytes=-100", 100), "a suffix as long as the blob: all of it");
+        assert!(!range_to_honour("bytes=-5000", 100));
+        assert!(!range_to_honour("bytes=0-1,5-6", 100), "several ranges: ignored");
+        assert!(!range_to_honour("bytes=abc", 100));
+        assert!(!range_to_honour("items=0-1", 100));
+        assert!(!range_to_honour("bytes=5-1", 100));
+        assert!(!range_to_honour("bytes=-", 100));
+    }
 }
