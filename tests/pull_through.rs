@@ -590,3 +590,19 @@ async fn tag_lists_come_in_pages_of_a_thousand_and_an_oversized_one_is_refused()
     assert_eq!(resp.status(), 503);
     assert_eq!(error_code(resp).await, "UNAVAILABLE");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_with_thousands_of_layers_is_refused_before_any_fetch() {
+    let (hub, _dir, mirror) = setup().await;
+    let layers = (0..=hubcap::mirror::MAX_REFERENCES).map(|i| vec![(format!("l/{i}"), vec![i as u8])]).collect();
+    let img = Published::Image(images::image(Format::Oci, "amd64", layers));
+    hub.publish("library/fanout", "1", &img);
+    let http = client();
+    let resp = http.get(format!("{}/v2/fanout/manifests/1", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hub.count(|c| &c.blob_get), 0, "nothing fetched for it");
+    let stats = http.get(format!("{}/_hubcap/stats", mirror.url)).send().await.unwrap().text().await.unwrap();
+    assert!(stats.contains("\"manifests\":0"), "nothing stored: {stats}");
+}

@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// Most blobs an image manifest, or manifests an index, may reference (a
+/// real image has tens of layers; an index, tens of platforms).
+pub const MAX_REFERENCES: usize = 1000;
+
 impl Mirror {
     pub async fn manifest(
         &self,
@@ -194,6 +198,15 @@ impl Mirror {
             return Err(lie(format!("asked for {want}, got {digest}")));
         }
         let info = parse_manifest(&got.body, got.content_type.as_deref())?;
+        // Each referenced blob is an index write and a fetch: a manifest no
+        // runtime could use must not fan out into thousands of them.
+        if info.blobs.len() > MAX_REFERENCES || info.manifests.len() > MAX_REFERENCES {
+            return Err(lie(format!(
+                "it references {} blobs and {} manifests; the mirror takes at most {MAX_REFERENCES} of each",
+                info.blobs.len(),
+                info.manifests.len()
+            )));
+        }
         let record = ManifestRecord { digest, media_type: info.media_type.clone(), body: got.body };
         self.store_manifest(repo, &record, &info).await?;
         Ok(record)

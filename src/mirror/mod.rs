@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 mod blobs;
 pub mod fetch;
 mod manifests;
+pub use manifests::MAX_REFERENCES;
 pub mod upstream;
 
 use self::fetch::{FetchJob, FetchQueue, WaitOutcome};
