@@ -141,6 +141,16 @@ struct ServeArgs {
     /// `hubcap gc` or the gc Lambda).
     #[arg(long, env = "HUBCAP_GC_INTERVAL", default_value = "1h", value_parser = hubcap::lifecycle::parse_duration)]
     gc_interval: std::time::Duration,
+    /// Longest a client may take to send a request's headers (e.g. 15s);
+    /// a connection dripping them is closed.
+    #[arg(long, env = "HUBCAP_HEADER_TIMEOUT", default_value = "15s", value_parser = hubcap::lifecycle::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Client connections served at once; more wait to be accepted.
+    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS", default_value_t = 1000)]
+    max_connections: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    #[arg(long, env = "HUBCAP_SHUTDOWN_GRACE", default_value = "20s", value_parser = hubcap::lifecycle::parse_duration)]
+    shutdown_grace: std::time::Duration,
     #[command(flatten)]
     gc: GcArgs,
 }
@@ -207,7 +217,12 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
     let background = serve::spawn_maintenance(mirror.clone(), gc, args.gc_interval);
-    serve::run(listener, router, serve::shutdown_signal()).await?;
+    let limits = serve::Limits {
+        header_timeout: args.header_timeout,
+        max_connections: args.max_connections,
+        shutdown_grace: args.shutdown_grace,
+    };
+    serve::run_with(listener, router, serve::shutdown_signal(), limits).await?;
     background.abort();
     mirror.flush_stats().await?;
     Ok(())

@@ -3,6 +3,7 @@
 //! GC sweeps). Building the mirror is `assemble`'s.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -48,10 +49,82 @@ pub fn spawn_maintenance(
     })
 }
 
+/// What one server holds open for its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A client must send a request's headers within this; a connection
+    /// dripping them is closed (slowloris).
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// After shutdown is asked, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { header_timeout: Duration::from_secs(15), max_connections: 1000, shutdown_grace: Duration::from_secs(20) }
+    }
+}
+
 /// Serves `router` on an already bound listener until `shutdown` resolves,
-/// then lets in-flight requests finish.
+/// then lets in-flight requests finish, with the default `Limits`.
 pub async fn run(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown).await
+    run_with(listener, router, shutdown, Limits::default()).await
+}
+
+/// `run` with explicit limits: HTTP/1 and HTTP/2 connections from hyper's
+/// own connection builder, each with the header deadline, at most
+/// `max_connections` at once, and a bounded graceful shutdown.
+pub async fn run_with(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // accept: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // An IPv4 client of a dual-stack listener is matched as IPv4.
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let service = router.clone().map_request(move |mut req: axum::http::Request<_>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(service));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace; closing them");
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.
