@@ -198,24 +198,16 @@ pub fn render(r: &GcReport) -> String {
     out
 }
 
-/// Parses a duration such as `30d`, `12h`, `90m`, `45s` or `0`.
+/// Parses a duration in humantime's syntax: `30d`, `12h`, `1.5h`, `90m`,
+/// `45s`, `2w`, `1h30m` or `0`. A bare number is seconds (`86400`), as the
+/// CloudFormation parameters' pattern allows.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (e.g. 30d, 12h, 90m, 45s)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        "w" => n * 7.0 * 86400.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (s, m, h, d or w)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = s.parse().map_err(|_| format!("invalid duration {s:?} (e.g. 30d, 12h, 90m, 45s)"))?;
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}: too long"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 30d, 12h, 90m, 45s)"))
 }
 
 /// Parses a size such as `500G`, `2T`, `750M` or a byte count.
@@ -257,7 +249,13 @@ mod tests {
         assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("86400").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("3 parsecs").is_err() && parse_duration("-1d").is_err());
+        for bad in ["inf", "nan", "1e300", "-5", "", "1.2.3", "99999999999999999999999", "99999999999999999999999d"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+        }
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("1000").unwrap(), 1000);
