@@ -210,21 +210,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 30d, 12h, 90m, 45s)"))
 }
 
-/// Parses a size such as `500G`, `2T`, `750M` or a byte count.
+/// Parses a size such as `500G`, `500GiB`, `1.5T` or a byte count. Units
+/// are binary whatever the spelling: `500G` = `500GB` = `500GiB` = 500 × 2³⁰.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?} (e.g. 500G)"))?;
-    let mult: f64 = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
-        "" => 1.0,
-        "K" => 1024.0,
-        "M" => 1024.0 * 1024.0,
-        "G" => 1024.0 * 1024.0 * 1024.0,
-        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("invalid size unit in {s:?} (K, M, G or T)")),
-    };
-    Ok((n * mult) as u64)
+    parse_size::Config::new().with_binary().parse_size(s.trim()).map_err(|e| format!("invalid size {s:?}: {e} (e.g. 500G)"))
 }
 
 #[cfg(test)]
@@ -259,6 +248,13 @@ mod tests {
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("5 apples").is_err());
+        for (s, n) in
+            [("500G", 500u64 << 30), ("500GB", 500 << 30), ("500Gi", 500 << 30), ("1.5T", 3 << 39), ("1K", 1024), (" 2G ", 2 << 30)]
+        {
+            assert_eq!(parse_size(s).unwrap(), n, "{s}");
+        }
+        for bad in ["5 apples", "-5", "", "G", "99999999999T"] {
+            assert!(parse_size(bad).unwrap_err().starts_with("invalid size"), "{bad}");
+        }
     }
 }
