@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
-use crate::http::access::{glob, normalise_pattern};
+use crate::oci::{Glob, RepoPattern};
 use crate::storage::{BlobStore, Index, Result};
 
 mod snapshot;
@@ -46,12 +46,13 @@ const BATCH: usize = 100;
 /// Images listed in the oldest / least recently pulled tables.
 const LISTED: usize = 10;
 
-/// A pin: `REPO[:TAG]`, each part a pattern with `*`. A pin without a tag
-/// keeps everything in the matching repositories.
+/// A pin: `REPO[:TAG]`, each part a pattern (`*` any run, `?` one
+/// character). A pin without a tag keeps everything in the matching
+/// repositories.
 #[derive(Clone, Debug)]
 pub struct Pin {
-    repo: String,
-    tag: Option<String>,
+    repo: RepoPattern,
+    tag: Option<Glob>,
 }
 
 impl Pin {
@@ -62,17 +63,17 @@ impl Pin {
         }
         let slash = s.rfind('/').map_or(0, |i| i + 1);
         let (repo, tag) = match s[slash..].rfind(':') {
-            Some(i) => (&s[..slash + i], Some(s[slash + i + 1..].to_owned())),
+            Some(i) => (&s[..slash + i], Some(Glob::new(&s[slash + i + 1..]))),
             None => (s, None),
         };
-        Ok(Pin { repo: normalise_pattern(repo), tag })
+        Ok(Pin { repo: RepoPattern::new(repo), tag })
     }
 
     pub(crate) fn matches(&self, repo: &str, tag: Option<&str>) -> bool {
-        glob(&self.repo, repo)
+        self.repo.matches(repo)
             && match (&self.tag, tag) {
                 (None, _) => true,
-                (Some(p), Some(t)) => glob(p, t),
+                (Some(p), Some(t)) => p.matches(t),
                 (Some(_), None) => false,
             }
     }
