@@ -82,7 +82,7 @@ pub struct GcArgs {
     /// (protects pulls in flight; keep it above 30m).
     #[arg(long, env = "HUBCAP_GRACE", default_value = "1d", value_parser = crate::lifecycle::parse_duration)]
     pub grace: Duration,
-    /// Images that never expire: REPO[:TAG] patterns with `*` (library/* means
+    /// Images that never expire: REPO[:TAG] patterns with `*` and `?` (library/* means
     /// docker.io/library/*; without a tag, the whole repository).
     #[arg(long = "pin", env = "HUBCAP_PINS", value_delimiter = ',')]
     pub pins: Vec<String>,
@@ -110,7 +110,7 @@ pub struct AccessArgs {
     /// Client networks allowed to use the mirror (CIDR or address); default: any.
     #[arg(long = "allow-cidr", env = "HUBCAP_ALLOW_CIDRS", value_delimiter = ',')]
     pub allow_cidrs: Vec<String>,
-    /// Repositories served (patterns with `*`; `library/*` means docker.io/library/*); default: all.
+    /// Repositories served (patterns with `*` and `?`; `library/*` means docker.io/library/*); default: all.
     #[arg(long = "allow-repo", env = "HUBCAP_ALLOW_REPOS", value_delimiter = ',')]
     pub allow_repos: Vec<String>,
     /// Repositories refused, even when allowed above.

@@ -38,7 +38,8 @@
 //!
 //! Vocabulary
 //! - `oci`: names, references, digests, media types, content negotiation,
-//!   and the one table of OCI error codes. Pure: no I/O.
+//!   repository and tag patterns, and the one table of OCI error codes.
+//!   Pure: no I/O.
 //!
 //! Controllers call services; services never call controllers.
 

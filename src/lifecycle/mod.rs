@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
-use crate::http::access::{glob, normalise_pattern};
+use crate::oci::{Glob, RepoPattern};
 use crate::storage::{BlobStore, Index, Result};
 
 mod snapshot;
@@ -46,12 +46,13 @@ const BATCH: usize = 100;
 /// Images listed in the oldest / least recently pulled tables.
 const LISTED: usize = 10;
 
-/// A pin: `REPO[:TAG]`, each part a pattern with `*`. A pin without a tag
-/// keeps everything in the matching repositories.
+/// A pin: `REPO[:TAG]`, each part a pattern (`*` any run, `?` one
+/// character). A pin without a tag keeps everything in the matching
+/// repositories.
 #[derive(Clone, Debug)]
 pub struct Pin {
-    repo: String,
-    tag: Option<String>,
+    repo: RepoPattern,
+    tag: Option<Glob>,
 }
 
 impl Pin {
@@ -62,17 +63,17 @@ impl Pin {
         }
         let slash = s.rfind('/').map_or(0, |i| i + 1);
         let (repo, tag) = match s[slash..].rfind(':') {
-            Some(i) => (&s[..slash + i], Some(s[slash + i + 1..].to_owned())),
+            Some(i) => (&s[..slash + i], Some(Glob::new(&s[slash + i + 1..]))),
             None => (s, None),
         };
-        Ok(Pin { repo: normalise_pattern(repo), tag })
+        Ok(Pin { repo: RepoPattern::new(repo), tag })
     }
 
     pub(crate) fn matches(&self, repo: &str, tag: Option<&str>) -> bool {
-        glob(&self.repo, repo)
+        self.repo.matches(repo)
             && match (&self.tag, tag) {
                 (None, _) => true,
-                (Some(p), Some(t)) => glob(p, t),
+                (Some(p), Some(t)) => p.matches(t),
                 (Some(_), None) => false,
             }
     }
@@ -198,41 +199,22 @@ pub fn render(r: &GcReport) -> String {
     out
 }
 
-/// Parses a duration such as `30d`, `12h`, `90m`, `45s` or `0`.
+/// Parses a duration in humantime's syntax: `30d`, `12h`, `1.5h`, `90m`,
+/// `45s`, `2w`, `1h30m` or `0`. A bare number is seconds (`86400`), as the
+/// CloudFormation parameters' pattern allows.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (e.g. 30d, 12h, 90m, 45s)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        "w" => n * 7.0 * 86400.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (s, m, h, d or w)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = s.parse().map_err(|_| format!("invalid duration {s:?} (e.g. 30d, 12h, 90m, 45s)"))?;
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}: too long"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 30d, 12h, 90m, 45s)"))
 }
 
-/// Parses a size such as `500G`, `2T`, `750M` or a byte count.
+/// Parses a size such as `500G`, `500GiB`, `1.5T` or a byte count. Units
+/// are binary whatever the spelling: `500G` = `500GB` = `500GiB` = 500 × 2³⁰.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?} (e.g. 500G)"))?;
-    let mult: f64 = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
-        "" => 1.0,
-        "K" => 1024.0,
-        "M" => 1024.0 * 1024.0,
-        "G" => 1024.0 * 1024.0 * 1024.0,
-        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("invalid size unit in {s:?} (K, M, G or T)")),
-    };
-    Ok((n * mult) as u64)
+    parse_size::Config::new().with_binary().parse_size(s.trim()).map_err(|e| format!("invalid size {s:?}: {e} (e.g. 500G)"))
 }
 
 #[cfg(test)]
@@ -257,10 +239,23 @@ mod tests {
         assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("86400").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("3 parsecs").is_err() && parse_duration("-1d").is_err());
+        for bad in ["inf", "nan", "1e300", "-5", "", "1.2.3", "99999999999999999999999", "99999999999999999999999d"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+        }
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("5 apples").is_err());
+        for (s, n) in
+            [("500G", 500u64 << 30), ("500GB", 500 << 30), ("500Gi", 500 << 30), ("1.5T", 3 << 39), ("1K", 1024), (" 2G ", 2 << 30)]
+        {
+            assert_eq!(parse_size(s).unwrap(), n, "{s}");
+        }
+        for bad in ["5 apples", "-5", "", "G", "99999999999T"] {
+            assert!(parse_size(bad).unwrap_err().starts_with("invalid size"), "{bad}");
+        }
     }
 }

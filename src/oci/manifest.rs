@@ -2,6 +2,13 @@
 //! client's `Accept` headers, and what the mirror reads out of a manifest
 //! (its kind and the blobs or child manifests it references). The bytes
 //! served are always upstream's own; this reads them, never rewrites them.
+//!
+//! Read with serde_json, not the oci-spec crate: a mirror must take whatever
+//! an upstream serves (Docker schema 2 and manifest lists as well as OCI;
+//! descriptors without `mediaType` or `size`; no `schemaVersion`) and needs
+//! only the media type, digests and sizes. oci-spec rejects such manifests
+//! and would add 17 crates (derive_builder, a second darling, getset, strum,
+//! regex) to the build.
 
 use super::{Digest, ErrorCode, RegistryError};
 

@@ -1,20 +1,24 @@
 //! Registry vocabulary: repository names, references, digests, manifest media
-//! types and content negotiation, and the one table of OCI error codes.
+//! types and content negotiation, repository and tag patterns, and the one
+//! table of OCI error codes.
 //!
 //! Everything here is pure: no I/O, no HTTP framework, no storage. The router
 //! parses requests into these types; the service and the backends pass them on.
 //!
 //! - `name`: digests, repository paths, references;
 //! - `manifest`: media types, `Accept` negotiation, manifest parsing;
+//! - `pattern`: repository and tag globs (access control and pins);
 //! - `error`: the OCI error table and `RegistryError`.
 
 mod error;
 mod manifest;
 mod name;
+mod pattern;
 
 pub use error::*;
 pub use manifest::*;
 pub use name::*;
+pub use pattern::*;
 
 #[cfg(test)]
 mod tests {
@@ -44,6 +48,22 @@ mod tests {
         assert_eq!(r.key(), "quay.io/org/img");
         let r = RepoPath::resolve("index.docker.io/org/img", None).unwrap();
         assert_eq!(r.key(), "docker.io/org/img");
+    }
+
+    #[test]
+    fn patterns_match_repository_keys() {
+        let m = |p: &str, key: &str| RepoPattern::new(p).matches(key);
+        assert!(m("docker.io/library/*", "docker.io/library/alpine"));
+        assert!(m("docker.io/*/x", "docker.io/a/b/x"), "* crosses /");
+        assert!(!m("docker.io/library/*", "docker.io/other/alpine"));
+        assert!(m("*", "anything/at/all"));
+        assert!(m("docker.io/a*b*c", "docker.io/aXbYc") && !m("docker.io/a*b*c", "docker.io/aXc"));
+        assert!(m("library/*", "docker.io/library/alpine"), "no registry: Docker Hub");
+        assert!(m("ghcr.io/acme/*", "ghcr.io/acme/tool") && m("localhost:5000/x", "localhost:5000/x"));
+        assert!(m("*/x", "ghcr.io/x") && !m("ghcr.io/acme/*", "GHCR.io/acme/tool"));
+        assert!(m("ghcr.io/acme/tool?", "ghcr.io/acme/tool2") && !m("ghcr.io/acme/tool?", "ghcr.io/acme/tool"), "? is one character");
+        assert_eq!(format!("{:?}", RepoPattern::new(" library/* ")), r#""docker.io/library/*""#);
+        assert!(Glob::new("3.*").matches("3.20") && !Glob::new("3.*").matches("edge") && Glob::new("v?").matches("v1"));
     }
 
     #[test]
