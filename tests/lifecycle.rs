@@ -5,8 +5,9 @@
 //!
 //! GC runs on its own index and store instances, as `hubcap gc` or the gc
 //! Lambda would next to a serving mirror; pulls go over HTTP and check
-//! every byte. Time is real: the scenarios wait whole seconds, since the
-//! index keeps Unix seconds.
+//! every byte. The index keeps Unix seconds, and the scenarios move its
+//! clock (`storage::clock::advance`) instead of waiting; only the tests of
+//! the `hubcap` binaries and the timed loop wait real seconds.
 
 mod common;
 
