@@ -606,3 +606,27 @@ async fn a_manifest_with_thousands_of_layers_is_refused_before_any_fetch() {
     let stats = http.get(format!("{}/_hubcap/stats", mirror.url)).send().await.unwrap().text().await.unwrap();
     assert!(stats.contains("\"manifests\":0"), "nothing stored: {stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_deny_pattern_denies_the_official_image_it_names() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/good", "1", &three_layer(23));
+    hub.publish("library/fine", "1", &three_layer(24));
+    let dir = tempfile::tempdir().unwrap();
+    // `good` is written as a name is, and means what the name means:
+    // docker.io/library/good.
+    let access = hubcap::http::access::AccessPolicy::new(&[], &[], &["good".into()], &[], &[]).unwrap();
+    let opts = hubcap::assemble::Options {
+        access,
+        ..common::options(hubcap::assemble::Backend::Local(dir.path().to_owned()), vec![format!("docker.io={}", hub.url)], config())
+    };
+    let mirror = Hubcap::start_opts(opts).await;
+    let http = client();
+    for name in ["good", "library/good", "docker.io/library/good"] {
+        let resp = http.get(format!("{}/v2/{name}/manifests/1", mirror.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{name}");
+        assert_eq!(error_code(resp).await, "DENIED");
+    }
+    pull(&http, &mirror.url, "fine", "1").await;
+    assert_eq!(hub.count(|c| &c.manifest_get), 1, "only the allowed image went upstream");
+}

@@ -57,12 +57,22 @@ mod tests {
         assert!(m("docker.io/*/x", "docker.io/a/b/x"), "* crosses /");
         assert!(!m("docker.io/library/*", "docker.io/other/alpine"));
         assert!(m("*", "anything/at/all"));
-        assert!(m("docker.io/a*b*c", "docker.io/aXbYc") && !m("docker.io/a*b*c", "docker.io/aXc"));
+        assert!(m("docker.io/o/a*b*c", "docker.io/o/aXbYc") && !m("docker.io/o/a*b*c", "docker.io/o/aXc"));
         assert!(m("library/*", "docker.io/library/alpine"), "no registry: Docker Hub");
         assert!(m("ghcr.io/acme/*", "ghcr.io/acme/tool") && m("localhost:5000/x", "localhost:5000/x"));
         assert!(m("*/x", "ghcr.io/x") && !m("ghcr.io/acme/*", "GHCR.io/acme/tool"));
         assert!(m("ghcr.io/acme/tool?", "ghcr.io/acme/tool2") && !m("ghcr.io/acme/tool?", "ghcr.io/acme/tool"), "? is one character");
         assert_eq!(format!("{:?}", RepoPattern::new(" library/* ")), r#""docker.io/library/*""#);
+        // Normalised exactly as names are: an official image's short name,
+        // Docker Hub's other spellings.
+        assert!(m("good", "docker.io/library/good") && !m("good", "docker.io/good"), "`good` is library/good");
+        assert!(m("alp*", "docker.io/library/alpine"));
+        assert!(m("index.docker.io/good", "docker.io/library/good") && m("docker.io/good", "docker.io/library/good"));
+        assert!(m("GHCR.IO/acme/*", "ghcr.io/acme/tool"), "registries are case-insensitive");
+        for (pattern, name) in [("good", "good"), ("org/app", "org/app"), ("docker.io/x", "x"), ("ghcr.io/o/x", "ghcr.io/o/x")] {
+            let key = RepoPath::resolve(name, None).unwrap().key();
+            assert!(m(pattern, &key), "{pattern} matches the name {name} ({key})");
+        }
         assert!(Glob::new("3.*").matches("3.20") && !Glob::new("3.*").matches("edge") && Glob::new("v?").matches("v1"));
     }
 

@@ -9,7 +9,7 @@ use std::fmt;
 
 use wildmatch::WildMatch;
 
-use super::DOCKER_HUB;
+use super::{DOCKER_HUB, canonical_registry};
 
 /// A glob on a tag (or any string): `3.*`, `v1.?`. Shown (`Debug`,
 /// `Display`) as its pattern text.
@@ -38,21 +38,29 @@ impl fmt::Debug for Glob {
     }
 }
 
-/// A glob on repository keys (`RepoPath::key`, `registry/name`). A pattern
-/// without a registry (first segment with no `.` or `:`) is a Docker Hub
-/// one: `library/*` means `docker.io/library/*`; `*` alone is every
-/// repository.
+/// A glob on repository keys (`RepoPath::key`, `registry/name`), written
+/// the way names are and normalised exactly as `RepoPath::resolve`
+/// normalises them: a pattern without a registry (first segment with no `.`
+/// or `:`, not `localhost`) is a Docker Hub one, and a Docker Hub pattern of
+/// one segment is an official image's: `library/*` means
+/// `docker.io/library/*`, `alpine` means `docker.io/library/alpine`. `*`
+/// alone, or a first segment `*`, matches every registry.
 #[derive(Clone)]
 pub struct RepoPattern(Glob);
 
 impl RepoPattern {
     pub fn new(pattern: &str) -> RepoPattern {
         let p = pattern.trim();
-        RepoPattern(Glob::new(&match p.split_once('/') {
-            Some((first, _)) if first.contains(['.', ':']) || first == "*" => p.to_owned(),
-            _ if p == "*" => p.to_owned(),
-            _ => format!("{DOCKER_HUB}/{p}"),
-        }))
+        let (registry, name) = match p.split_once('/') {
+            _ if p == "*" => return RepoPattern(Glob::new(p)),
+            Some(("*", _)) => return RepoPattern(Glob::new(p)),
+            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
+                (canonical_registry(first).unwrap_or_else(|_| first.to_ascii_lowercase()), rest)
+            }
+            _ => (DOCKER_HUB.to_owned(), p),
+        };
+        let name = if registry == DOCKER_HUB && !name.contains('/') { format!("library/{name}") } else { name.to_owned() };
+        RepoPattern(Glob::new(&format!("{registry}/{name}")))
     }
 
     /// Whether the repository key `key` matches.
