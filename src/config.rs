@@ -24,21 +24,34 @@ pub struct MirrorArgs {
     #[arg(long, env = "HUBCAP_CREDENTIALS_SECRET")]
     pub credentials_secret: Option<String>,
     /// Seconds a tag is trusted before it is re-validated upstream (0: every time).
-    #[arg(long, env = "HUBCAP_TAG_TTL", default_value_t = 600.0)]
+    #[arg(long, env = "HUBCAP_TAG_TTL", default_value_t = 600.0, value_parser = seconds)]
     pub tag_ttl: f64,
     /// Seconds a blob request waits for an in-flight fetch before redirecting back.
-    #[arg(long, env = "HUBCAP_BLOB_WAIT", default_value_t = 20.0)]
+    #[arg(long, env = "HUBCAP_BLOB_WAIT", default_value_t = 20.0, value_parser = seconds)]
     pub blob_wait: f64,
     /// Seconds a signed blob URL stays valid.
-    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0)]
+    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0, value_parser = seconds)]
     pub url_ttl: f64,
     /// Seconds a tag re-validation may take before the cached tag is served.
-    #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0)]
+    #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0, value_parser = seconds)]
     pub revalidate_timeout: f64,
     /// Blob copies from upstream running at once (the in-process fetcher, or
     /// one fetcher Lambda working through a batch of stream records).
     #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
     pub fetch_concurrency: usize,
+}
+
+/// Longest a setting in seconds may be: a year.
+const MAX_SECONDS: f64 = 365.0 * 86400.0;
+
+/// A number of seconds (`900`, `0.25`): finite, not negative, at most a
+/// year. `inf`, `nan`, `-5` and `1e300` are errors, never a panic or 0.
+fn seconds(s: &str) -> Result<f64, String> {
+    let n: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !n.is_finite() || n < 0.0 || n > MAX_SECONDS {
+        return Err(format!("{s:?}: seconds must be between 0 and {MAX_SECONDS} (a year)"));
+    }
+    Ok(n)
 }
 
 fn secs(s: f64) -> Duration {
@@ -239,5 +252,26 @@ impl LambdaSettings {
         let mut opts = self.mirror.options(self.backend()?, self.access.policy()?);
         opts.memory_cache_entries = self.memory_cache_entries;
         Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        mirror: super::MirrorArgs,
+    }
+
+    #[test]
+    fn seconds_settings_refuse_what_is_not_a_time() {
+        for bad in ["inf", "nan", "-5", "1e300", "soon", ""] {
+            let parsed = Cli::try_parse_from(["hubcap", "--url-ttl", bad]);
+            assert!(parsed.is_err(), "--url-ttl {bad:?} is refused");
+        }
+        let ok = Cli::try_parse_from(["hubcap", "--url-ttl", "0.5", "--blob-wait", "0"]).unwrap();
+        assert_eq!(ok.mirror.mirror_config().url_ttl, std::time::Duration::from_millis(500));
     }
 }
