@@ -3,8 +3,13 @@
 //! there is one way to open storage (the index always behind the in-memory
 //! cache), one way to build the upstreams (credentials from a file and/or
 //! AWS Secrets Manager), and one choice of where blob misses are fetched:
-//! - `Fetching::InProcess`: a bounded queue in this process (`hubcap serve`,
-//!   `warm`, the gc Lambda's warm list, an `api` Lambda on local storage);
+//! - `Fetching::InProcess`: a bounded queue in this process (`warm`, the gc
+//!   Lambda's warm list);
+//! - `Fetching::Owner`: the same, for the one server that owns an embedded
+//!   backend's directory (`hubcap serve`, an `api` Lambda on local storage):
+//!   at start it clears what a crash left half-written and resumes unfinished
+//!   fetches. Nothing else touches those, so `hubcap gc`, `stats` and `warm`
+//!   are safe beside a running server;
 //! - `Fetching::ByStream`: the index is the queue, and the `fetcher` Lambda
 //!   consumes its stream (the `api` Lambda on AWS).
 
@@ -61,6 +66,7 @@ pub struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fetching {
     InProcess,
+    Owner,
     ByStream,
 }
 
@@ -122,15 +128,21 @@ pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetchin
     let Storage { index, store, local_blobs } = open(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries).await?;
     let upstreams = Arc::new(upstreams);
     let queue: Arc<dyn FetchQueue> = match fetching {
-        Fetching::InProcess => {
+        Fetching::InProcess | Fetching::Owner => {
             let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
             Arc::new(LocalQueue::new(fetcher, opts.fetch_concurrency))
         }
         Fetching::ByStream => Arc::new(IndexQueue),
     };
     let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));
-    if fetching == Fetching::InProcess && matches!(opts.backend, Backend::Local(_)) {
+    if let (Fetching::Owner, Some(local)) = (fetching, &local_blobs) {
         // Shared AWS tables are re-driven by their stream, not by each server.
+        local.clear_unfinished()?;
+        let dir = match &opts.backend {
+            Backend::Local(dir) => dir,
+            Backend::Aws(_) => unreachable!("local blobs are the embedded backend's"),
+        };
+        SqliteIndex::open(&dir.join("index.db"))?.release_unfinished().await?;
         let resumed = mirror.resume_fetches().await?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished blob fetches");

@@ -95,3 +95,38 @@ async fn a_shutdown_does_not_wait_forever_for_a_slow_client() {
     assert!(mirror.log().contains("shutdown grace"), "it said it closed what was left:\n{}", mirror.log());
     slow.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_commands_beside_a_running_server_take_nothing_from_it() {
+    use common::images::{self, Format, Published};
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 71, 2);
+    hub.publish("library/busy", "1", &Published::Image(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hubcap-data");
+    let (_mirror, url) = hubcap_serve(dir.path(), &hub.url, 0, &[], "hubcap.log").await;
+    // The manifest miss queues its blobs; their copies stop half-way.
+    hub.set_fault(common::fakehub::Fault::DripBody(Duration::from_secs(3)));
+    let http = common::client();
+    common::get_manifest(&http, &url, "busy", "1", common::ALL_MANIFESTS).await;
+    let in_progress = || std::fs::read_dir(data.join("tmp")).unwrap().count();
+    for _ in 0..50 {
+        if in_progress() == img.blobs().len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(in_progress(), img.blobs().len(), "every copy is under way");
+    // `hubcap stats` and `hubcap gc` on the same directory meanwhile.
+    for args in [&["stats", "--json"][..], &["gc", "--dry-run"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap")).args(args).arg("--data").arg(&data).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(in_progress(), img.blobs().len(), "the server's copies in progress are untouched");
+    // They finish, and are served, each copied once.
+    hub.set_fault(common::fakehub::Fault::None);
+    for (digest, bytes) in img.blobs() {
+        assert_eq!(common::get_blob(&http, &url, "busy", &digest).await, bytes);
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once");
+    }
+}

@@ -22,7 +22,7 @@ use crate::storage::aws::AwsStorage;
 /// With `HUBCAP_STORAGE=local` it runs on the embedded backend instead, with
 /// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
-    let fetching = if settings.storage == StorageKind::Local { Fetching::InProcess } else { Fetching::ByStream };
+    let fetching = if settings.storage == StorageKind::Local { Fetching::Owner } else { Fetching::ByStream };
     let Assembled { mirror, router } = assemble::mirror(&settings.options()?, fetching).await?;
     Ok((with_metrics(router, mirror.clone()), mirror))
 }

@@ -36,6 +36,8 @@ pub enum Fault {
     NoBlobLength,
     /// Tag lists are 2 MiB, streamed with no Content-Length, whatever `n`.
     HugeTagList,
+    /// CDN blob bodies send half, pause this long, then the rest.
+    DripBody(Duration),
 }
 
 #[derive(Default, Debug)]
@@ -414,6 +416,14 @@ async fn cdn_blob(
                 Ok::<Bytes, std::io::Error>(half),
                 Err(std::io::Error::other("connection cut")),
             ]))
+        }
+        Fault::DripBody(pause) => {
+            let (first, rest) = (bytes.slice(0..len / 2), bytes.slice(len / 2..));
+            let later = futures_util::stream::once(async move {
+                tokio::time::sleep(pause).await;
+                Ok::<Bytes, std::io::Error>(rest)
+            });
+            Body::from_stream(futures_util::StreamExt::chain(futures_util::stream::iter(vec![Ok::<Bytes, std::io::Error>(first)]), later))
         }
         Fault::WrongBytes => {
             let mut v = bytes.to_vec();

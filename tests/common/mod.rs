@@ -72,7 +72,7 @@ impl Hubcap {
 
     pub async fn start_opts(opts: Options) -> Hubcap {
         init_logs();
-        let Assembled { mirror, router } = hubcap::assemble::mirror(&opts, Fetching::InProcess).await.unwrap();
+        let Assembled { mirror, router } = hubcap::assemble::mirror(&opts, Fetching::Owner).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();

@@ -10,13 +10,19 @@ pub struct FsBlobStore {
 }
 
 impl FsBlobStore {
+    /// Removes what writes cut off by a crash left in `tmp/` (never
+    /// visible). Only the server that owns the directory may, at its start:
+    /// another process's copies in progress live there.
+    pub fn clear_unfinished(&self) -> Result<()> {
+        for entry in std::fs::read_dir(self.root.join("tmp"))? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(())
+    }
+
     pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
         std::fs::create_dir_all(data_dir.join("blobs/sha256"))?;
         std::fs::create_dir_all(data_dir.join("tmp"))?;
-        // Leftovers of writes cut off by a crash are never visible; clear them.
-        for entry in std::fs::read_dir(data_dir.join("tmp"))? {
-            let _ = std::fs::remove_file(entry?.path());
-        }
         let key = signing_key(&data_dir.join("signing.key"))?;
         Ok(FsBlobStore { root: data_dir.to_owned(), key })
     }

@@ -65,10 +65,14 @@ impl SqliteIndex {
         conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         migrate(&conn).map_err(db_err)?;
-        // This process is the only one using this database: fetches another
-        // run left half-done are nobody's any more.
-        conn.execute("UPDATE blobs SET state = 'pending' WHERE state = 'fetching'", []).map_err(db_err)?;
         Ok(SqliteIndex { conn: Mutex::new(conn) })
+    }
+
+    /// Puts fetches a previous run left half-done back to `pending`. Only
+    /// the server that owns the directory may, at its start: a command run
+    /// beside it would take its copies in progress away.
+    pub async fn release_unfinished(&self) -> Result<usize> {
+        self.with(|c| c.execute("UPDATE blobs SET state = 'pending', lease_until = 0 WHERE state = 'fetching'", []))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
