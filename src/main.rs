@@ -217,11 +217,8 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
     let background = serve::spawn_maintenance(mirror.clone(), gc, args.gc_interval);
-    let limits = serve::Limits {
-        header_timeout: args.header_timeout,
-        max_connections: args.max_connections,
-        shutdown_grace: args.shutdown_grace,
-    };
+    let limits =
+        serve::Limits { header_timeout: args.header_timeout, max_connections: args.max_connections, shutdown_grace: args.shutdown_grace };
     serve::run_with(listener, router, serve::shutdown_signal(), limits).await?;
     background.abort();
     mirror.flush_stats().await?;

@@ -47,8 +47,7 @@ async fn get_base(addr: &str) -> String {
 async fn slow_clients_are_cut_off_and_connections_are_capped() {
     let hub = FakeHub::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_mirror, url) =
-        hubcap_serve(dir.path(), &hub.url, 0, &["--header-timeout", "1s", "--max-connections", "3"], "hubcap.log").await;
+    let (_mirror, url) = hubcap_serve(dir.path(), &hub.url, 0, &["--header-timeout", "1s", "--max-connections", "3"], "hubcap.log").await;
     let addr = url.trim_start_matches("http://").to_owned();
 
     // Three clients drip their headers and take every connection slot.

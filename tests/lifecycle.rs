@@ -678,7 +678,11 @@ async fn gc_and_stats_commands(kind: Kind) {
     // With no grace period one run expires the images and frees their bytes.
     let run = json(&["gc", "--json", "--unused-for", "1s", "--grace", "0"]);
     assert_eq!(run["expired"].as_array().unwrap().len(), 2, "{run}");
-    assert_eq!((run["deleted_blobs"].as_u64(), run["reclaimed_bytes"].as_u64(), run["grace_bytes"].as_u64()), (Some(5), Some(all), Some(0)), "{run}");
+    assert_eq!(
+        (run["deleted_blobs"].as_u64(), run["reclaimed_bytes"].as_u64(), run["grace_bytes"].as_u64()),
+        (Some(5), Some(all), Some(0)),
+        "{run}"
+    );
     let stats = json(&["stats", "--json"]);
     assert_eq!((stats["cache"]["images"].as_u64(), stats["cache"]["bytes"].as_u64()), (Some(0), Some(0)), "{stats}");
     assert_eq!(stats["requests"]["miss"].as_u64(), Some(misses), "the counters outlive the images");

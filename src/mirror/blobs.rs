@@ -112,7 +112,8 @@ impl Mirror {
         {
             return Ok((size, CacheStatus::Miss));
         }
-        Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched; its size is not known yet")).with_retry_after(Some(1)))
+        Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched; its size is not known yet"))
+            .with_retry_after(Some(1)))
     }
 
     // -- tags ---------------------------------------------------------------
