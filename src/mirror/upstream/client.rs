@@ -21,6 +21,9 @@ use reqwest::{Method, StatusCode};
 use super::Credentials;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
+/// Most upstream tokens kept (one per repository scope).
+const AUTH_SCOPES: usize = 1024;
+
 /// Most tags asked of upstream per page.
 pub const TAG_PAGE: u32 = 1000;
 /// Largest tag list page read from upstream (a thousand tags of the longest
@@ -93,8 +96,10 @@ pub struct Upstream {
     /// start-up, and a warm mirror may never need upstream.
     http: std::sync::OnceLock<reqwest::Client>,
     credentials: Option<Credentials>,
-    /// Authorization header per scope, until it expires.
-    auth: Mutex<HashMap<String, CachedAuth>>,
+    /// Authorization header per scope, until it expires; at most
+    /// `AUTH_SCOPES` of them (least recently used go first), however many
+    /// repositories clients ask for.
+    auth: Mutex<lru::LruCache<String, CachedAuth>>,
     ratelimit_remaining: AtomicI64,
     /// When it was reported (Unix seconds).
     ratelimit_seen_at: AtomicI64,
@@ -119,7 +124,7 @@ impl Upstream {
             base: base_url.trim_end_matches('/').to_owned(),
             http: std::sync::OnceLock::new(),
             credentials,
-            auth: Mutex::new(HashMap::new()),
+            auth: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(AUTH_SCOPES).expect("non-zero"))),
             ratelimit_remaining: AtomicI64::new(-1),
             ratelimit_seen_at: AtomicI64::new(0),
             requests: AtomicU64::new(0),
@@ -281,7 +286,7 @@ impl Upstream {
     }
 
     fn cached_auth(&self, scope: &str) -> Option<HeaderValue> {
-        let map = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.auth.lock().unwrap_or_else(|p| p.into_inner());
         map.get(scope).filter(|a| a.expires > Instant::now()).map(|a| a.header.clone())
     }
 
@@ -342,7 +347,7 @@ impl Upstream {
         };
         let (mut value, expires) = header;
         value.set_sensitive(true);
-        self.auth.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.to_owned(), CachedAuth { header: value, expires });
+        self.auth.lock().unwrap_or_else(|p| p.into_inner()).put(scope.to_owned(), CachedAuth { header: value, expires });
         Ok(())
     }
 
@@ -465,6 +470,20 @@ async fn read_capped(resp: reqwest::Response, cap: usize, what: &str) -> Result<
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn upstream_tokens_are_kept_for_a_bounded_number_of_scopes() {
+        let u = Upstream::new("docker.io", "http://127.0.0.1:9", None).unwrap();
+        for i in 0..(AUTH_SCOPES * 3) {
+            let header = HeaderValue::from_static("Bearer t");
+            let expires = Instant::now() + Duration::from_secs(3600);
+            u.auth.lock().unwrap().put(format!("repository:r{i}:pull"), CachedAuth { header, expires });
+        }
+        assert_eq!(u.auth.lock().unwrap().len(), AUTH_SCOPES);
+        assert!(u.cached_auth(&format!("repository:r{}:pull", AUTH_SCOPES * 3 - 1)).is_some(), "the newest stay");
+        assert!(u.cached_auth("repository:r0:pull").is_none(), "the oldest went");
+    }
+
     use super::*;
 
     #[test]
