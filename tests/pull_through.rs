@@ -630,3 +630,25 @@ async fn a_short_deny_pattern_denies_the_official_image_it_names() {
     pull(&http, &mirror.url, "fine", "1").await;
     assert_eq!(hub.count(|c| &c.manifest_get), 1, "only the allowed image went upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_statistics_name_no_image_of_a_repository_the_mirror_refuses() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/secret-db", "1", &three_layer(25));
+    hub.publish("library/open", "1", &three_layer(26));
+    let dir = tempfile::tempdir().unwrap();
+    let backend = || hubcap::assemble::Backend::Local(dir.path().to_owned());
+    // Cached while nothing was refused.
+    let first = Hubcap::start_opts(common::options(backend(), vec![format!("docker.io={}", hub.url)], config())).await;
+    let http = client();
+    pull(&http, &first.url, "secret-db", "1").await;
+    pull(&http, &first.url, "open", "1").await;
+    first.stop().await;
+    // Then served with a deny rule: the statistics do not name it.
+    let access = hubcap::http::access::AccessPolicy::new(&[], &[], &["secret*".into()], &[], &[]).unwrap();
+    let opts = hubcap::assemble::Options { access, ..common::options(backend(), vec![format!("docker.io={}", hub.url)], config()) };
+    let second = Hubcap::start_opts(opts).await;
+    let stats = http.get(format!("{}/_hubcap/stats", second.url)).send().await.unwrap().text().await.unwrap();
+    assert!(stats.contains("docker.io/library/open:1"), "{stats}");
+    assert!(!stats.contains("secret"), "{stats}");
+}

@@ -161,12 +161,33 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// instances, all time: see `observe::Report`), plus this instance's counts
 /// since start-up and what it knows of its upstreams (JSON).
 async fn stats(State(state): State<AppState>) -> Response {
-    let report = match state.mirror.report().await {
+    let mut report = match state.mirror.report().await {
         Ok(r) => r,
         Err(e) => return RegistryError::from(e).into_response(),
     };
+    // The lists name images: none of a repository this mirror refuses
+    // (cached before a deny rule, or by `hubcap warm`).
+    let visible = |image: &crate::lifecycle::ImageInfo| {
+        let key = image_repository(&image.image);
+        crate::oci::RepoPath::from_key(key).is_some_and(|r| state.access.check_repo(&r).is_ok())
+    };
+    report.cache.oldest.retain(visible);
+    report.cache.least_recently_pulled.retain(visible);
     let body = crate::observe::report::with_instance(&report, &state.mirror.counters().snapshot(), &state.mirror.upstreams().each());
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// The repository key of an image as the inventory names it:
+/// `registry/name:tag` or `registry/name@digest`.
+fn image_repository(image: &str) -> &str {
+    if let Some((repo, _)) = image.split_once('@') {
+        return repo;
+    }
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(i) => &image[..slash + i],
+        None => image,
+    }
 }
 
 /// `GET /metrics`: the same in the Prometheus text format.
