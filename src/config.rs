@@ -48,7 +48,7 @@ const MAX_SECONDS: f64 = 365.0 * 86400.0;
 /// year. `inf`, `nan`, `-5` and `1e300` are errors, never a panic or 0.
 fn seconds(s: &str) -> Result<f64, String> {
     let n: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !n.is_finite() || n < 0.0 || n > MAX_SECONDS {
+    if !n.is_finite() || !(0.0..=MAX_SECONDS).contains(&n) {
         return Err(format!("{s:?}: seconds must be between 0 and {MAX_SECONDS} (a year)"));
     }
     Ok(n)

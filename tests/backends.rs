@@ -223,7 +223,7 @@ async fn manifests(index: &dyn Index, c: &Checks) {
     for repo in [REPO, OTHER] {
         let got = index.manifest(repo, &m.digest).await.unwrap();
         c.that(got.linked, format!("manifest({repo}): linked by put_manifest"));
-        c.eq(got.record.as_ref(), Some(&m), &format!("manifest({repo}): the stored bytes"));
+        c.eq(got.record.as_ref(), Some(&m), format!("manifest({repo}): the stored bytes"));
         c.within(got.pulled_at, before, after, format!("manifest({repo}).pulled_at: storing it is a pull"));
         for b in &blobs {
             let view = index.blob(repo, b).await.unwrap();
@@ -231,7 +231,7 @@ async fn manifests(index: &dyn Index, c: &Checks) {
             match view.record {
                 Some(r) => {
                     c.eq(r.state, BlobState::Pending, format!("blob({repo}, {b}).state after put_manifest"));
-                    c.eq(r.source.as_str(), REPO, &format!("blob({b}).source: the repository whose put made it pending"));
+                    c.eq(r.source.as_str(), REPO, format!("blob({b}).source: the repository whose put made it pending"));
                 }
                 None => c.that(false, format!("blob({repo}, {b}): no record after put_manifest made it pending")),
             }
@@ -243,7 +243,7 @@ async fn manifests(index: &dyn Index, c: &Checks) {
     c.that(!index.blob(STRANGER, &config).await.unwrap().linked, "blob(stranger): not linked there");
     let queue = unfinished(index).await;
     for b in &blobs {
-        c.eq(queue.get(b), Some(&BlobState::Pending), &format!("unfinished_blobs(): lists pending {b}"));
+        c.eq(queue.get(b), Some(&BlobState::Pending), format!("unfinished_blobs(): lists pending {b}"));
     }
 
     // Sharing a layer with a stored manifest: only the new blob is pending.
@@ -813,7 +813,7 @@ async fn blob_store_contract(store: &dyn BlobStore, fetch: Fetch<'_>, backend: &
     write(store, &dother, &other).await;
     store.delete_many(&[big.clone(), ds.clone(), dother.clone(), d("store/never")]).await.unwrap();
     for x in [&big, &dother] {
-        c.eq(store.size(x).await.unwrap(), None, &format!("delete_many(): {x} gone, missing ones are fine"));
+        c.eq(store.size(x).await.unwrap(), None, format!("delete_many(): {x} gone, missing ones are fine"));
     }
     c.finish();
 }

@@ -352,7 +352,7 @@ fn field<'a>(line: &'a str, field: &str) -> &'a str {
     for start in [format!("{field}=\""), format!("{field}="), format!("\"{field}\":\""), format!("\"{field}\":")] {
         if let Some(i) = line.find(&start) {
             let rest = &line[i + start.len()..];
-            return &rest[..rest.find(|c: char| c == '"' || c == ' ' || c == ',').unwrap_or(rest.len())];
+            return &rest[..rest.find(['"', ' ', ',']).unwrap_or(rest.len())];
         }
     }
     panic!("no {field} in {line}")

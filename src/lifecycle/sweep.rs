@@ -184,7 +184,7 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// 1. Images: tags and repository manifests not kept are deleted, each
+    /// Phase 1, images: tags and repository manifests not kept are deleted, each
     /// only if not pulled since the sweep read it (a tag moved or pulled
     /// meanwhile stays, with what it leads to now).
     async fn expire_images(&mut self, roots: &[Root]) -> Phase<Held> {
@@ -238,7 +238,7 @@ impl<'a> Sweep<'a> {
         Ok(Ok(held))
     }
 
-    /// 2. Manifests no repository holds any more: their ready blobs are
+    /// Phase 2, manifests no repository holds any more: their ready blobs are
     /// marked used first, so a client that got the manifest just before has
     /// the grace period to fetch them.
     async fn delete_unheld_manifests(&mut self, held: &Held) -> Phase<Unheld> {
@@ -275,7 +275,7 @@ impl<'a> Sweep<'a> {
         Ok(Ok(out))
     }
 
-    /// 3. Blobs nothing references, unused for the grace period: marked
+    /// Phase 3, blobs nothing references, unused for the grace period: marked
     /// `deleting` (a reader that marked one used first wins), then their
     /// bytes go, then their records.
     async fn delete_unreferenced_blobs(&mut self, unheld: &Unheld) -> Phase {
