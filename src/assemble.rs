@@ -87,11 +87,21 @@ pub struct Assembled {
 
 /// Opens a backend.
 pub async fn open(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize) -> Result<Storage, BoxError> {
+    open_as(backend, tag_ttl, memory_cache_entries, false).await
+}
+
+/// `open`; as the `owner` of an embedded backend's directory, also clears
+/// what a crash left half-written and releases the fetches it left.
+async fn open_as(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize, owner: bool) -> Result<Storage, BoxError> {
     Ok(match backend {
         Backend::Local(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
             let store = Arc::new(FsBlobStore::open(dir)?);
             let index = SqliteIndex::open(&dir.join("index.db"))?;
+            if owner {
+                store.clear_unfinished()?;
+                index.release_unfinished().await?;
+            }
             let index = Arc::new(CachedIndex::new(index, memory_cache_entries, tag_ttl));
             Storage { index, store: store.clone(), local_blobs: Some(store) }
         }
@@ -125,7 +135,8 @@ pub async fn mirror(opts: &Options, fetching: Fetching) -> Result<Assembled, Box
 
 /// `mirror`, with upstreams already built.
 pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetching) -> Result<Assembled, BoxError> {
-    let Storage { index, store, local_blobs } = open(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries).await?;
+    let owner = fetching == Fetching::Owner;
+    let Storage { index, store, local_blobs } = open_as(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries, owner).await?;
     let upstreams = Arc::new(upstreams);
     let queue: Arc<dyn FetchQueue> = match fetching {
         Fetching::InProcess | Fetching::Owner => {
@@ -135,14 +146,8 @@ pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetchin
         Fetching::ByStream => Arc::new(IndexQueue),
     };
     let mirror = Arc::new(Mirror::new(index, store, queue, upstreams, opts.mirror.clone()));
-    if let (Fetching::Owner, Some(local)) = (fetching, &local_blobs) {
+    if owner && local_blobs.is_some() {
         // Shared AWS tables are re-driven by their stream, not by each server.
-        local.clear_unfinished()?;
-        let dir = match &opts.backend {
-            Backend::Local(dir) => dir,
-            Backend::Aws(_) => unreachable!("local blobs are the embedded backend's"),
-        };
-        SqliteIndex::open(&dir.join("index.db"))?.release_unfinished().await?;
         let resumed = mirror.resume_fetches().await?;
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished blob fetches");

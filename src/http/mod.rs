@@ -168,26 +168,13 @@ async fn stats(State(state): State<AppState>) -> Response {
     // The lists name images: none of a repository this mirror refuses
     // (cached before a deny rule, or by `hubcap warm`).
     let visible = |image: &crate::lifecycle::ImageInfo| {
-        let key = image_repository(&image.image);
+        let (key, _) = crate::oci::split_image(&image.image);
         crate::oci::RepoPath::from_key(key).is_some_and(|r| state.access.check_repo(&r).is_ok())
     };
     report.cache.oldest.retain(visible);
     report.cache.least_recently_pulled.retain(visible);
     let body = crate::observe::report::with_instance(&report, &state.mirror.counters().snapshot(), &state.mirror.upstreams().each());
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
-}
-
-/// The repository key of an image as the inventory names it:
-/// `registry/name:tag` or `registry/name@digest`.
-fn image_repository(image: &str) -> &str {
-    if let Some((repo, _)) = image.split_once('@') {
-        return repo;
-    }
-    let slash = image.rfind('/').map_or(0, |i| i + 1);
-    match image[slash..].rfind(':') {
-        Some(i) => &image[..slash + i],
-        None => image,
-    }
 }
 
 /// `GET /metrics`: the same in the Prometheus text format.
