@@ -22,7 +22,7 @@ use axum::Router;
 use crate::http::access::AccessPolicy;
 use crate::http::{AppState, app};
 use crate::mirror::fetch::{FetchQueue, Fetcher, IndexQueue, LocalQueue};
-use crate::mirror::upstream::{Upstreams, build_upstreams, load_credentials, parse_credentials};
+use crate::mirror::upstream::{UpstreamLimits, Upstreams, build_upstreams, load_credentials, parse_credentials};
 use crate::mirror::{Mirror, MirrorConfig};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
@@ -60,6 +60,8 @@ pub struct Options {
     pub access: AccessPolicy,
     /// Facts per kind in the in-memory cache in front of the index.
     pub memory_cache_entries: usize,
+    /// Redirects, time and size limits of upstream transfers.
+    pub upstream_limits: UpstreamLimits,
 }
 
 /// Where blob misses are fetched.
@@ -115,7 +117,12 @@ async fn open_as(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_e
 
 /// The upstreams configured by `--upstream`, with credentials from a file
 /// (`--credentials`) and/or an AWS Secrets Manager secret, read once here.
-pub async fn upstreams(specs: &[String], credentials: Option<&Path>, secret: Option<&str>) -> Result<Upstreams, BoxError> {
+pub async fn upstreams(
+    specs: &[String],
+    limits: &UpstreamLimits,
+    credentials: Option<&Path>,
+    secret: Option<&str>,
+) -> Result<Upstreams, BoxError> {
     let mut all = match credentials {
         Some(path) => load_credentials(path)?,
         None => HashMap::new(),
@@ -124,12 +131,13 @@ pub async fn upstreams(specs: &[String], credentials: Option<&Path>, secret: Opt
         let text = crate::secrets::secret_string(secret).await?;
         all.extend(parse_credentials(&text).map_err(|e| format!("secret {secret}: {e}"))?);
     }
-    build_upstreams(specs, &all)
+    build_upstreams(specs, limits, &all)
 }
 
 /// The mirror `opts` describe, and its router.
 pub async fn mirror(opts: &Options, fetching: Fetching) -> Result<Assembled, BoxError> {
-    let upstreams = upstreams(&opts.upstreams, opts.credentials.as_deref(), opts.credentials_secret.as_deref()).await?;
+    let upstreams =
+        upstreams(&opts.upstreams, &opts.upstream_limits, opts.credentials.as_deref(), opts.credentials_secret.as_deref()).await?;
     mirror_with(opts, upstreams, fetching).await
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::assemble::{Backend, MEMORY_CACHE_ENTRIES, Options};
 use crate::mirror::MirrorConfig;
+use crate::mirror::upstream::UpstreamLimits;
 use crate::storage::aws::{AwsStorage, Encryption};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -39,6 +40,22 @@ pub struct MirrorArgs {
     /// one fetcher Lambda working through a batch of stream records).
     #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
     pub fetch_concurrency: usize,
+    /// Loopback or private HOST:PORTs that upstream blob redirects may lead
+    /// to (an internal registry's object store). Configured upstreams are
+    /// always allowed; other internal addresses never are.
+    #[arg(long = "redirect-allow", env = "HUBCAP_REDIRECT_ALLOW", value_delimiter = ',')]
+    pub redirect_allow: Vec<String>,
+    /// Seconds an upstream request with a small answer (token, manifest, tag
+    /// list, HEAD) may take in all; a blob download must start within it and
+    /// keep up --min-transfer-rate over every such window.
+    #[arg(long, env = "HUBCAP_TRANSFER_WINDOW", default_value_t = 30.0, value_parser = seconds)]
+    pub transfer_window: f64,
+    /// Slowest blob download kept going (bytes per second, e.g. 32KiB).
+    #[arg(long, env = "HUBCAP_MIN_TRANSFER_RATE", default_value = "32KiB", value_parser = crate::lifecycle::parse_size)]
+    pub min_transfer_rate: u64,
+    /// Largest blob copied from upstream (e.g. 64GiB), declared or not.
+    #[arg(long, env = "HUBCAP_MAX_BLOB_SIZE", default_value = "64GiB", value_parser = crate::lifecycle::parse_size)]
+    pub max_blob_size: u64,
 }
 
 /// Longest a setting in seconds may be: a year.
@@ -70,6 +87,17 @@ impl MirrorArgs {
             fetch_concurrency: self.fetch_concurrency,
             access,
             memory_cache_entries: MEMORY_CACHE_ENTRIES,
+            upstream_limits: self.upstream_limits(),
+        }
+    }
+
+    pub fn upstream_limits(&self) -> UpstreamLimits {
+        UpstreamLimits {
+            redirect_allow: self.redirect_allow.iter().filter(|a| !a.trim().is_empty()).cloned().collect(),
+            // A zero window would refuse every request: at least a second.
+            window: secs(self.transfer_window).max(Duration::from_secs(1)),
+            min_rate: self.min_transfer_rate,
+            max_blob: self.max_blob_size,
         }
     }
 

@@ -25,7 +25,7 @@ use hubcap::storage::aws::AwsStorage;
 use tower::ServiceExt;
 
 fn upstreams(hub: &FakeHub) -> Upstreams {
-    build_upstreams(&[format!("docker.io={}", hub.url)], &HashMap::new()).unwrap()
+    build_upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), &HashMap::new()).unwrap()
 }
 
 fn aws_opts(storage: AwsStorage, hub: &FakeHub) -> Options {
@@ -394,6 +394,7 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
         ("HUBCAP_STORAGE", "local".to_owned()),
         ("HUBCAP_DATA", data.display().to_string()),
         ("HUBCAP_UPSTREAM", format!("docker.io={}", hub.url)),
+        ("HUBCAP_REDIRECT_ALLOW", hub.cdn.clone()),
     ];
     // No AWS at all: not even credentials or an endpoint.
     let env = [&settings[..], &[("AWS_EC2_METADATA_DISABLED", "true".into())]].concat();
@@ -490,6 +491,7 @@ async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs
     let port = free_port();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+        .args(["--redirect-allow", &hub.cdn])
         .args(["--credentials-secret", "hubcap/dockerhub"])
         .arg("--data")
         .arg(dir.path().join("data"))

@@ -1,7 +1,12 @@
-//! Hostile clients against the real `hubcap serve` binary: connections that
-//! drip their headers (slowloris) are cut off, the server holds no more
-//! connections than it is told, and a shutdown does not wait forever for a
-//! client that never finishes. All traffic stays on 127.0.0.1.
+//! Hostile peers. Clients against the real `hubcap serve` binary:
+//! connections that drip their headers (slowloris) are cut off, the server
+//! holds no more connections than it is told, and a shutdown does not wait
+//! forever for a client that never finishes. Upstreams against an
+//! in-process mirror: redirects into the host or its network are refused,
+//! dripping transfers are cut off and cannot starve healthy ones, and a blob
+//! of no declared size cannot grow without bound. All traffic stays on
+//! 127.0.0.1 (the "internal" service is another loopback port that is not a
+//! configured upstream).
 
 mod common;
 
@@ -10,8 +15,15 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::fakehub::FakeHub;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::Hubcap;
+use common::fakehub::{FakeHub, Fault};
+use common::images::{self, Format, Published};
 use common::registries::hubcap_serve;
+use hubcap::mirror::MirrorConfig;
+use hubcap::mirror::upstream::UpstreamLimits;
 
 /// A client that sends a request line and then one header line every
 /// 300 ms, never finishing; resolves with how long the server let it.
@@ -97,7 +109,6 @@ async fn a_shutdown_does_not_wait_forever_for_a_slow_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_commands_beside_a_running_server_take_nothing_from_it() {
-    use common::images::{self, Format, Published};
     let hub = FakeHub::start().await;
     let img = images::small_image(Format::Oci, "amd64", 71, 2);
     hub.publish("library/busy", "1", &Published::Image(img.clone()));
@@ -128,4 +139,174 @@ async fn offline_commands_beside_a_running_server_take_nothing_from_it() {
         assert_eq!(common::get_blob(&http, &url, "busy", &digest).await, bytes);
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once");
     }
+}
+
+/// A loopback HTTP service that is not a configured upstream: it answers
+/// anything with a tag list naming `evil`, and counts what it is asked.
+async fn internal_service() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            ([("content-type", "application/json")], r#"{"name":"library/x","tags":["evil"]}"#)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr.to_string(), hits)
+}
+
+/// An in-process mirror on `hub` with these upstream limits.
+async fn mirror_with_limits(dir: &std::path::Path, hub: &FakeHub, limits: UpstreamLimits, blob_wait: Duration) -> Hubcap {
+    let mut opts = common::options(
+        hubcap::assemble::Backend::Local(dir.to_owned()),
+        vec![format!("docker.io={}", hub.url)],
+        MirrorConfig { blob_wait, ..common::config() },
+    );
+    opts.upstream_limits = limits;
+    Hubcap::start_opts(opts).await
+}
+
+async fn blob_record(m: &Hubcap, repo: &str, digest: &str) -> hubcap::storage::BlobRecord {
+    let d = hubcap::oci::Digest::parse(digest).unwrap();
+    m.mirror.index().blob(&format!("docker.io/{repo}"), &d).await.unwrap().record.expect("a blob record")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_redirects_are_followed_only_for_blobs_and_never_into_the_host() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 81, 2);
+    hub.publish("library/redir", "1", &Published::Image(img.clone()));
+    let (internal, hits) = internal_service().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mirror_with_limits(&dir.path().join("a"), &hub, common::upstream_limits(), Duration::from_secs(10)).await;
+    let http = common::client();
+
+    // Manifests, HEADs and tag lists never follow a redirect, even to loopback.
+    hub.set_fault(Fault::RedirectTo(format!("http://{internal}")));
+    let resp = http.get(format!("{}/v2/redir/manifests/1", m.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("only blob downloads may be redirected"));
+    let resp = http.get(format!("{}/v2/redir/tags/list", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(!resp.text().await.unwrap().contains("evil"), "the redirected tag list never reaches the client");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the internal service was never asked");
+
+    // Blob downloads follow redirects to the CDN, but not to another
+    // loopback port (by address or by name).
+    hub.set_fault(Fault::None);
+    common::get_manifest(&http, &m.url, "redir", "1", common::ALL_MANIFESTS).await;
+    let blobs = img.blobs();
+    let (config, _) = &blobs[0];
+    common::get_blob(&http, &m.url, "redir", config).await;
+    for (i, target) in
+        [format!("http://{internal}"), format!("http://localhost:{}", internal.rsplit_once(':').unwrap().1)].iter().enumerate()
+    {
+        // A blob nothing has fetched yet: the copy starts with this GET.
+        let layer = images::noise(3000 + i, 900 + i as u64);
+        let digest = hub.put_blob("library/redir", &layer);
+        hub.set_fault(Fault::RedirectBlobsTo(target.clone()));
+        let resp = http.get(format!("{}/v2/redir/blobs/{digest}", m.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 503, "{target}");
+        let r = blob_record(&m, "library/redir", &digest).await;
+        assert!(r.last_error.as_deref().unwrap_or("").contains("refused"), "{target}: {r:?}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the internal service was never asked");
+    m.stop().await;
+
+    // The rule, not a broken path: allowed explicitly, the same redirect is
+    // followed (and its wrong bytes refused).
+    let limits = UpstreamLimits { redirect_allow: vec![internal.clone()], ..common::upstream_limits() };
+    let m = mirror_with_limits(&dir.path().join("b"), &hub, limits, Duration::from_secs(10)).await;
+    let digest = hub.put_blob("library/redir", &images::noise(3500, 950));
+    hub.set_fault(Fault::RedirectBlobsTo(format!("http://{internal}")));
+    let resp = http.get(format!("{}/v2/redir/blobs/{digest}", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(hits.load(Ordering::SeqCst) >= 1, "an allowed internal host:port is followed");
+    let r = blob_record(&m, "library/redir", &digest).await;
+    assert!(r.last_error.as_deref().unwrap_or("").contains("upstream declared"), "its wrong answer is refused: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dripping_upstream_transfers_are_cut_off_and_cannot_starve_healthy_ones() {
+    let hub = FakeHub::start().await;
+    // A manifest of 40 small layers (about 8 KB), an image of eight 20 KB
+    // layers, and a small healthy image.
+    let wide = images::image(Format::Oci, "amd64", (0..40).map(|i| vec![(format!("f{i}"), images::noise(100, 1000 + i))]).collect());
+    hub.publish("library/wide", "1", &Published::Image(wide.clone()));
+    let big = images::image(Format::Oci, "amd64", (0..8).map(|i| vec![(format!("f{i}"), images::noise(20_000, 2000 + i))]).collect());
+    hub.publish("library/big", "1", &Published::Image(big.clone()));
+    let small = images::small_image(Format::Oci, "amd64", 82, 2);
+    hub.publish("library/small", "1", &Published::Image(small.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_secs(4);
+    let limits = UpstreamLimits { window, min_rate: 1024, ..common::upstream_limits() };
+    let m = mirror_with_limits(dir.path(), &hub, limits, Duration::from_secs(3)).await;
+    let http = common::client();
+
+    // A manifest that comes a byte at a time fails within the window.
+    hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 5_000 });
+    let started = Instant::now();
+    let resp = http.get(format!("{}/v2/wide/manifests/1", m.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 503, "{:?}", resp.text().await);
+    let took = started.elapsed();
+    assert!(took < window + Duration::from_secs(2), "a trickling manifest held the request {took:?}");
+
+    // Eight trickling layers take every fetch slot (the test mirror has 8).
+    hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 10_000 });
+    common::get_manifest(&http, &m.url, "big", "1", common::ALL_MANIFESTS).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A healthy image is still served at once: stalled copies gave their
+    // slots back after a quarter window.
+    let started = Instant::now();
+    common::pull(&http, &m.url, "small", "1").await;
+    let took = started.elapsed();
+    assert!(took < window / 2 + Duration::from_millis(500), "a healthy pull behind stalled copies took {took:?}");
+    // The trickling copies are cut off (three tries, a window each).
+    let layers: Vec<String> = big.blobs().into_iter().skip(1).map(|(d, _)| d).collect();
+    let deadline = Instant::now() + window * 3 + Duration::from_secs(10);
+    for d in &layers {
+        loop {
+            let r = blob_record(&m, "library/big", d).await;
+            if r.state == hubcap::storage::BlobState::Failed {
+                assert!(r.last_error.as_deref().unwrap_or("").contains("below the minimum"), "{r:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{d} still {:?} after {:?}", r.state, started.elapsed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let _ = std::fs::read_dir(dir.path().join("tmp")).map(|d| assert_eq!(d.count(), 0, "nothing half-written is left"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blobs_larger_than_the_cap_are_never_copied_whole() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = UpstreamLimits { max_blob: 256 * 1024, ..common::upstream_limits() };
+    let m = mirror_with_limits(dir.path(), &hub, limits, Duration::from_secs(10)).await;
+    let http = common::client();
+
+    // Declared too large (in the manifest): refused without a download.
+    let img = images::image(Format::Oci, "amd64", vec![vec![("big".into(), images::noise(300 * 1024, 84))]]);
+    hub.publish("library/large", "1", &Published::Image(img.clone()));
+    common::get_manifest(&http, &m.url, "large", "1", common::ALL_MANIFESTS).await;
+    let (layer, _) = img.blobs().pop().unwrap();
+    let resp = http.get(format!("{}/v2/large/blobs/{layer}", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(hub.cdn_gets(&layer), 0, "a blob declared larger than the cap is not downloaded");
+
+    // No declared size and a body that never ends: cut off at the cap.
+    let digest = hub.put_blob("library/large", &images::noise(4000, 85));
+    hub.set_fault(Fault::Endless);
+    let resp = http.get(format!("{}/v2/large/blobs/{digest}", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let r = blob_record(&m, "library/large", &digest).await;
+    assert!(r.last_error.as_deref().unwrap_or("").contains("largest blob"), "{r:?}");
+    let sent = hub.count(|c| &c.cdn_bytes);
+    // Three tries of 256 KiB each, plus what socket buffers held.
+    assert!(sent < 3 * (16 << 20), "upstream sent {sent} bytes before the mirror stopped reading");
 }

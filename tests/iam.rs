@@ -47,7 +47,7 @@ async fn storage_as(proxy: &CountingProxy, stack: &Stack, function: &str) -> Aws
 /// `fetcher` do.
 async fn cold_start_upstreams(proxy: &CountingProxy, function: &str, hub: &FakeHub, secret: &str) -> hubcap::mirror::upstream::Upstreams {
     default_credentials(&proxy.url, function);
-    hubcap::assemble::upstreams(&[format!("docker.io={}", hub.url)], None, Some(secret)).await.unwrap()
+    hubcap::assemble::upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), None, Some(secret)).await.unwrap()
 }
 
 /// An image index over `child` padded with an annotation past the size

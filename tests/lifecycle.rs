@@ -598,6 +598,7 @@ async fn serve_sweeps_by_itself() {
     let proc = common::procs::Proc::spawn(
         std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+            .args(["--redirect-allow", &hub.cdn])
             .args(["--gc-interval", "1s", "--unused-for", "1s", "--grace", "0"])
             .arg("--data")
             .arg(&data)

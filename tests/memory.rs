@@ -27,6 +27,7 @@ async fn copy_one_gib(extra: &[&str], env: Vec<(&'static str, String)>) -> (u64,
     let port = free_port();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+        .args(["--redirect-allow", &hub.cdn])
         .arg("--data")
         .arg(dir.path().join("data"))
         .args(extra)

@@ -528,6 +528,7 @@ async fn warm_caches_images_ahead_of_time_with_no_server_running() {
     let data = dir.path().join("data");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
         .args(["warm", "--platform", "linux/amd64", "--upstream", &format!("docker.io={}", hub.url), "base:1"])
+        .args(["--redirect-allow", &hub.cdn])
         .arg("--data")
         .arg(&data)
         .env("HUBCAP_LOG", "warn")

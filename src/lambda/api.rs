@@ -44,6 +44,7 @@ pub async fn api_router_with(
         fetch_concurrency: 1,
         access,
         memory_cache_entries,
+        upstream_limits: Default::default(),
     };
     let Assembled { mirror, router } = assemble::mirror_with(&opts, upstreams, Fetching::ByStream).await?;
     Ok((with_metrics(router, mirror.clone()), mirror))

@@ -20,7 +20,8 @@ use crate::storage::aws::AwsStorage;
 /// The `fetcher` function's worker.
 pub async fn fetcher(settings: &LambdaSettings) -> Result<Fetcher, BoxError> {
     let m = &settings.mirror;
-    let upstreams = assemble::upstreams(&m.upstreams, m.credentials.as_deref(), m.credentials_secret.as_deref()).await?;
+    let upstreams =
+        assemble::upstreams(&m.upstreams, &m.upstream_limits(), m.credentials.as_deref(), m.credentials_secret.as_deref()).await?;
     Ok(assemble::fetcher(&settings.aws.storage()?, upstreams).await)
 }
 

@@ -3,6 +3,12 @@
 //! when its sha256 and size match; and the in-process `LocalQueue` that runs
 //! it with bounded concurrency and one fetch per digest.
 //!
+//! A copy must keep up the upstream's minimum rate in every window or it is
+//! cut off; one that falls below it for a quarter window gives its fetch
+//! slot back, so stuck transfers
+//! never keep healthy ones from starting (at most `STRAGGLERS` × slots run
+//! in all).
+//!
 //! The AWS fetcher Lambda calls the same `Fetcher::fetch` from stream records.
 
 use std::collections::HashMap;
@@ -12,9 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
-use super::upstream::{Retry, UpstreamError, Upstreams};
+use super::upstream::{Retry, UpstreamError, UpstreamLimits, Upstreams};
 use crate::oci::{Digest, RepoPath};
 use crate::storage::{BlobState, BlobStore, BlobWriter, FetchIndex, StorageError};
 
@@ -69,6 +76,11 @@ impl Fetcher {
     /// `ready`; on failure marks it `failed` with the error. Returns its
     /// size, or `None` when another fetcher holds it (and will finish it).
     pub async fn fetch(&self, job: &FetchJob) -> Result<Option<u64>, FetchError> {
+        self.fetch_in(job, &mut Slot(None)).await
+    }
+
+    /// `fetch`, holding a fetch slot it gives back if the copy stalls.
+    pub async fn fetch_in(&self, job: &FetchJob, slot: &mut Slot) -> Result<Option<u64>, FetchError> {
         if let Some(size) = self.store.size(&job.digest).await? {
             // Only verified blobs are ever committed, so a stored one is good.
             self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
@@ -80,7 +92,7 @@ impl Fetcher {
         let mut attempt = 0;
         let err = loop {
             attempt += 1;
-            match self.copy(job).await {
+            match self.copy(job, slot).await {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
                     tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
@@ -106,8 +118,14 @@ impl Fetcher {
     }
 
     /// One copy attempt: stream, hash, write; commit only a verified blob.
-    async fn copy(&self, job: &FetchJob) -> Result<u64, FetchError> {
+    async fn copy(&self, job: &FetchJob, slot: &mut Slot) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
+        let limits = upstream.limits();
+        let too_large =
+            |n: u64| FetchError::Rejected(format!("{n} bytes is more than the largest blob copied ({} bytes)", limits.max_blob));
+        if let Some(size) = job.size.filter(|s| *s > limits.max_blob) {
+            return Err(too_large(size));
+        }
         let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
         let declared = resp.content_length();
         if let (Some(want), Some(got)) = (job.size, declared)
@@ -115,9 +133,12 @@ impl Fetcher {
         {
             return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
         }
+        if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
+            return Err(too_large(size));
+        }
         let limit = job.size.or(declared);
         let mut writer = self.store.begin(&job.digest).await?;
-        match stream_into(resp, writer.as_mut(), limit).await {
+        match stream_into(resp, writer.as_mut(), limit, limits, slot).await {
             Ok((hash, size)) => {
                 let actual = Digest::from_sha256(&hash);
                 let size_ok = limit.is_none_or(|l| l == size);
@@ -140,18 +161,70 @@ impl Fetcher {
     }
 }
 
-async fn stream_into(resp: reqwest::Response, writer: &mut dyn BlobWriter, limit: Option<u64>) -> Result<(Vec<u8>, u64), FetchError> {
+/// A fetch slot, held while a copy makes progress.
+pub struct Slot(Option<OwnedSemaphorePermit>);
+
+impl Slot {
+    fn release(&mut self) {
+        if self.0.take().is_some() {
+            tracing::debug!("a stalled blob copy gave its fetch slot back");
+        }
+    }
+}
+
+/// Streams the body into `writer`, hashing it. Ends with an error when more
+/// than `limit` bytes (or the largest blob) arrive, or when a window brings
+/// less than the minimum rate; gives the slot back after a quarter window
+/// below that rate.
+async fn stream_into(
+    resp: reqwest::Response,
+    writer: &mut dyn BlobWriter,
+    limit: Option<u64>,
+    limits: &UpstreamLimits,
+    slot: &mut Slot,
+) -> Result<(Vec<u8>, u64), FetchError> {
+    let cap = limit.unwrap_or(limits.max_blob);
+    let (window, need) = (limits.window, limits.bytes_per_window());
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::Transport(format!("blob body cut off after {size} bytes: {e}")))?;
-        size += chunk.len() as u64;
-        if limit.is_some_and(|l| size > l) {
-            return Err(FetchError::Rejected(format!("upstream sent more than the {} bytes declared", limit.unwrap_or(0))));
+    let mut window_start = (Instant::now(), 0u64);
+    let mut quarter_start = window_start;
+    loop {
+        let (window_end, quarter_end) = (window_start.0 + window, quarter_start.0 + window / 4);
+        match tokio::time::timeout_at(window_end.min(quarter_end), body.next()).await {
+            Ok(None) => break,
+            Ok(Some(chunk)) => {
+                let chunk = chunk.map_err(|e| UpstreamError::Transport(format!("blob body cut off after {size} bytes: {e}")))?;
+                size += chunk.len() as u64;
+                if size > cap {
+                    return Err(FetchError::Rejected(match limit {
+                        Some(l) => format!("upstream sent more than the {l} bytes declared"),
+                        None => format!("upstream sent more than {cap} bytes, the largest blob copied"),
+                    }));
+                }
+                hasher.update(&chunk);
+                writer.write(chunk).await?;
+            }
+            Err(_) => {}
         }
-        hasher.update(&chunk);
-        writer.write(chunk).await?;
+        let now = Instant::now();
+        if now >= quarter_end {
+            if size - quarter_start.1 < need / 4 {
+                slot.release();
+            }
+            quarter_start = (now, size);
+        }
+        if now >= window_end {
+            let got = size - window_start.1;
+            if got < need {
+                return Err(FetchError::Upstream(UpstreamError::Transport(format!(
+                    "upstream sent {got} bytes in {window:?} (after {}), below the minimum of {} bytes/s",
+                    window_start.1, limits.min_rate
+                ))));
+            }
+            window_start = (now, size);
+        }
     }
     Ok((hasher.finalize().to_vec(), size))
 }
@@ -175,18 +248,30 @@ pub trait FetchQueue: Send + Sync {
     async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome;
 }
 
-/// In-process fetch queue: at most `concurrency` copies at once and at most
-/// one per digest.
+/// Copies (stalled ones included) allowed per fetch slot.
+const STRAGGLERS: usize = 4;
+
+/// In-process fetch queue: at most `concurrency` copies making progress at
+/// once (`STRAGGLERS` times that counting stalled ones), and at most one per
+/// digest.
 pub struct LocalQueue {
     fetcher: Arc<Fetcher>,
     slots: Arc<Semaphore>,
+    /// Copies running, with or without a slot.
+    copies: Arc<Semaphore>,
     /// Running fetches; the receiver turns `true` when the fetch ends.
     running: Arc<Mutex<HashMap<Digest, watch::Receiver<bool>>>>,
 }
 
 impl LocalQueue {
     pub fn new(fetcher: Arc<Fetcher>, concurrency: usize) -> LocalQueue {
-        LocalQueue { fetcher, slots: Arc::new(Semaphore::new(concurrency.max(1))), running: Arc::default() }
+        let n = concurrency.max(1);
+        LocalQueue {
+            fetcher,
+            slots: Arc::new(Semaphore::new(n)),
+            copies: Arc::new(Semaphore::new(n * STRAGGLERS)),
+            running: Arc::default(),
+        }
     }
 }
 
@@ -199,11 +284,12 @@ impl FetchQueue for LocalQueue {
         }
         let (done, rx) = watch::channel(false);
         running.insert(job.digest.clone(), rx);
-        let (fetcher, slots, registry) = (self.fetcher.clone(), self.slots.clone(), self.running.clone());
+        let (fetcher, slots, copies, registry) = (self.fetcher.clone(), self.slots.clone(), self.copies.clone(), self.running.clone());
         tokio::spawn(async move {
-            let permit = slots.acquire_owned().await;
-            let _ = fetcher.fetch(&job).await;
-            drop(permit);
+            let copy = copies.acquire_owned().await;
+            let mut slot = Slot(slots.acquire_owned().await.ok());
+            let _ = fetcher.fetch_in(&job, &mut slot).await;
+            drop((slot, copy));
             registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
             let _ = done.send(true);
         });

@@ -38,6 +38,35 @@ pub enum Fault {
     HugeTagList,
     /// CDN blob bodies send half, pause this long, then the rest.
     DripBody(Duration),
+    /// Manifest and CDN blob bodies of at least `min_len` bytes come one
+    /// byte every `every` (smaller ones as usual).
+    Trickle {
+        every: Duration,
+        min_len: usize,
+    },
+    /// Manifest GETs, HEADs and tag lists answer 302 to this base URL (the
+    /// same path); blob GETs go there instead of to the CDN.
+    RedirectTo(String),
+    /// Only blob GETs go to this base URL instead of the CDN.
+    RedirectBlobsTo(String),
+    /// Blob HEADs and CDN bodies say nothing of the size, and CDN bodies
+    /// never end.
+    Endless,
+}
+
+/// A body that sends `bytes` one byte every `every`.
+fn trickle(bytes: Bytes, every: Duration) -> Body {
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let bytes = bytes.clone();
+        async move {
+            if i >= bytes.len() {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok::<Bytes, std::io::Error>(bytes.slice(i..i + 1)), i + 1))
+        }
+    });
+    Body::from_stream(stream)
 }
 
 #[derive(Default, Debug)]
@@ -51,6 +80,8 @@ pub struct Counters {
     pub tags_list: AtomicUsize,
     /// Requests that reached the CDN carrying an Authorization header.
     pub cdn_saw_authorization: AtomicUsize,
+    /// Bytes of never-ending CDN bodies sent (`Fault::Endless`).
+    pub cdn_bytes: AtomicUsize,
 }
 
 impl Counters {
@@ -82,8 +113,20 @@ pub struct HubState {
 pub struct FakeHub {
     pub url: String,
     pub addr: SocketAddr,
+    /// The CDN's `host:port`: a loopback address the mirror follows blob
+    /// redirects to only when told (`--redirect-allow`, `cdns()`).
+    pub cdn: String,
     pub state: Arc<HubState>,
     stop: Vec<oneshot::Sender<()>>,
+}
+
+/// The CDN of every fake hub started in this process.
+static CDNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// What `--redirect-allow` must say for the mirror to follow the fake hubs'
+/// blob redirects (in-process mirrors get it from `common::options`).
+pub fn cdns() -> Vec<String> {
+    CDNS.lock().unwrap().clone()
 }
 
 impl FakeHub {
@@ -112,7 +155,9 @@ impl FakeHub {
         let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = registry.local_addr().unwrap();
         let url = format!("http://{addr}");
-        *state.cdn_url.lock().unwrap() = format!("http://{}", cdn.local_addr().unwrap());
+        let cdn_addr = cdn.local_addr().unwrap().to_string();
+        *state.cdn_url.lock().unwrap() = format!("http://{cdn_addr}");
+        CDNS.lock().unwrap().push(cdn_addr.clone());
         *state.realm.lock().unwrap() = format!("{url}/token");
         let registry_app = Router::new()
             .route("/token", get(token))
@@ -133,7 +178,7 @@ impl FakeHub {
                     .unwrap();
             });
         }
-        FakeHub { url, addr, state, stop }
+        FakeHub { url, addr, cdn: cdn_addr, state, stop }
     }
 
     /// Stops listening and closes idle connections: upstream is down.
@@ -290,6 +335,10 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         }
         Fault::ServerError => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         Fault::Slow(d) => tokio::time::sleep(d).await,
+        Fault::RedirectTo(base) if !(method == Method::GET && path.contains("/blobs/")) => {
+            let target = format!("{base}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+            return (StatusCode::FOUND, [(header::LOCATION, target)]).into_response();
+        }
         _ => {}
     }
     if let Some((name, reference)) = path.rsplit_once("/manifests/") {
@@ -328,7 +377,12 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         }
         let digest = super::images::sha256(&body);
         let len = body.len();
-        let mut resp = Response::new(if head { Body::empty() } else { Body::from(body) });
+        let body = match fault {
+            _ if head => Body::empty(),
+            Fault::Trickle { every, min_len } if len >= min_len => trickle(body, every),
+            _ => Body::from(body),
+        };
+        let mut resp = Response::new(body);
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(&mt).unwrap());
         resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         resp.headers_mut().insert("docker-content-digest", HeaderValue::from_str(&digest).unwrap());
@@ -342,7 +396,7 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         let (true, Some(size)) = (known, size) else { return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN") };
         if method == Method::HEAD {
             s.counters.blob_head.fetch_add(1, Ordering::SeqCst);
-            if *s.fault.lock().unwrap() == Fault::NoBlobLength {
+            if matches!(*s.fault.lock().unwrap(), Fault::NoBlobLength | Fault::Endless) {
                 // A body of unknown length: hyper then sends no Content-Length.
                 let empty = futures_util::stream::empty::<Result<Bytes, std::io::Error>>();
                 let mut resp = Response::new(Body::from_stream(empty));
@@ -355,7 +409,10 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
             return resp;
         }
         s.counters.blob_get.fetch_add(1, Ordering::SeqCst);
-        let cdn = s.cdn_url.lock().unwrap().clone();
+        let cdn = match fault {
+            Fault::RedirectTo(base) | Fault::RedirectBlobsTo(base) => base,
+            _ => s.cdn_url.lock().unwrap().clone(),
+        };
         return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("{cdn}/blobs/{digest}?sig=cdn"))]).into_response();
     }
     if let Some(name) = path.strip_suffix("/tags/list") {
@@ -399,6 +456,15 @@ async fn cdn_blob(
         s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);
     }
     *s.cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    if *s.fault.lock().unwrap() == Fault::Endless {
+        let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+        let sent = s.clone();
+        let stream = futures_util::stream::repeat_with(move || {
+            sent.counters.cdn_bytes.fetch_add(chunk.len(), Ordering::SeqCst);
+            Ok::<Bytes, std::io::Error>(chunk.clone())
+        });
+        return Response::new(Body::from_stream(stream));
+    }
     if let Some((size, seed)) = s.synthetic.lock().unwrap().get(&digest).copied() {
         let mut noise = super::images::Noise::new(seed, size);
         let stream = futures_util::stream::poll_fn(move |_| std::task::Poll::Ready(noise.next_chunk(1 << 20).map(Ok::<_, std::io::Error>)));
@@ -425,6 +491,7 @@ async fn cdn_blob(
             });
             Body::from_stream(futures_util::StreamExt::chain(futures_util::stream::iter(vec![Ok::<Bytes, std::io::Error>(first)]), later))
         }
+        Fault::Trickle { every, min_len } if len >= min_len => trickle(bytes, every),
         Fault::WrongBytes => {
             let mut v = bytes.to_vec();
             v[len / 2] ^= 0xff;

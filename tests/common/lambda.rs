@@ -106,8 +106,12 @@ impl LambdaStack {
         let bucket = format!("{table}-bucket");
         let storage = moto.setup(&bucket, table).await;
         let (watch, port) = watch(dir).await;
-        let mut env: Vec<(&str, String)> =
-            vec![("HUBCAP_BUCKET", bucket), ("HUBCAP_TABLE", table.to_owned()), ("HUBCAP_UPSTREAM", format!("docker.io={upstream}"))];
+        let mut env: Vec<(&str, String)> = vec![
+            ("HUBCAP_BUCKET", bucket),
+            ("HUBCAP_TABLE", table.to_owned()),
+            ("HUBCAP_UPSTREAM", format!("docker.io={upstream}")),
+            ("HUBCAP_REDIRECT_ALLOW", super::fakehub::cdns().join(",")),
+        ];
         env.extend_from_slice(extra);
         env.extend(moto.env());
         let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);

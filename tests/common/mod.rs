@@ -43,6 +43,12 @@ pub fn config() -> MirrorConfig {
 
 /// The options the tests serve with: `backend`, `upstreams`, no upstream
 /// credentials, open access.
+/// Upstream limits for tests: the defaults, with the fake hubs' CDNs
+/// allowed as redirect targets.
+pub fn upstream_limits() -> hubcap::mirror::upstream::UpstreamLimits {
+    hubcap::mirror::upstream::UpstreamLimits { redirect_allow: fakehub::cdns(), ..Default::default() }
+}
+
 pub fn options(backend: Backend, upstreams: Vec<String>, mirror: MirrorConfig) -> Options {
     Options {
         backend,
@@ -53,6 +59,7 @@ pub fn options(backend: Backend, upstreams: Vec<String>, mirror: MirrorConfig) -
         fetch_concurrency: 8,
         access: Default::default(),
         memory_cache_entries: MEMORY_CACHE_ENTRIES,
+        upstream_limits: upstream_limits(),
     }
 }
 

@@ -34,6 +34,7 @@ pub async fn hubcap_serve(dir: &Path, upstream: &str, port: u16, extra: &[&str],
     let proc = Proc::spawn(
         Command::new(env!("CARGO_BIN_EXE_hubcap"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .env("HUBCAP_REDIRECT_ALLOW", super::fakehub::cdns().join(","))
             .args(extra)
             .arg("--data")
             .arg(dir.join("hubcap-data"))

@@ -3,13 +3,14 @@
 //! It owns the registry token flow (`WWW-Authenticate: Bearer realm,service,
 //! scope`, anonymous or with credentials, tokens cached until they expire),
 //! retries with backoff for idempotent requests, `429 Retry-After`, following
-//! Docker Hub's blob redirects to its CDN, and the last `ratelimit-remaining`
-//! seen. It verifies nothing about content: the service and the fetcher do.
+//! blob redirects to a CDN (and no other redirect: `limits`), time limits on
+//! every request, and the last `ratelimit-remaining` seen. It verifies
+//! nothing about content: the service and the fetcher do.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -19,6 +20,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, Heade
 use reqwest::{Method, StatusCode};
 
 use super::Credentials;
+use super::limits::{Destinations, PublicResolver, UpstreamLimits};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
 /// Most upstream tokens kept (one per repository scope).
@@ -83,6 +85,13 @@ pub struct TagsPage {
     pub next_last: Option<String>,
 }
 
+/// What a request fetches: a small answer read whole, or a blob streamed.
+#[derive(Clone, Copy)]
+enum Kind {
+    Small(&'static str),
+    Blob,
+}
+
 struct CachedAuth {
     header: HeaderValue,
     expires: Instant,
@@ -93,8 +102,12 @@ pub struct Upstream {
     pub registry: String,
     base: String,
     /// Built on first use: loading TLS roots is the slowest part of a
-    /// start-up, and a warm mirror may never need upstream.
+    /// start-up, and a warm mirror may never need upstream. `http` follows no
+    /// redirect; `blob_http` follows those `destinations` allow.
     http: std::sync::OnceLock<reqwest::Client>,
+    blob_http: std::sync::OnceLock<reqwest::Client>,
+    limits: Arc<UpstreamLimits>,
+    destinations: Arc<Destinations>,
     credentials: Option<Credentials>,
     /// Authorization header per scope, until it expires; at most
     /// `AUTH_SCOPES` of them (least recently used go first), however many
@@ -114,7 +127,13 @@ impl fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(registry: &str, base_url: &str, credentials: Option<Credentials>) -> Result<Upstream, String> {
+    pub fn new(
+        registry: &str,
+        base_url: &str,
+        credentials: Option<Credentials>,
+        limits: Arc<UpstreamLimits>,
+        destinations: Arc<Destinations>,
+    ) -> Result<Upstream, String> {
         let url = url::Url::parse(base_url).map_err(|e| format!("upstream {registry}: invalid URL {base_url:?}: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("upstream {registry}: URL must be http or https"));
@@ -123,6 +142,9 @@ impl Upstream {
             registry: registry.to_owned(),
             base: base_url.trim_end_matches('/').to_owned(),
             http: std::sync::OnceLock::new(),
+            blob_http: std::sync::OnceLock::new(),
+            limits,
+            destinations,
             credentials,
             auth: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(AUTH_SCOPES).expect("non-zero"))),
             ratelimit_remaining: AtomicI64::new(-1),
@@ -132,18 +154,32 @@ impl Upstream {
         })
     }
 
+    fn client(redirect: reqwest::redirect::Policy) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(30))
+            .redirect(redirect)
+    }
+
+    /// For tokens, manifests, tag lists and `HEAD`s: no redirect is followed.
     fn http(&self) -> &reqwest::Client {
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(30))
-                // Docker Hub answers blob GETs with a 307 to its CDN; reqwest
-                // drops our Authorization header when the host changes.
-                .redirect(reqwest::redirect::Policy::limited(5))
+        self.http.get_or_init(|| Self::client(reqwest::redirect::Policy::none()).build().expect("the HTTP client has a TLS backend"))
+    }
+
+    /// For blob downloads: Docker Hub answers them with a 307 to its CDN;
+    /// reqwest drops our Authorization header when the host changes.
+    fn blob_http(&self) -> &reqwest::Client {
+        self.blob_http.get_or_init(|| {
+            Self::client(self.destinations.redirect_policy())
+                .dns_resolver(Arc::new(PublicResolver(self.destinations.clone())))
                 .build()
                 .expect("the HTTP client has a TLS backend")
         })
+    }
+
+    pub fn limits(&self) -> &UpstreamLimits {
+        &self.limits
     }
 
     /// The last `ratelimit-remaining` upstream reported, if any.
@@ -172,7 +208,8 @@ impl Upstream {
     }
 
     pub async fn get_manifest(&self, repo: &RepoPath, reference: &str, accept: &[&str], retry: Retry) -> Result<UpstreamManifest> {
-        let resp = self.send(Method::GET, &self.url(repo, &format!("manifests/{reference}")), repo, accept_header(accept), retry).await?;
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        let resp = self.send(Method::GET, &url, repo, accept_header(accept), retry, Kind::Small("manifest")).await?;
         let content_type = header_str(resp.headers(), CONTENT_TYPE.as_str());
         let digest = header_digest(resp.headers())?;
         let body = read_capped(resp, MAX_MANIFEST_BYTES, "manifest").await?;
@@ -183,7 +220,8 @@ impl Upstream {
     /// Hub does not count HEADs against the pull limit). `None` when upstream
     /// has no such manifest.
     pub async fn head_manifest(&self, repo: &RepoPath, reference: &str, accept: &[&str], retry: Retry) -> Result<Option<(Digest, String)>> {
-        match self.send(Method::HEAD, &self.url(repo, &format!("manifests/{reference}")), repo, accept_header(accept), retry).await {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        match self.send(Method::HEAD, &url, repo, accept_header(accept), retry, Kind::Small("manifest HEAD")).await {
             Ok(resp) => {
                 let digest = header_digest(resp.headers())?
                     .ok_or_else(|| UpstreamError::Invalid("manifest HEAD without Docker-Content-Digest".into()))?;
@@ -200,7 +238,10 @@ impl Upstream {
     /// `HEAD` a blob: `None` when upstream does not have it; otherwise the
     /// size upstream declared, if it did (unknown is not zero).
     pub async fn head_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<Option<Option<u64>>> {
-        match self.send(Method::HEAD, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await {
+        match self
+            .send(Method::HEAD, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry, Kind::Small("blob HEAD"))
+            .await
+        {
             Ok(resp) => Ok(Some(header_str(resp.headers(), CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok()))),
             Err(UpstreamError::NotFound) => Ok(None),
             Err(e) => Err(e),
@@ -209,7 +250,7 @@ impl Upstream {
 
     /// `GET` a blob, following redirects; the body is the caller's to stream.
     pub async fn get_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<reqwest::Response> {
-        self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry).await
+        self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry, Kind::Blob).await
     }
 
     /// One page of a repository's tags: at most `TAG_PAGE` of them, however
@@ -225,25 +266,51 @@ impl Upstream {
             }
         }
         let url = url.to_string().trim_end_matches('?').to_owned();
-        let resp = self.send(Method::GET, &url, repo, HeaderMap::new(), retry).await?;
+        let resp = self.send(Method::GET, &url, repo, HeaderMap::new(), retry, Kind::Small("tag list")).await?;
         let next_last = header_str(resp.headers(), "link").and_then(|l| link_last(&l));
         let body = read_capped(resp, MAX_TAG_LIST_BYTES, "tag list").await?;
         Ok(TagsPage { body, next_last })
     }
 
-    /// Sends a request with auth and retries; returns a 2xx response.
-    async fn send(&self, method: Method, url: &str, repo: &RepoPath, headers: HeaderMap, retry: Retry) -> Result<reqwest::Response> {
+    /// Sends a request with auth and retries; returns a 2xx response. A
+    /// small answer must be complete within the window, retries included; a
+    /// blob's headers must arrive within it (its body is timed by the reader).
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &RepoPath,
+        headers: HeaderMap,
+        retry: Retry,
+        kind: Kind,
+    ) -> Result<reqwest::Response> {
         let scope = format!("repository:{}:pull", repo.name);
+        let window = self.limits.window;
+        let deadline = Instant::now() + window;
         let mut authenticated = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self.http().request(method.clone(), url).headers(headers.clone());
+            let client = if matches!(kind, Kind::Blob) { self.blob_http() } else { self.http() };
+            let mut req = client.request(method.clone(), url).headers(headers.clone());
+            if let Kind::Small(_) = kind {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(UpstreamError::Transport(format!("no complete answer within {window:?}")));
+                }
+                req = req.timeout(left);
+            }
             if let Some(auth) = self.cached_auth(&scope) {
                 req = req.header(AUTHORIZATION, auth);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let failure = match req.send().await {
+            let sent = match tokio::time::timeout(window, req.send()).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    return Err(UpstreamError::Transport(format!("no answer within {window:?}")));
+                }
+            };
+            let failure = match sent {
                 Ok(resp) => {
                     self.note_ratelimit(resp.headers());
                     let status = resp.status();
@@ -273,9 +340,20 @@ impl Upstream {
                             continue;
                         }
                         s if s.is_server_error() => UpstreamError::Status(s.as_u16()),
+                        s if s.is_redirection() => {
+                            let what = match kind {
+                                Kind::Small(what) => what,
+                                Kind::Blob => "blob",
+                            };
+                            return Err(UpstreamError::Invalid(format!(
+                                "upstream redirected a {what} request (HTTP {}); only blob downloads may be redirected",
+                                s.as_u16()
+                            )));
+                        }
                         s => return Err(UpstreamError::Status(s.as_u16())),
                     }
                 }
+                Err(e) if e.is_redirect() => return Err(UpstreamError::Invalid(error_chain(&e))),
                 Err(e) => UpstreamError::Transport(error_chain(&e)),
             };
             if attempt >= retry.attempts {
@@ -309,7 +387,7 @@ impl Upstream {
                     }
                     q.append_pair("scope", scope);
                 }
-                let mut req = self.http().get(realm_url);
+                let mut req = self.http().get(realm_url).timeout(self.limits.window);
                 if let Some(c) = &self.credentials {
                     req = req.basic_auth(&c.username, Some(&c.password));
                 }
@@ -473,7 +551,7 @@ mod tests {
 
     #[test]
     fn upstream_tokens_are_kept_for_a_bounded_number_of_scopes() {
-        let u = Upstream::new("docker.io", "http://127.0.0.1:9", None).unwrap();
+        let u = Upstream::new("docker.io", "http://127.0.0.1:9", None, Arc::default(), Arc::default()).unwrap();
         for i in 0..(AUTH_SCOPES * 3) {
             let header = HeaderValue::from_static("Bearer t");
             let expires = Instant::now() + Duration::from_secs(3600);

@@ -8,4 +8,6 @@ mod registry;
 
 pub use client::*;
 pub use credentials::*;
+pub mod limits;
+pub use limits::UpstreamLimits;
 pub use registry::*;

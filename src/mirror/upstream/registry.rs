@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::limits::{Destinations, UpstreamLimits};
 use super::{Credentials, Upstream};
 use crate::observe::UpstreamTally;
 use crate::observe::prometheus::UpstreamStat;
@@ -84,9 +85,11 @@ pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
     Ok((registry, url))
 }
 
-/// Builds the upstream clients from `--upstream` values and credentials.
+/// Builds the upstream clients from `--upstream` values, the limits they
+/// work within, and credentials.
 pub fn build_upstreams(
     specs: &[String],
+    limits: &UpstreamLimits,
     credentials: &HashMap<String, Credentials>,
 ) -> Result<Upstreams, Box<dyn std::error::Error + Send + Sync>> {
     let mut map: Vec<(String, String)> = vec![(DOCKER_HUB.to_owned(), DOCKER_HUB_URL.to_owned())];
@@ -95,9 +98,11 @@ pub fn build_upstreams(
         map.retain(|(r, _)| *r != registry);
         map.push((registry, url));
     }
+    let destinations = Arc::new(Destinations::new(map.iter().map(|(_, url)| url.as_str()), &limits.redirect_allow)?);
+    let limits = Arc::new(limits.clone());
     let list = map
         .into_iter()
-        .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned()))
+        .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned(), limits.clone(), destinations.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Upstreams::new(list))
 }
