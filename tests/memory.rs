@@ -1,15 +1,18 @@
-//! A 1 GiB blob is copied from upstream through the fetcher of the real
-//! `hubcap serve` binary with bounded memory: peak RSS under 128 MiB, on
-//! the embedded backend and on S3 (moto_server). The blob is generated on
-//! the fly by the fake Docker Hub, so nothing holds it whole.
+//! Bounded memory of the real `hubcap serve` binary: a 1 GiB blob is copied
+//! from upstream with peak RSS under 128 MiB, on the embedded backend and on
+//! S3 (moto_server), the blob generated on the fly by the fake Docker Hub so
+//! nothing holds it whole; and fat manifests read through a thousand tags
+//! do not grow the warm cache past its byte budget.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::fakehub::FakeHub;
+use common::images::{Published, fat_image};
 use common::moto::Moto;
 use common::procs::{Proc, free_port, wait_ready};
+use futures_util::StreamExt;
 
 const GIB: u64 = 1 << 30;
 const RSS_LIMIT_KIB: u64 = 128 * 1024;
@@ -70,4 +73,50 @@ async fn a_1_gib_blob_copies_in_bounded_memory_to_s3() {
     let (rss, mbps) = copy_one_gib(&["--storage", "aws", "--bucket", "huge-bucket", "--table", "huge"], moto.env()).await;
     eprintln!("S3 (moto): 1 GiB copied at {mbps:.0} MB/s, peak RSS {} MiB", rss / 1024);
     assert!(rss < RSS_LIMIT_KIB, "peak RSS {rss} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fat_manifests_under_many_tags_keep_memory_bounded() {
+    let hub = FakeHub::start().await;
+    // 1,000 tags of one 525 KB manifest, and 100 tags of distinct ones.
+    let shared = fat_image(1, 525_000);
+    for t in 0..1000 {
+        hub.publish("library/fat", &format!("s{t}"), &Published::Image(shared.clone()));
+    }
+    for t in 0..100 {
+        hub.publish("library/fat", &format!("d{t}"), &Published::Image(fat_image(100 + t, 525_000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+        .args(["--redirect-allow", &hub.cdn])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env("HUBCAP_LOG", "warn");
+    let server = Proc::spawn(&mut cmd, dir.path().join("hubcap.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/v2/"), &server).await;
+    let start_rss = peak_rss_kib(server.child.id());
+    let http = common::client();
+    let tags: Vec<String> = (0..1000).map(|t| format!("s{t}")).chain((0..100).map(|t| format!("d{t}"))).collect();
+    let started = Instant::now();
+    for round in 0..3 {
+        let mut reads = futures_util::stream::iter(tags.iter().map(|t| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let resp = http.get(format!("{url}/v2/fat/manifests/{t}")).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+                assert_eq!(resp.status(), 200, "{t}");
+                resp.bytes().await.unwrap().len()
+            }
+        }))
+        .buffer_unordered(8);
+        while let Some(len) = reads.next().await {
+            assert!(len > 525_000);
+        }
+        eprintln!("round {round}: peak RSS {} MiB after {:.1?}", peak_rss_kib(server.child.id()) / 1024, started.elapsed());
+    }
+    let rss = peak_rss_kib(server.child.id());
+    eprintln!("3 × 1,100 reads of 525 KB manifests: peak RSS {} MiB (at start {} MiB)", rss / 1024, start_rss / 1024);
+    assert!(rss < 100 * 1024, "peak RSS {rss} KiB");
 }

@@ -5,6 +5,11 @@
 //! call at all. Tags are mutable and kept only while their TTL says they
 //! may be trusted without asking upstream anyway.
 //!
+//! Memory is bounded by bytes, not only entries: a manifest's body is kept
+//! once per digest, shared by every repository and tag that names it, up to
+//! `BODY_BYTES` in all, and a body over `MAX_BODY` is not kept at all (it is
+//! read from the index each time).
+//!
 //! GC can remove what is cached here. The records carry their `pulled_at` /
 //! `used_at`, which the mirror refreshes through the index once they are
 //! older than its touch interval; a refresh that finds the fact gone drops
@@ -27,12 +32,62 @@ use crate::oci::Digest;
 /// (repository, tag, Accept variant)
 type TagKey = (String, String, String);
 
+/// Manifest bytes kept in all.
+pub const BODY_BYTES: usize = 32 << 20;
+/// Largest manifest body kept (a real image manifest or index is a few KiB).
+pub const MAX_BODY: usize = 256 << 10;
+
+/// Manifests by digest, least recently used first out, bounded by bytes.
+struct Bodies {
+    lru: LruCache<Digest, ManifestRecord>,
+    bytes: usize,
+    budget: usize,
+}
+
+fn weight(m: &ManifestRecord) -> usize {
+    m.body.len() + m.media_type.len() + 128
+}
+
+impl Bodies {
+    fn get(&mut self, digest: &Digest) -> Option<ManifestRecord> {
+        self.lru.get(digest).cloned()
+    }
+
+    /// Keeps `m` (if small enough) and returns the copy to hand out: the
+    /// kept one when there is one, so every holder shares its bytes.
+    fn keep(&mut self, m: ManifestRecord) -> ManifestRecord {
+        if let Some(kept) = self.lru.get(&m.digest) {
+            return kept.clone();
+        }
+        let w = weight(&m);
+        if m.body.len() > MAX_BODY || w > self.budget {
+            return m;
+        }
+        self.bytes += w;
+        self.lru.put(m.digest.clone(), m.clone());
+        while self.bytes > self.budget {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= weight(&old),
+                None => break,
+            }
+        }
+        m
+    }
+
+    fn forget(&mut self, digest: &Digest) {
+        if let Some(old) = self.lru.pop(digest) {
+            self.bytes -= weight(&old);
+        }
+    }
+}
+
 pub struct CachedIndex<I> {
     inner: I,
-    /// (manifest, when last pulled in that repository)
-    manifests: Mutex<LruCache<(String, Digest), (ManifestRecord, i64)>>,
+    bodies: Mutex<Bodies>,
+    /// Manifests linked to a repository: when last pulled there.
+    manifests: Mutex<LruCache<(String, Digest), i64>>,
     blobs: Mutex<LruCache<(String, Digest), BlobRecord>>,
-    tags: Mutex<LruCache<TagKey, (TagRecord, ManifestRecord)>>,
+    tags: Mutex<LruCache<TagKey, TagRecord>>,
     tag_ttl: Duration,
 }
 
@@ -42,6 +97,7 @@ impl<I: Index> CachedIndex<I> {
         let cap = NonZeroUsize::new(entries.max(1)).expect("non-zero");
         CachedIndex {
             inner,
+            bodies: Mutex::new(Bodies { lru: LruCache::unbounded(), bytes: 0, budget: BODY_BYTES }),
             manifests: Mutex::new(LruCache::new(cap)),
             blobs: Mutex::new(LruCache::new(cap)),
             tags: Mutex::new(LruCache::new(cap)),
@@ -55,6 +111,19 @@ impl<I: Index> CachedIndex<I> {
 
     fn forget_tag(&self, repo: &str, tag: &str, variant: &str) {
         lock(&self.tags).pop(&(repo.to_owned(), tag.to_owned(), variant.to_owned()));
+    }
+
+    fn body(&self, digest: &Digest) -> Option<ManifestRecord> {
+        lock(&self.bodies).get(digest)
+    }
+
+    fn keep_body(&self, m: ManifestRecord) -> ManifestRecord {
+        lock(&self.bodies).keep(m)
+    }
+
+    /// Manifest bytes kept now.
+    pub fn body_bytes(&self) -> usize {
+        lock(&self.bodies).bytes
     }
 }
 
@@ -70,18 +139,23 @@ impl<I: Index> ServeIndex for CachedIndex<I> {
 
     async fn tag_manifest(&self, repo: &str, tag: &str, variant: &str) -> Result<Option<(TagRecord, Option<ManifestRecord>)>> {
         let key = (repo.to_owned(), tag.to_owned(), variant.to_owned());
-        if let Some((t, m)) = lock(&self.tags).get(&key).cloned()
+        let cached = lock(&self.tags).get(&key).cloned();
+        if let Some(t) = cached
             && self.fresh(&t)
+            && let Some(m) = self.body(&t.digest)
         {
             return Ok(Some((t, Some(m))));
         }
-        let found = self.inner.tag_manifest(repo, tag, variant).await?;
-        if let Some((t, Some(m))) = &found
-            && self.fresh(t)
-        {
-            lock(&self.tags).put(key, (t.clone(), m.clone()));
-        }
-        Ok(found)
+        Ok(match self.inner.tag_manifest(repo, tag, variant).await? {
+            Some((t, Some(m))) => {
+                let m = self.keep_body(m);
+                if self.fresh(&t) {
+                    lock(&self.tags).put(key, t.clone());
+                }
+                Some((t, Some(m)))
+            }
+            other => other,
+        })
     }
 
     async fn put_tag(&self, tag: &TagRecord, manifest: &ManifestRecord) -> Result<()> {
@@ -101,12 +175,16 @@ impl<I: Index> ServeIndex for CachedIndex<I> {
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Linked<ManifestRecord>> {
         let key = (repo.to_owned(), digest.clone());
-        if let Some((m, pulled_at)) = lock(&self.manifests).get(&key).cloned() {
+        let cached = lock(&self.manifests).get(&key).copied();
+        if let Some(pulled_at) = cached
+            && let Some(m) = self.body(digest)
+        {
             return Ok(Linked { linked: true, record: Some(m), pulled_at });
         }
-        let found = self.inner.manifest(repo, digest).await?;
-        if let (true, Some(m)) = (found.linked, &found.record) {
-            lock(&self.manifests).put(key, (m.clone(), found.pulled_at));
+        let mut found = self.inner.manifest(repo, digest).await?;
+        found.record = found.record.map(|m| self.keep_body(m));
+        if found.linked && found.record.is_some() {
+            lock(&self.manifests).put(key, found.pulled_at);
         }
         Ok(found)
     }
@@ -143,7 +221,7 @@ impl<I: Index> ServeIndex for CachedIndex<I> {
         let key = (repo.to_owned(), digest.clone());
         let mut cache = lock(&self.manifests);
         match cache.get_mut(&key) {
-            Some(entry) if pulled => entry.1 = now(),
+            Some(pulled_at) if pulled => *pulled_at = now(),
             Some(_) => {
                 cache.pop(&key);
             }
@@ -212,6 +290,7 @@ impl<I: Index> SweepIndex for CachedIndex<I> {
         let deleted = self.inner.delete_manifest(digest).await?;
         if deleted {
             lock(&self.manifests).retain(|(_, d), _| d != digest);
+            lock(&self.bodies).forget(digest);
         }
         Ok(deleted)
     }
@@ -241,5 +320,42 @@ impl<I: Index> StatsIndex for CachedIndex<I> {
 
     async fn stats(&self) -> Result<StoredStats> {
         self.inner.stats().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn record(seed: usize, len: usize) -> ManifestRecord {
+        let body = Bytes::from(vec![seed as u8; len]);
+        let mut body = body.to_vec();
+        body.extend_from_slice(seed.to_string().as_bytes());
+        let body = Bytes::from(body);
+        ManifestRecord { digest: Digest::of(&body), media_type: "application/vnd.oci.image.manifest.v1+json".into(), body }
+    }
+
+    #[test]
+    fn bodies_are_bounded_by_bytes_shared_by_digest_and_large_ones_not_kept() {
+        let mut b = Bodies { lru: LruCache::unbounded(), bytes: 0, budget: BODY_BYTES };
+        for i in 0..1000 {
+            b.keep(record(i, 200 << 10));
+            assert!(b.bytes <= BODY_BYTES);
+        }
+        assert!(b.lru.len() < 200, "{} bodies of 200 KiB kept", b.lru.len());
+        assert_eq!(b.bytes, b.lru.iter().map(|(_, m)| weight(m)).sum::<usize>(), "the count is exact");
+
+        let big = record(7, MAX_BODY + 1);
+        b.keep(big.clone());
+        assert!(b.get(&big.digest).is_none(), "a large body is not kept");
+
+        let m = record(9, 1000);
+        let first = b.keep(m.clone());
+        let again = b.keep(record(9, 1000));
+        assert_eq!(first.body.as_ptr(), again.body.as_ptr(), "one copy per digest");
+        b.forget(&m.digest);
+        assert!(b.get(&m.digest).is_none());
+        assert_eq!(b.bytes, b.lru.iter().map(|(_, m)| weight(m)).sum::<usize>());
     }
 }

@@ -186,6 +186,17 @@ pub fn small_image(format: Format, arch: &str, seed: u64, n: usize) -> Image {
     image(format, arch, layers)
 }
 
+/// `small_image` with its manifest padded by an annotation to about
+/// `manifest_len` bytes (a hostile upstream's fat manifest).
+pub fn fat_image(seed: u64, manifest_len: usize) -> Image {
+    let mut img = small_image(Format::Oci, "amd64", seed, 1);
+    let mut v: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    v["annotations"] = serde_json::json!({ "padding": "x".repeat(manifest_len), "seed": seed.to_string() });
+    img.manifest = Bytes::from(serde_json::to_vec(&v).unwrap());
+    img.digest = sha256(&img.manifest);
+    img
+}
+
 /// A multi-arch index over `children`.
 pub fn index(format: Format, children: Vec<Image>) -> Published {
     let mt = if format == Format::Oci { OCI_INDEX } else { DOCKER_LIST };
