@@ -539,3 +539,48 @@ async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
     assert!(hubcap::lambda::handle_stream(&fetcher, again).await.batch_item_failures.is_empty());
     get_blob(&http, &api, "lost", layer).await;
 }
+
+/// An object deleted from the bucket behind a `ready` record: S3 answers the
+/// presigned URL with 404 until GC's audit, which lists the bucket, puts the
+/// blob back to `pending`; the stream record that write emits runs the
+/// fetcher, and a new instance serves it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_lost_from_the_bucket_is_found_by_gc_and_fetched_again() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 211, 1);
+    hub.publish("library/lost", "1", &Published::Image(img.clone()));
+    let StreamWorld { moto: _moto, storage, api, fetcher, mut pump } = stream_world(&hub, "lost").await;
+    let http = client();
+    get_manifest(&http, &api, "lost", "1", ALL_MANIFESTS).await;
+    let resp = hubcap::lambda::handle_stream(&fetcher, pump.poll().await).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let (layer, bytes) = img.blobs().pop().unwrap();
+    assert_eq!(get_blob(&http, &api, "lost", &layer).await, bytes);
+
+    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let digest = hubcap::oci::Digest::parse(&layer).unwrap();
+    hubcap::storage::BlobStore::delete(&store, &digest).await.unwrap();
+    let resp = http.get(format!("{api}/v2/lost/blobs/{layer}")).send().await.unwrap();
+    assert_eq!(resp.status(), 307, "the index still says ready");
+    let s3 = http.get(resp.headers()["location"].to_str().unwrap()).send().await.unwrap();
+    assert_eq!(s3.status(), 404, "and S3 has no such object");
+
+    let report = hubcap::lifecycle::run(&index, &store, &hubcap::lifecycle::GcOptions::default()).await.unwrap();
+    assert_eq!(report.lost_blobs, 1, "{report:?}");
+    assert!(report.expired.is_empty() && report.deleted_blobs == 0, "nothing else changed: {report:?}");
+    let again = hubcap::lifecycle::run(&index, &store, &hubcap::lifecycle::GcOptions::default()).await.unwrap();
+    assert_eq!(again.lost_blobs, 0, "marked once");
+
+    // The write to pending is a stream record the fetcher acts on.
+    let event = pump.poll().await;
+    let jobs: Vec<String> =
+        event.records.iter().filter_map(|r| hubcap::lambda::job_from_record(r).unwrap()).map(|j| j.digest.to_string()).collect();
+    assert_eq!(jobs, vec![layer.clone()]);
+    let resp = hubcap::lambda::handle_stream(&fetcher, event).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(hub.cdn_gets(&layer), 2, "copied again once");
+    // A new instance (cold cache) serves the blob again.
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default()).await.unwrap();
+    let fresh = serve(router).await;
+    assert_eq!(get_blob(&http, &fresh, "lost", &layer).await, bytes);
+}

@@ -443,6 +443,24 @@ async fn blob_states(index: &dyn Index, c: &Checks) {
         after,
         "touch_blob(None): blob(repo).used_at, at most as new",
     );
+
+    // A ready blob whose stored bytes are gone goes back to pending, its
+    // size kept, and is fetched again; nothing else is ever marked lost.
+    c.that(index.mark_blob_lost(&a, &[REPO.into()]).await.unwrap(), "mark_blob_lost: a ready blob");
+    let r = record(index, REPO, &a).await;
+    c.eq(
+        r.as_ref().map(|r| (r.state, r.size, r.last_error.as_deref())),
+        Some((BlobState::Pending, Some(5), Some(hubcap::storage::LOST))),
+        "mark_blob_lost: pending with its size, in the repository's view",
+    );
+    c.that(!index.touch_blob(&a, Some(REPO)).await.unwrap(), "touch_blob: a lost blob is not ready");
+    c.eq(unfinished(index).await.get(&a), Some(&BlobState::Pending), "unfinished_blobs(): a lost blob");
+    c.that(!index.mark_blob_lost(&a, &[REPO.into()]).await.unwrap(), "mark_blob_lost: not a pending blob");
+    c.that(!index.mark_blob_lost(&d("never-seen"), &[]).await.unwrap(), "mark_blob_lost: not an unknown blob");
+    c.that(index.claim_blob(&a, LEASE).await.unwrap(), "claim_blob: a lost blob");
+    c.that(!index.mark_blob_lost(&a, &[REPO.into()]).await.unwrap(), "mark_blob_lost: not a fetching blob");
+    index.set_blob_state(&a, BlobState::Ready, Some(5), None).await.unwrap();
+    c.eq(state(index, &a).await, Some(BlobState::Ready), "fetched again: ready");
 }
 
 /// Fetches that look lost go back in the queue; expired fetch leases are

@@ -653,3 +653,37 @@ async fn the_statistics_name_no_image_of_a_repository_the_mirror_refuses() {
     assert!(stats.contains("docker.io/library/open:1"), "{stats}");
     assert!(!stats.contains("secret"), "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_lost_from_the_store_is_fetched_again() {
+    let (hub, dir, mirror) = setup().await;
+    let img = images::small_image(Format::Oci, "amd64", 91, 2);
+    hub.publish("library/lost", "1", &Published::Image(img.clone()));
+    let http = client();
+    pull(&http, &mirror.url, "lost", "1").await;
+    let (layer, bytes) = img.blobs().pop().unwrap();
+    let file = dir.path().join("blobs/sha256").join(layer.trim_start_matches("sha256:"));
+    assert!(file.exists());
+
+    // Removed by hand: HEAD still knows its size, and a GET serves it,
+    // fetched again (not a 404 behind a 200).
+    std::fs::remove_file(&file).unwrap();
+    let head = http.head(format!("{}/v2/lost/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), bytes.len().to_string());
+    assert_eq!(get_blob(&http, &mirror.url, "lost", &layer).await, bytes);
+    assert_eq!(hub.cdn_gets(&layer), 2, "copied again once");
+    assert!(file.exists());
+
+    // Removed between the redirect and the client's GET: 503 with
+    // Retry-After, and the retry through /v2/ gets it back.
+    let resp = http.get(format!("{}/v2/lost/blobs/{layer}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let url = format!("{}{}", mirror.url, resp.headers()["location"].to_str().unwrap());
+    std::fs::remove_file(&file).unwrap();
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(get_blob(&http, &mirror.url, "lost", &layer).await, bytes);
+    assert_eq!(hub.cdn_gets(&layer), 3);
+}

@@ -13,7 +13,8 @@ use crate::oci::{Digest, ErrorCode, RegistryError};
 use crate::storage::local::BLOB_URL_PREFIX;
 
 /// `GET|HEAD /_hubcap/blobs/sha256/<hex>?expires=&sig=`: the blob's bytes
-/// (with `Range`) for a valid, unexpired signature; 403 `DENIED` otherwise.
+/// (with `Range`) for a valid, unexpired signature; 403 `DENIED` otherwise;
+/// 503 when the file has gone (it is then fetched again).
 pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> Result<Response, RegistryError> {
     let store = state.local_blobs.as_ref().ok_or_else(|| RegistryError::code(ErrorCode::Unsupported))?;
     let hex = req.uri().path().strip_prefix(BLOB_URL_PREFIX).unwrap_or("");
@@ -25,6 +26,12 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
         return Err(RegistryError::new(ErrorCode::Denied, "blob URL signature invalid or expired"));
     }
     let path = store.path(&digest);
+    if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
+        // Gone since the redirect: fetched again; the client's retry of the
+        // blob's /v2/ URL waits for it.
+        state.mirror.blob_lost(&digest, None).await?;
+        return Err(RegistryError::new(ErrorCode::Unavailable, "the blob is being fetched again").with_retry_after(Some(1)));
+    }
     let mut req = req;
     if let Some(range) = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned) {
         let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|_| RegistryError::code(ErrorCode::BlobUnknown))?;

@@ -163,6 +163,9 @@ pub struct GcReport {
     /// a later run deletes them.
     pub grace_blobs: usize,
     pub grace_bytes: u64,
+    /// Blobs the index called ready that the store did not hold: fetched
+    /// again.
+    pub lost_blobs: usize,
     pub writes: u64,
     /// The cache as the sweep found it.
     pub before: Inventory,
@@ -193,6 +196,9 @@ pub fn render(r: &GcReport) -> String {
     let _ =
         writeln!(out, "{} manifests and {} blobs {would}deleted: {verb} {}", r.deleted_manifests, r.deleted_blobs, mib(r.reclaimed_bytes));
     let _ = writeln!(out, "{} blobs ({}) unreferenced, deleted once the grace period has passed", r.grace_blobs, mib(r.grace_bytes));
+    if r.lost_blobs > 0 {
+        let _ = writeln!(out, "{} ready blobs were missing from the store: {}fetched again", r.lost_blobs, would);
+    }
     if !r.complete {
         let _ = writeln!(out, "stopped early after {} writes: the next run finishes the sweep", r.writes);
     }

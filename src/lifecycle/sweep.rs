@@ -108,6 +108,8 @@ impl<'a> Sweep<'a> {
 
     async fn phases(&mut self) -> Phase {
         pause(self.opts, Step::Read).await;
+        // Listed after the index was read and before this sweep deletes.
+        let stored = self.store.stored_digests().await?;
         let cutoff = self.started - self.opts.unused_for.as_secs() as i64;
         let mut roots = self.snap.roots(&self.opts.pins, cutoff);
         if let Some(cap) = self.opts.max_bytes {
@@ -123,7 +125,33 @@ impl<'a> Sweep<'a> {
             Err(stop) => return Ok(Err(stop)),
         };
         pause(self.opts, Step::ManifestsDeleted).await;
-        self.delete_unreferenced_blobs(&unheld).await
+        if let Err(stop) = self.delete_unreferenced_blobs(&unheld).await? {
+            return Ok(Err(stop));
+        }
+        self.audit_stored_blobs(&stored).await
+    }
+
+    /// Phase 4, the store against the index: a blob the index read as
+    /// `ready` that the store does not hold (an object deleted by hand or by
+    /// a bucket rule, a lost disk) goes back to `pending`, and is fetched
+    /// again (on AWS the write runs the fetcher). The store was listed after
+    /// the index was read, so anything `ready` then was stored before.
+    async fn audit_stored_blobs(&mut self, stored: &HashSet<Digest>) -> Phase {
+        let mut lost: Vec<&Digest> =
+            self.snap.blobs.values().filter(|b| b.state == BlobState::Ready && !stored.contains(&b.digest)).map(|b| &b.digest).collect();
+        lost.sort();
+        for digest in lost {
+            if !self.budget.take() {
+                return Ok(Err(Stop));
+            }
+            if self.opts.dry_run {
+                self.report.lost_blobs += 1;
+            } else if self.index.mark_blob_lost(digest, self.snap.blob_links.get(digest).map_or(&[][..], |r| &r[..])).await? {
+                tracing::warn!(%digest, "a ready blob was missing from the store; fetching it again");
+                self.report.lost_blobs += 1;
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// Size cap: un-keeps kept, unpinned images, least recently pulled

@@ -201,10 +201,24 @@ impl Mirror {
         if r.state != BlobState::Ready {
             return Ok(false);
         }
+        if self.store.stored_here(&r.digest).await == Some(false) {
+            self.blob_lost(&r.digest, Some(repo)).await?;
+            return Ok(false);
+        }
         if !self.stale_mark(r.used_at) {
             return Ok(true);
         }
         Ok(self.index.touch_blob(&r.digest, Some(repo)).await?)
+    }
+
+    /// A blob the index calls `ready` is not in the store (removed by hand,
+    /// lost with a disk): it goes back to `pending`, to be fetched again.
+    pub async fn blob_lost(&self, digest: &Digest, repo: Option<&str>) -> Result<(), RegistryError> {
+        let repos: Vec<String> = repo.map(str::to_owned).into_iter().collect();
+        if self.index.mark_blob_lost(digest, &repos).await? {
+            tracing::warn!(%digest, "a ready blob was missing from the store; fetching it again");
+        }
+        Ok(())
     }
 
     pub fn upstreams(&self) -> &Upstreams {

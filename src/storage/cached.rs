@@ -268,6 +268,11 @@ impl<I: Index> FetchIndex for CachedIndex<I> {
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
         self.inner.requeue_stale_blob(digest, stale).await
     }
+
+    async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool> {
+        lock(&self.blobs).retain(|(_, d), _| d != digest);
+        self.inner.mark_blob_lost(digest, repos).await
+    }
 }
 
 #[async_trait]

@@ -24,6 +24,9 @@ use bytes::Bytes;
 
 use crate::oci::Digest;
 
+/// The `last_error` of a blob found `ready` whose stored bytes were gone.
+pub const LOST: &str = "the stored blob was missing; fetching it again";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("storage I/O: {0}")]
@@ -271,6 +274,13 @@ pub trait FetchIndex: Send + Sync {
     /// itself re-triggers the fetcher where the index is the queue. True when
     /// this call re-queued it.
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool>;
+
+    /// A `ready` blob whose stored bytes are gone goes back to `pending`
+    /// (its size kept), to be fetched again; where the index is the queue,
+    /// the write itself runs the fetcher. `repos` are those known to link it
+    /// (an index that copies readiness onto links clears it there). True
+    /// when this call did so (never over a GC delete in progress).
+    async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool>;
 }
 
 /// What a lifecycle sweep reads and deletes, each step conditional on what
@@ -327,6 +337,16 @@ pub trait BlobStore: Send + Sync {
     async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
 
     async fn delete(&self, digest: &Digest) -> Result<()>;
+
+    /// Whether the blob is stored, when the backend can tell without a
+    /// network call (a local file); `None` when it cannot (S3: GC's audit
+    /// lists the bucket instead).
+    async fn stored_here(&self, _digest: &Digest) -> Option<bool> {
+        None
+    }
+
+    /// Every stored blob, for GC's audit of `ready` records.
+    async fn stored_digests(&self) -> Result<std::collections::HashSet<Digest>>;
 
     /// Deletes many blobs (missing ones are fine), in as few calls as the
     /// backend allows.

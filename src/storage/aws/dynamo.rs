@@ -246,6 +246,43 @@ impl FetchIndex for DynamoIndex {
         conditional("DynamoDB UpdateItem", result)
     }
 
+    async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool> {
+        // A MODIFY to pending passes the stream filter: the fetcher runs.
+        // Once the blob item is not ready, no link can be made ready again
+        // (`touch` is conditional on it); then the known links forget it.
+        // A link made ready between the caller's read and this write keeps
+        // its flag until the blob is stored again.
+        let result = self
+            .update_blob(digest)
+            .update_expression("SET #s = :pending, updated_at = :now, last_error = :err REMOVE lease_until")
+            .condition_expression("#s = :ready")
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":pending", s("pending"))
+            .expression_attribute_values(":ready", s("ready"))
+            .expression_attribute_values(":now", n(now()))
+            .expression_attribute_values(":err", s(crate::storage::LOST))
+            .send()
+            .await;
+        if !conditional("DynamoDB UpdateItem", result)? {
+            return Ok(false);
+        }
+        for repo in repos {
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(repo_pk(repo)))
+                .key("sk", s(blob_pk(digest)))
+                .update_expression("REMOVE #r")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#r", "ready")
+                .send()
+                .await;
+            conditional("DynamoDB UpdateItem", result)?;
+        }
+        Ok(true)
+    }
+
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         let mut set = vec!["#s = :state", "updated_at = :now"];
         if state == BlobState::Ready {

@@ -128,6 +128,22 @@ impl BlobStore for S3BlobStore {
         }))
     }
 
+    async fn stored_digests(&self) -> Result<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix("blobs/sha256/").into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("S3 ListObjectsV2", e))?;
+            for o in page.contents() {
+                if let Some(d) =
+                    o.key().and_then(|k| k.strip_prefix("blobs/sha256/")).and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+                {
+                    out.insert(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<()> {
         self.client
             .delete_object()

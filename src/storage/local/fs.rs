@@ -76,6 +76,21 @@ impl BlobStore for FsBlobStore {
         Ok(Box::new(FsBlobWriter { file: Some(file), tmp, dest: self.path(digest) }))
     }
 
+    async fn stored_here(&self, digest: &Digest) -> Option<bool> {
+        Some(tokio::fs::try_exists(self.path(digest)).await.unwrap_or(true))
+    }
+
+    async fn stored_digests(&self) -> Result<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        let mut dir = tokio::fs::read_dir(self.root.join("blobs/sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            if let Some(d) = entry.file_name().to_str().and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok()) {
+                out.insert(d);
+            }
+        }
+        Ok(out)
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<()> {
         match tokio::fs::remove_file(self.path(digest)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -104,6 +119,10 @@ impl BlobWriter for FsBlobWriter {
         file.sync_all().await?;
         drop(file);
         tokio::fs::rename(&self.tmp, &self.dest).await?;
+        // The rename itself is durable only once its directory is synced.
+        if let Some(dir) = self.dest.parent() {
+            tokio::fs::File::open(dir).await?.sync_all().await?;
+        }
         Ok(())
     }
 

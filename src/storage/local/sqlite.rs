@@ -309,6 +309,17 @@ impl FetchIndex for SqliteIndex {
         })
     }
 
+    async fn mark_blob_lost(&self, digest: &Digest, _repos: &[String]) -> Result<bool> {
+        self.with(|c| {
+            c.prepare_cached(
+                "UPDATE blobs SET state = 'pending', updated_at = ?2, lease_until = 0, last_error = ?3
+                 WHERE digest = ?1 AND state = 'ready'",
+            )?
+            .execute(params![digest.as_str(), now(), crate::storage::LOST])
+            .map(|n| n > 0)
+        })
+    }
+
     async fn unfinished_blobs(&self) -> Result<Vec<BlobRecord>> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE state IN ('pending', 'fetching')"))?;
