@@ -37,6 +37,7 @@ use axum::routing::{any, get};
 
 use self::access::AccessPolicy;
 use self::blobs::local_blob;
+pub use self::blobs::range_to_honour;
 use self::registry::dispatch;
 use crate::mirror::Mirror;
 use crate::observe::CacheStatus;

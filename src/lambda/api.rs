@@ -131,7 +131,8 @@ pub fn prepare_request(mut req: lambda_http::Request) -> lambda_http::Request {
         Some(RequestContext::ApiGatewayV2(c)) => (c.stage.clone(), c.http.source_ip.clone()),
         _ => (None, None),
     };
-    if let Some(stage) = stage.filter(|s| !s.is_empty() && s != "$default") {
+    // An empty stage too: lambda_http adds `/` + stage (`//v2/...`).
+    if let Some(stage) = stage.filter(|s| s != "$default") {
         let prefix = format!("/{stage}");
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix(&prefix).filter(|r| r.starts_with('/')) {

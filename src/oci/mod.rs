@@ -48,6 +48,9 @@ mod tests {
         assert_eq!(r.key(), "quay.io/org/img");
         let r = RepoPath::resolve("index.docker.io/org/img", None).unwrap();
         assert_eq!(r.key(), "docker.io/org/img");
+        // 255 characters with `library/`, as it is sent upstream.
+        assert!(RepoPath::resolve(&"a".repeat(247), None).is_ok());
+        assert_eq!(RepoPath::resolve(&"a".repeat(248), None).unwrap_err().code, ErrorCode::NameInvalid);
     }
 
     #[test]

@@ -97,6 +97,12 @@ impl RepoPath {
         };
         validate_name(name)?;
         let name = if registry == DOCKER_HUB && !name.contains('/') { format!("library/{name}") } else { name.to_owned() };
+        if name.len() > MAX_NAME_LEN {
+            return Err(RegistryError::new(
+                ErrorCode::NameInvalid,
+                format!("invalid repository name {name:?}: longer than 255 characters"),
+            ));
+        }
         Ok(RepoPath { registry, name })
     }
 

@@ -496,6 +496,10 @@ pub fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
             break;
         }
         let mut value = String::new();
+        // RFC 9110 allows whitespace after the `=` (`realm = "..."`).
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
         if chars.peek() == Some(&'"') {
             chars.next();
             while let Some(c) = chars.next() {
@@ -575,6 +579,8 @@ mod tests {
         let (scheme, p) = parse_challenge(r#"Basic realm=registry"#);
         assert_eq!(scheme, "basic");
         assert_eq!(p["realm"], "registry");
+        let (_, p) = parse_challenge(r#"Bearer realm = "https://auth.example/token" , scope= "a,b""#);
+        assert_eq!((p["realm"].as_str(), p["scope"].as_str()), ("https://auth.example/token", "a,b"), "whitespace around =");
     }
 
     #[test]
