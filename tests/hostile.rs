@@ -228,6 +228,18 @@ async fn upstream_redirects_are_followed_only_for_blobs_and_never_into_the_host(
     assert!(hits.load(Ordering::SeqCst) >= 1, "an allowed internal host:port is followed");
     let r = blob_record(&m, "library/redir", &digest).await;
     assert!(r.last_error.as_deref().unwrap_or("").contains("upstream declared"), "its wrong answer is refused: {r:?}");
+    m.stop().await;
+
+    // A 401 whose token realm is inside is refused too (a new mirror, so it
+    // has no token yet).
+    hub.set_fault(Fault::None);
+    let before = hits.load(Ordering::SeqCst);
+    *hub.state.realm.lock().unwrap() = format!("http://{internal}/token");
+    let m = mirror_with_limits(&dir.path().join("c"), &hub, common::upstream_limits(), Duration::from_secs(10)).await;
+    let resp = http.get(format!("{}/v2/redir/manifests/1", m.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("token realm"));
+    assert_eq!(hits.load(Ordering::SeqCst), before, "the internal service was never asked for a token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

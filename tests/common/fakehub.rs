@@ -95,7 +95,7 @@ type Refs = BTreeMap<String, (String, Bytes)>;
 
 pub struct HubState {
     cdn_url: Mutex<String>,
-    realm: Mutex<String>,
+    pub realm: Mutex<String>,
     /// repo -> reference (tag or digest) -> (media type, bytes)
     manifests: Mutex<HashMap<String, Refs>>,
     blobs: Mutex<HashMap<String, Bytes>>,

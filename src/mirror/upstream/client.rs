@@ -164,7 +164,12 @@ impl Upstream {
 
     /// For tokens, manifests, tag lists and `HEAD`s: no redirect is followed.
     fn http(&self) -> &reqwest::Client {
-        self.http.get_or_init(|| Self::client(reqwest::redirect::Policy::none()).build().expect("the HTTP client has a TLS backend"))
+        self.http.get_or_init(|| {
+            Self::client(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(PublicResolver(self.destinations.clone())))
+                .build()
+                .expect("the HTTP client has a TLS backend")
+        })
     }
 
     /// For blob downloads: Docker Hub answers them with a 307 to its CDN;
@@ -380,6 +385,8 @@ impl Upstream {
                 if realm_url.scheme() != "https" && !(realm_url.scheme() == "http" && self.base.starts_with("http://")) {
                     return Err(UpstreamError::Invalid(format!("token realm must be https, got {realm_url}")));
                 }
+                // Nor may a 401 send the mirror (and its credentials) inside.
+                self.destinations.check_redirect(&realm_url).map_err(|why| UpstreamError::Invalid(format!("token realm {why}")))?;
                 {
                     let mut q = realm_url.query_pairs_mut();
                     if let Some(service) = params.get("service") {

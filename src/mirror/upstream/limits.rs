@@ -1,9 +1,9 @@
 //! What the mirror lets an upstream do to it: how long a transfer may take
 //! and how slow it may run, how large a blob may be, and where a redirect may
 //! lead. Only blob downloads follow redirects (registries send them to a
-//! CDN); a redirect, or a DNS answer, that points at a loopback, private or
-//! link-local address is refused unless that exact `host:port` is a
-//! configured upstream or listed in `--redirect-allow`.
+//! CDN); a redirect, a token realm, or a DNS answer that points at a
+//! loopback, private or link-local address is refused unless that exact
+//! `host:port` is a configured upstream or listed in `--redirect-allow`.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -74,10 +74,11 @@ impl Destinations {
         }
     }
 
-    /// Whether a redirect to `url` may be followed.
+    /// Whether a redirect to `url` may be followed (or a token fetched
+    /// from it: a 401 names the realm).
     pub fn check_redirect(&self, url: &Url) -> Result<(), String> {
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("redirect to a {} URL refused", url.scheme()));
+            return Err(format!("{} URL refused", url.scheme()));
         }
         if self.allows_endpoint(url) {
             return Ok(());
@@ -93,7 +94,7 @@ impl Destinations {
         };
         if internal {
             return Err(format!(
-                "redirect to {} refused: a loopback, private or link-local address that is not a configured upstream",
+                "{} refused: a loopback, private or link-local address that is not a configured upstream",
                 url.host_str().unwrap_or("")
             ));
         }
