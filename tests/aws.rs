@@ -357,6 +357,8 @@ async fn the_sample_events_run_through_the_handlers() {
             "gc",
             "--upstream",
             &upstream,
+            "--redirect-allow",
+            &hub.cdn,
             "--warm-images",
             "library/hello:latest",
             "--unused-for",

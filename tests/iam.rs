@@ -161,6 +161,8 @@ async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies()
             "gc",
             "--upstream",
             &upstream,
+            "--redirect-allow",
+            &hub.cdn,
             "--credentials-secret",
             &stack.secret_arn,
             "--warm-images",

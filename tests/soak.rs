@@ -1,5 +1,6 @@
 //! A bounded soak of the real `hubcap serve` binary: six clients pull a
-//! dozen images in a loop for `HUBCAP_SOAK_SECS` (default 60) while the
+//! dozen images (four at a time, the next four every 10 s) in a loop for
+//! `HUBCAP_SOAK_SECS` (default 60) while the
 //! upstream flaps (down, 429, 5xx, slow, trickling bodies) and the server's
 //! own GC loop expires and deletes what they pull. Checked: every byte a
 //! client received hashes to its digest, clients only ever see 429 or 503
@@ -254,7 +255,11 @@ async fn mixed_pulls_survive_a_flapping_upstream_and_a_running_gc() {
             tokio::spawn(async move {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c + 1));
                 while started.elapsed() < soak {
-                    let n = &names[rng.below(names.len())];
+                    // Four images at a time, the next four every 10 s: the
+                    // rest go unpulled long enough for GC to delete them,
+                    // and come back to be fetched again.
+                    let epoch = (started.elapsed().as_secs() / 10) as usize;
+                    let n = &names[(epoch * 4 + rng.below(4)) % names.len()];
                     tally.pulls.fetch_add(1, Ordering::Relaxed);
                     if let Err(status) = pull_once(&http, &base, n, "1", &tally).await {
                         tally.failed.fetch_add(1, Ordering::Relaxed);
