@@ -56,6 +56,11 @@ pub struct MirrorArgs {
     /// Largest blob copied from upstream (e.g. 64GiB), declared or not.
     #[arg(long, env = "HUBCAP_MAX_BLOB_SIZE", default_value = "64GiB", value_parser = crate::lifecycle::parse_size)]
     pub max_blob_size: u64,
+    /// Ranged requests in flight for one blob of 32 MiB or more (8 MiB
+    /// parts), when upstream honours Range; 1 fetches every blob as one
+    /// stream.
+    #[arg(long, env = "HUBCAP_PARALLEL_RANGES", default_value_t = 4)]
+    pub parallel_ranges: usize,
 }
 
 /// Longest a setting in seconds may be: a year.
@@ -98,6 +103,8 @@ impl MirrorArgs {
             window: secs(self.transfer_window).max(Duration::from_secs(1)),
             min_rate: self.min_transfer_rate,
             max_blob: self.max_blob_size,
+            parallel_ranges: self.parallel_ranges.max(1),
+            ..UpstreamLimits::default()
         }
     }
 

@@ -560,6 +560,80 @@ async fn benchmark() {
         assert!(rss < 128.0, "{label}: peak RSS {rss} MiB");
     }
 
+    // 7b: big layers. A relay caps each upstream connection's download rate
+    // (a CDN edge over a long path); cold pulls of single-layer images
+    // through hubcap (parallel ranges) and registry:2 (one stream) in front
+    // of it, and uncapped. Single runs.
+    {
+        let up_addr: std::net::SocketAddr = format!("127.0.0.1:{up_port}").parse().unwrap();
+        let (sizes, rate) = if mode.full { (vec![40usize << 20, 1 << 30], 4_000_000u64) } else { (vec![33usize << 20], 40_000_000) };
+        for (i, size) in sizes.iter().enumerate() {
+            let name = format!("library/layer{i}");
+            let img = Published::Image(images::image(
+                Format::Docker,
+                "amd64",
+                vec![vec![("layer.bin".into(), images::noise(*size, 900 + i as u64))]],
+            ));
+            images::push(&upstream, &name, "1", &img).await;
+            drop(img);
+            for capped in [true, false] {
+                if !capped && *size > 64 << 20 {
+                    continue; // uncapped, the big one says nothing new
+                }
+                let relay = common::relay::Relay::start(up_addr, capped.then_some(rate)).await;
+                let tag = format!("layer{i}-{capped}");
+                let hub = start_hubcap(d, &relay.url, &format!("h{tag}")).await;
+                let reg = start_registry2(d, &relay.url, &format!("r{tag}")).await;
+                let (hconf, rconf) = (registries_conf(d, &hub.url, "hub"), registries_conf(d, &reg.url, "reg"));
+                let image = format!("{name}:1");
+                let h = skopeo_pull(d, &hconf, &image, "out-h").await;
+                let r = skopeo_pull(d, &rconf, &image, "out-r").await;
+                let (hr, rr) = (peak_rss_mib(hub.proc.child.id()), peak_rss_mib(reg.proc.child.id()));
+                let how =
+                    if capped { format!("{:.0} MB/s per upstream connection", rate as f64 / 1e6) } else { "uncapped loopback".into() };
+                rows.push((
+                    format!("cold pull of a single-layer {} MiB image, {how} (skopeo, one run): seconds; peak RSS", size >> 20),
+                    format!("{h:.2}; {hr:.0} MiB"),
+                    format!("{r:.2}; {rr:.0} MiB"),
+                    format!("{:.2}×", h / r),
+                    if capped { "≤ 0.35×".into() } else { "≤ 1.0×".into() },
+                ));
+            }
+        }
+        // A 1 GiB copy whose upstream connections are cut three times at
+        // random offsets: what upstream sent, over the blob's size.
+        if mode.full {
+            let relay = common::relay::Relay::start(up_addr, None).await;
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            *relay.cuts.lock().unwrap() = (0..3)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (1 << 20) + x % (200 << 20)
+                })
+                .collect();
+            let hub = start_hubcap(d, &relay.url, "cut").await;
+            let started = Instant::now();
+            assert_eq!(http.head(format!("{}/v2/huge/blobs/{big_digest}", hub.url)).send().await.unwrap().status(), 200);
+            loop {
+                let resp = http.get(format!("{}/v2/huge/blobs/{big_digest}", hub.url)).send().await.unwrap();
+                assert_eq!(resp.status(), 307, "{}", hub.proc.log());
+                if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
+                    break;
+                }
+            }
+            let ratio = relay.relayed() as f64 / mode.big_blob as f64;
+            rows.push((
+                format!("a {} MiB copy with 3 upstream connections cut: upstream bytes / blob size (one run)", mode.big_blob >> 20),
+                format!("{ratio:.3} ({:.1} s)", started.elapsed().as_secs_f64()),
+                "-".into(),
+                "-".into(),
+                "≤ 1.1".into(),
+            ));
+        }
+    }
+
     // 8: AWS calls per hit, from a counting proxy in front of moto.
     let proxy = common::moto::CountingProxy::start(&moto.url).await;
     let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;

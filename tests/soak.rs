@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published, sha256};
 use common::procs::{Proc, free_port, wait_ready};
+use common::relay::Relay;
 use hubcap::storage::FetchIndex;
 
 /// Descriptors the server may hold at the end beyond what it held once
@@ -27,42 +28,6 @@ const FD_SLACK: usize = 48;
 /// Peak resident memory allowed, and growth from warm-up to the end.
 const PEAK_RSS_MIB: u64 = 128;
 const RSS_GROWTH_MIB: u64 = 32;
-
-/// A TCP relay in front of the fake hub that can go down (every connection,
-/// open or new, is dropped) and come back.
-struct Relay {
-    url: String,
-    up: tokio::sync::watch::Sender<bool>,
-}
-
-impl Relay {
-    async fn start(target: std::net::SocketAddr) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (up, rx) = tokio::sync::watch::channel(true);
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else { continue };
-                let mut rx = rx.clone();
-                if !*rx.borrow() {
-                    continue; // dropped: the mirror sees a reset
-                }
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Relay { url, up }
-    }
-
-    fn set_up(&self, up: bool) {
-        let _ = self.up.send(up);
-    }
-}
 
 /// A small deterministic generator (xorshift).
 struct Rng(u64);
@@ -187,7 +152,7 @@ async fn mixed_pulls_survive_a_flapping_upstream_and_a_running_gc() {
         hub.publish(&name, "1", &published);
         names.push(name.trim_start_matches("library/").to_owned());
     }
-    let relay = Relay::start(hub.addr).await;
+    let relay = Relay::start(hub.addr, None).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = free_port();

@@ -16,12 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Instant;
 
-use super::upstream::{Retry, UpstreamError, UpstreamLimits, Upstreams};
+use super::transfer::{Body, Parts};
+use super::upstream::{Retry, UpstreamError, Upstreams};
 use crate::oci::{Digest, RepoPath};
 use crate::storage::{BlobState, BlobStore, BlobWriter, FetchIndex, StorageError};
 
@@ -49,6 +48,10 @@ pub enum FetchError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Rejected(String),
+    /// Upstream answered a `Range` with other bytes: the next try reads
+    /// the blob as one stream.
+    #[error("{0}")]
+    BadRange(String),
 }
 
 impl FetchError {
@@ -89,16 +92,20 @@ impl Fetcher {
         if !self.index.claim_blob(&job.digest, FETCH_LEASE).await? {
             return Ok(None);
         }
-        let mut attempt = 0;
+        let (mut attempt, mut ranges) = (0, true);
         let err = loop {
             attempt += 1;
-            match self.copy(job, slot).await {
+            match self.copy(job, slot, ranges).await {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
                     tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
                     return Ok(Some(size));
                 }
                 Err(e) if e.is_permanent() || attempt >= ATTEMPTS => break e,
+                Err(FetchError::BadRange(why)) => {
+                    tracing::warn!(digest = %job.digest, source = %job.source, error = %why, "upstream answered a range wrongly; reading the blob whole");
+                    ranges = false;
+                }
                 Err(e) => {
                     tracing::warn!(digest = %job.digest, source = %job.source, attempt, error = %e, "blob copy failed, retrying");
                     tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
@@ -117,8 +124,9 @@ impl Fetcher {
         Ok(self.index.set_blob_state(digest, BlobState::Pending, None, None).await?)
     }
 
-    /// One copy attempt: stream, hash, write; commit only a verified blob.
-    async fn copy(&self, job: &FetchJob, slot: &mut Slot) -> Result<u64, FetchError> {
+    /// One copy attempt: read in order (one stream, or parallel ranges),
+    /// hash, write; commit only a verified blob.
+    async fn copy(&self, job: &FetchJob, slot: &mut Slot, ranges: bool) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let limits = upstream.limits();
         let too_large =
@@ -126,19 +134,27 @@ impl Fetcher {
         if let Some(size) = job.size.filter(|s| *s > limits.max_blob) {
             return Err(too_large(size));
         }
-        let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
-        let declared = resp.content_length();
-        if let (Some(want), Some(got)) = (job.size, declared)
-            && want != got
-        {
-            return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
-        }
-        if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
-            return Err(too_large(size));
-        }
+        let (mut body, declared) = match job.size {
+            Some(size) if ranges && size >= limits.ranged_from && limits.parallel_ranges > 1 => {
+                (Parts::start(upstream, &job.source, &job.digest, size).await?, None)
+            }
+            _ => {
+                let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
+                let declared = resp.content_length();
+                if let (Some(want), Some(got)) = (job.size, declared)
+                    && want != got
+                {
+                    return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
+                }
+                if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
+                    return Err(too_large(size));
+                }
+                (Body::stream(resp, limits), declared)
+            }
+        };
         let limit = job.size.or(declared);
         let mut writer = self.store.begin(&job.digest).await?;
-        match stream_into(resp, writer.as_mut(), limit, limits, slot).await {
+        match read_into(&mut body, writer.as_mut(), limit, limits.max_blob, slot).await {
             Ok((hash, size)) => {
                 let actual = Digest::from_sha256(&hash);
                 let size_ok = limit.is_none_or(|l| l == size);
@@ -151,6 +167,9 @@ impl Fetcher {
                     )));
                 }
                 writer.commit().await?;
+                if body.parts() > 1 {
+                    tracing::debug!(digest = %job.digest, parts = body.parts(), "blob copied in parallel ranges");
+                }
                 Ok(size)
             }
             Err(e) => {
@@ -172,59 +191,37 @@ impl Slot {
     }
 }
 
-/// Streams the body into `writer`, hashing it. Ends with an error when more
-/// than `limit` bytes (or the largest blob) arrive, or when a window brings
-/// less than the minimum rate; gives the slot back after a quarter window
-/// below that rate.
-async fn stream_into(
-    resp: reqwest::Response,
+/// Reads `body` into `writer`, hashing it in order. Ends with an error when
+/// more than `limit` bytes (or `max_blob` when none is declared) arrive, or
+/// when the body keeps under the minimum rate; a stalled copy gives its slot
+/// back.
+async fn read_into(
+    body: &mut Body,
     writer: &mut dyn BlobWriter,
     limit: Option<u64>,
-    limits: &UpstreamLimits,
+    max_blob: u64,
     slot: &mut Slot,
 ) -> Result<(Vec<u8>, u64), FetchError> {
-    let cap = limit.unwrap_or(limits.max_blob);
-    let (window, need) = (limits.window, limits.bytes_per_window());
+    let cap = limit.unwrap_or(max_blob);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut body = resp.bytes_stream();
-    let mut window_start = (Instant::now(), 0u64);
-    let mut quarter_start = window_start;
-    loop {
-        let (window_end, quarter_end) = (window_start.0 + window, quarter_start.0 + window / 4);
-        match tokio::time::timeout_at(window_end.min(quarter_end), body.next()).await {
-            Ok(None) => break,
-            Ok(Some(chunk)) => {
-                let chunk = chunk.map_err(|e| UpstreamError::Transport(format!("blob body cut off after {size} bytes: {e}")))?;
-                size += chunk.len() as u64;
-                if size > cap {
-                    return Err(FetchError::Rejected(match limit {
-                        Some(l) => format!("upstream sent more than the {l} bytes declared"),
-                        None => format!("upstream sent more than {cap} bytes, the largest blob copied"),
-                    }));
-                }
-                hasher.update(&chunk);
-                writer.write(chunk).await?;
-            }
-            Err(_) => {}
+    let mut stalled = false;
+    while let Some(chunk) = body.next(&mut stalled).await? {
+        if stalled {
+            slot.release();
         }
-        let now = Instant::now();
-        if now >= quarter_end {
-            if size - quarter_start.1 < need / 4 {
-                slot.release();
-            }
-            quarter_start = (now, size);
+        if chunk.is_empty() {
+            continue;
         }
-        if now >= window_end {
-            let got = size - window_start.1;
-            if got < need {
-                return Err(FetchError::Upstream(UpstreamError::Transport(format!(
-                    "upstream sent {got} bytes in {window:?} (after {}), below the minimum of {} bytes/s",
-                    window_start.1, limits.min_rate
-                ))));
-            }
-            window_start = (now, size);
+        size += chunk.len() as u64;
+        if size > cap {
+            return Err(FetchError::Rejected(match limit {
+                Some(l) => format!("upstream sent more than the {l} bytes declared"),
+                None => format!("upstream sent more than {cap} bytes, the largest blob copied"),
+            }));
         }
+        hasher.update(&chunk);
+        writer.write(chunk).await?;
     }
     Ok((hasher.finalize().to_vec(), size))
 }

@@ -16,7 +16,8 @@
 //!
 //! # Layout
 //! - `manifests`: the manifest path; `blobs`: the blob path;
-//! - `fetch`: the verified copy and the queues that run it;
+//! - `fetch`: the verified copy and the queues that run it; `transfer`: a
+//!   blob's bytes read in order, in one stream or in parallel ranges;
 //! - `upstream`: the registry client, the configured registries, credentials.
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 mod blobs;
 pub mod fetch;
 mod manifests;
+mod transfer;
 pub use manifests::MAX_REFERENCES;
 pub mod upstream;
 

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +52,24 @@ pub enum Fault {
     /// Blob HEADs and CDN bodies say nothing of the size, and CDN bodies
     /// never end.
     Endless,
+    /// The CDN ignores `Range` (answers 200 with the whole blob).
+    IgnoreRange,
+    /// The CDN answers any `Range` with the bytes (and `Content-Range`) of
+    /// a range of the same length at offset 0.
+    WrongRange,
+    /// One byte of every ranged answer is flipped.
+    CorruptRange,
+    /// A range stops half-way (the connection drops) the first time it is
+    /// asked: the part must be asked again.
+    CutRanges,
+}
+
+/// A `Range: bytes=a-b` the CDN answers (a single closed range).
+fn requested_range(headers: &HeaderMap, len: u64) -> Option<(u64, u64)> {
+    let spec = headers.get(header::RANGE)?.to_str().ok()?.strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    (a <= b && b < len).then_some((a, b))
 }
 
 /// A body that sends `bytes` one byte every `every`.
@@ -82,6 +100,12 @@ pub struct Counters {
     pub cdn_saw_authorization: AtomicUsize,
     /// Bytes of never-ending CDN bodies sent (`Fault::Endless`).
     pub cdn_bytes: AtomicUsize,
+    /// CDN GETs that asked for a `Range`, and the bytes every CDN answer
+    /// carried (whole or part).
+    pub cdn_ranged: AtomicUsize,
+    pub cdn_body_bytes: AtomicU64,
+    /// Ranged answers cut so far (`Fault::CutRanges`).
+    pub cuts: AtomicUsize,
 }
 
 impl Counters {
@@ -96,6 +120,8 @@ type Refs = BTreeMap<String, (String, Bytes)>;
 pub struct HubState {
     cdn_url: Mutex<String>,
     pub realm: Mutex<String>,
+    /// (digest, offset) of ranges already cut (`Fault::CutRanges`).
+    cut_ranges: Mutex<HashSet<(String, u64)>>,
     /// repo -> reference (tag or digest) -> (media type, bytes)
     manifests: Mutex<HashMap<String, Refs>>,
     blobs: Mutex<HashMap<String, Bytes>>,
@@ -140,6 +166,7 @@ impl FakeHub {
         let state = Arc::new(HubState {
             cdn_url: Mutex::default(),
             realm: Mutex::default(),
+            cut_ranges: Mutex::default(),
             manifests: Mutex::default(),
             blobs: Mutex::default(),
             synthetic: Mutex::default(),
@@ -465,15 +492,79 @@ async fn cdn_blob(
         });
         return Response::new(Body::from_stream(stream));
     }
-    if let Some((size, seed)) = s.synthetic.lock().unwrap().get(&digest).copied() {
-        let mut noise = super::images::Noise::new(seed, size);
-        let stream = futures_util::stream::poll_fn(move |_| std::task::Poll::Ready(noise.next_chunk(1 << 20).map(Ok::<_, std::io::Error>)));
-        let mut resp = Response::new(Body::from_stream(stream));
-        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        return resp;
-    }
-    let Some(bytes) = s.blobs.lock().unwrap().get(&digest).cloned() else { return StatusCode::NOT_FOUND.into_response() };
     let fault = s.fault.lock().unwrap().clone();
+    let synthetic = s.synthetic.lock().unwrap().get(&digest).copied();
+    let stored = s.blobs.lock().unwrap().get(&digest).cloned();
+    let total = match (synthetic, &stored) {
+        (Some((size, _)), _) => size,
+        (None, Some(b)) => b.len() as u64,
+        (None, None) => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let range = requested_range(&headers, total).filter(|_| fault != Fault::IgnoreRange);
+    if range.is_some() {
+        s.counters.cdn_ranged.fetch_add(1, Ordering::SeqCst);
+    }
+    let (from, to) = match (range, &fault) {
+        (Some((a, b)), Fault::WrongRange) => (0, b - a),
+        (Some(r), _) => r,
+        (None, _) => (0, total - 1),
+    };
+    let len = to - from + 1;
+
+    let cut = range.is_some() && fault == Fault::CutRanges && s.cut_ranges.lock().unwrap().insert((digest.clone(), from));
+    if cut {
+        s.counters.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+    s.counters.cdn_body_bytes.fetch_add(if cut { len / 2 } else { len }, Ordering::SeqCst);
+    let body = match (synthetic, stored) {
+        (Some((_, seed)), _) => {
+            let mut noise = super::images::Noise::range(seed, from, if cut { len / 2 } else { len });
+            let corrupt = range.is_some() && fault == Fault::CorruptRange;
+            let mut first = true;
+            let stream = futures_util::stream::poll_fn(move |_| {
+                let chunk = noise.next_chunk(1 << 20).map(|c| {
+                    if corrupt && std::mem::take(&mut first) {
+                        let mut v = c.to_vec();
+                        v[0] ^= 0xff;
+                        Bytes::from(v)
+                    } else {
+                        c
+                    }
+                });
+                std::task::Poll::Ready(chunk.map(Ok::<_, std::io::Error>))
+            });
+            let tail = futures_util::stream::iter(cut.then(|| Err(std::io::Error::other("connection cut"))));
+            Body::from_stream(futures_util::StreamExt::chain(stream, tail))
+        }
+        (None, Some(bytes)) if range.is_some() => {
+            let mut part = bytes.slice(from as usize..=to as usize).to_vec();
+            if fault == Fault::CorruptRange {
+                part[0] ^= 0xff;
+            }
+            if cut {
+                part.truncate(part.len() / 2);
+                Body::from_stream(futures_util::stream::iter(vec![
+                    Ok::<Bytes, std::io::Error>(Bytes::from(part)),
+                    Err(std::io::Error::other("connection cut")),
+                ]))
+            } else {
+                Body::from(part)
+            }
+        }
+        (None, Some(bytes)) => return whole_blob(bytes, fault),
+        (None, None) => unreachable!("answered 404 above"),
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if range.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {from}-{to}/{total}")).unwrap());
+    }
+    resp
+}
+
+/// A stored blob's whole body, under the body faults.
+fn whole_blob(bytes: Bytes, fault: Fault) -> Response {
     let len = bytes.len();
     let body = match fault {
         Fault::Truncate => {

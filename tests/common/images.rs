@@ -27,33 +27,50 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// `noise` as a stream of chunks, for blobs too big to hold in memory.
+/// `noise` as a stream of chunks, for blobs too big to hold in memory. Each
+/// 8-byte word is a function of the seed and its position, so any range can
+/// be made without the bytes before it.
 pub struct Noise {
-    x: u64,
+    key: u64,
+    /// Position of the next byte.
+    at: u64,
     left: u64,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Noise {
     pub fn new(seed: u64, len: u64) -> Noise {
-        Noise { x: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, left: len }
+        Noise::range(seed, 0, len)
     }
 
-    /// The next chunk of up to `max` bytes (a multiple of 8), `None` at the end.
+    /// `len` bytes of `noise(.., seed)` from `offset` on.
+    pub fn range(seed: u64, offset: u64, len: u64) -> Noise {
+        Noise { key: splitmix(seed), at: offset, left: len }
+    }
+
+    /// The next chunk of up to `max` bytes, `None` at the end.
     pub fn next_chunk(&mut self, max: usize) -> Option<Bytes> {
         if self.left == 0 {
             return None;
         }
         let n = (max as u64).min(self.left) as usize;
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            self.x ^= self.x << 13;
-            self.x ^= self.x >> 7;
-            self.x ^= self.x << 17;
-            out.extend_from_slice(&self.x.to_le_bytes());
+        let (first, skip) = (self.at / 8, (self.at % 8) as usize);
+        let mut out = Vec::with_capacity(n + 16);
+        let mut word = first;
+        while out.len() < n + skip {
+            out.extend_from_slice(&splitmix(self.key ^ word.wrapping_mul(0xD1B5_4A32_D192_ED03)).to_le_bytes());
+            word += 1;
         }
-        out.truncate(n);
+        let out = Bytes::from(out).slice(skip..skip + n);
+        self.at += n as u64;
         self.left -= n as u64;
-        Some(Bytes::from(out))
+        Some(out)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod lambda;
 pub mod moto;
 pub mod procs;
 pub mod registries;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -253,6 +253,14 @@ impl Upstream {
         }
     }
 
+    /// `GET` bytes `start..=end` of a blob, following redirects: `206` when
+    /// upstream honours the range, `200` (the whole blob) when it does not.
+    pub async fn get_blob_range(&self, repo: &RepoPath, digest: &Digest, start: u64, end: u64, retry: Retry) -> Result<reqwest::Response> {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::RANGE, HeaderValue::from_str(&format!("bytes={start}-{end}")).expect("a valid header"));
+        self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, h, retry, Kind::Blob).await
+    }
+
     /// `GET` a blob, following redirects; the body is the caller's to stream.
     pub async fn get_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<reqwest::Response> {
         self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry, Kind::Blob).await

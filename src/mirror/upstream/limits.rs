@@ -28,11 +28,25 @@ pub struct UpstreamLimits {
     pub min_rate: u64,
     /// Largest blob copied, whether upstream declares its size or not.
     pub max_blob: u64,
+    /// A blob of at least `ranged_from` bytes is fetched in `range_part`
+    /// parts, this many at once (1: one stream), when upstream honours
+    /// `Range`.
+    pub parallel_ranges: usize,
+    pub ranged_from: u64,
+    pub range_part: u64,
 }
 
 impl Default for UpstreamLimits {
     fn default() -> Self {
-        UpstreamLimits { redirect_allow: Vec::new(), window: Duration::from_secs(30), min_rate: 32 * 1024, max_blob: 64 << 30 }
+        UpstreamLimits {
+            redirect_allow: Vec::new(),
+            window: Duration::from_secs(30),
+            min_rate: 32 * 1024,
+            max_blob: 64 << 30,
+            parallel_ranges: 4,
+            ranged_from: 32 << 20,
+            range_part: 8 << 20,
+        }
     }
 }
 
