@@ -687,3 +687,83 @@ async fn a_blob_lost_from_the_store_is_fetched_again() {
     assert_eq!(get_blob(&http, &mirror.url, "lost", &layer).await, bytes);
     assert_eq!(hub.cdn_gets(&layer), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_whose_bytes_or_digest_lie_is_refused_and_nothing_is_cached() {
+    let (hub, _dir, mirror) = setup().await;
+    let img = images::small_image(Format::Oci, "amd64", 93, 1);
+    hub.publish("library/liar", "1", &Published::Image(img.clone()));
+    let http = client();
+    let get = |reference: String| {
+        let (http, url) = (http.clone(), format!("{}/v2/liar/manifests/{reference}", mirror.url));
+        async move { http.get(url).header("accept", common::ALL_MANIFESTS).send().await.unwrap() }
+    };
+    for fault in [Fault::LyingDigest, Fault::ChangedManifest] {
+        hub.set_fault(fault.clone());
+        for reference in ["1".to_owned(), img.digest.clone()] {
+            let resp = get(reference.clone()).await;
+            assert_eq!(resp.status(), 502, "{fault:?} {reference}");
+            assert_eq!(error_code(resp).await, "MANIFEST_INVALID", "{fault:?} {reference}");
+        }
+        let stats = http.get(format!("{}/_hubcap/stats", mirror.url)).send().await.unwrap().text().await.unwrap();
+        assert!(stats.contains("\"manifests\":0"), "{fault:?}: nothing stored: {stats}");
+        assert_eq!(hub.count(|c| &c.blob_get), 0, "{fault:?}: nothing fetched for it");
+    }
+    // Upstream honest again: the next pull is clean.
+    hub.set_fault(Fault::None);
+    let pulled = pull(&http, &mirror.url, "liar", "1").await;
+    assert_eq!(pulled.digest, img.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_mirror_serves_a_stale_tag_when_upstream_is_unreachable() {
+    let (mut hub, dir, mirror) = setup().await;
+    hub.publish("library/gone", "1", &three_layer(94));
+    let http = client();
+    let first = pull(&http, &mirror.url, "gone", "1").await;
+    mirror.stop().await;
+    // A restarted mirror (no back-off remembered), the tag's TTL over, and
+    // upstream not listening at all: the transport error serves the tag stale.
+    hubcap::storage::clock::advance(Duration::from_secs(601));
+    hub.stop().await;
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], config()).await;
+    let resp = http.get(format!("{}/v2/gone/manifests/1", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "stale");
+    assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), first.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_deleted_upstream_is_unknown_once_its_ttl_is_over() {
+    let (hub, _dir, mirror) = setup().await;
+    hub.publish("library/dropped", "1", &three_layer(95));
+    let http = client();
+    pull(&http, &mirror.url, "dropped", "1").await;
+    hub.untag("library/dropped", "1");
+    let get = || http.get(format!("{}/v2/dropped/manifests/1", mirror.url)).header("accept", common::ALL_MANIFESTS).send();
+    assert_eq!(get().await.unwrap().status(), 200, "trusted for its TTL");
+    hubcap::storage::clock::advance(Duration::from_secs(601));
+    let resp = get().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+    let resp = get().await.unwrap();
+    assert_eq!(resp.status(), 404, "and stays so (the tag was dropped from the cache)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_retry_after_is_waited_out() {
+    let (hub, _dir, mirror) = setup().await;
+    hub.publish("library/busy", "1", &three_layer(96));
+    hub.set_fault(Fault::RateLimitFor { times: 1, retry_after: 1 });
+    let http = client();
+    let started = std::time::Instant::now();
+    pull(&http, &mirror.url, "busy", "1").await;
+    assert_eq!(hub.count(|c| &c.rate_limited), 1, "one 429");
+    assert!(started.elapsed() >= Duration::from_secs(1), "its Retry-After was waited out");
+    // A long one is not: the client is told to come back.
+    hub.publish("library/busy", "2", &three_layer(97));
+    hub.set_fault(Fault::RateLimitFor { times: 1, retry_after: 3600 });
+    let resp = http.get(format!("{}/v2/busy/manifests/2", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "3600");
+}

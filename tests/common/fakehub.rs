@@ -62,6 +62,17 @@ pub enum Fault {
     /// A range stops half-way (the connection drops) the first time it is
     /// asked: the part must be asked again.
     CutRanges,
+    /// Manifests come with a `Docker-Content-Digest` that is not theirs.
+    LyingDigest,
+    /// Manifest bodies are changed on the way (a byte added), the digest
+    /// header still the original's.
+    ChangedManifest,
+    /// The next `times` registry requests answer 429 with this
+    /// `Retry-After` (seconds); then as usual.
+    RateLimitFor {
+        times: usize,
+        retry_after: u64,
+    },
 }
 
 /// A `Range: bytes=a-b` the CDN answers (a single closed range).
@@ -98,6 +109,8 @@ pub struct Counters {
     pub tags_list: AtomicUsize,
     /// Requests that reached the CDN carrying an Authorization header.
     pub cdn_saw_authorization: AtomicUsize,
+    /// 429s sent by `Fault::RateLimitFor`.
+    pub rate_limited: AtomicUsize,
     /// Bytes of never-ending CDN bodies sent (`Fault::Endless`).
     pub cdn_bytes: AtomicUsize,
     /// CDN GETs that asked for a `Range`, and the bytes every CDN answer
@@ -361,6 +374,13 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
             return r;
         }
         Fault::ServerError => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        Fault::RateLimitFor { times, retry_after } if times > 0 => {
+            *s.fault.lock().unwrap() = Fault::RateLimitFor { times: times - 1, retry_after };
+            s.counters.rate_limited.fetch_add(1, Ordering::SeqCst);
+            let mut r = oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            return r;
+        }
         Fault::Slow(d) => tokio::time::sleep(d).await,
         Fault::RedirectTo(base) if !(method == Method::GET && path.contains("/blobs/")) => {
             let target = format!("{base}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
@@ -402,7 +422,14 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         } else {
             s.counters.manifest_get.fetch_add(1, Ordering::SeqCst);
         }
-        let digest = super::images::sha256(&body);
+        let digest = match fault {
+            Fault::LyingDigest => super::images::sha256(b"something else"),
+            _ => super::images::sha256(&body),
+        };
+        let body = match fault {
+            Fault::ChangedManifest => Bytes::from([&body[..], b" "].concat()),
+            _ => body,
+        };
         let len = body.len();
         let body = match fault {
             _ if head => Body::empty(),
