@@ -22,6 +22,7 @@ use hubcap::mirror::fetch::Fetcher;
 use hubcap::mirror::upstream::Upstreams;
 use hubcap::mirror::upstream::build_upstreams;
 use hubcap::storage::aws::AwsStorage;
+use hubcap::storage::{BlobState, BlobStore, FetchIndex, ServeIndex};
 use tower::ServiceExt;
 
 fn upstreams(hub: &FakeHub) -> Upstreams {
@@ -160,8 +161,10 @@ async fn the_fetcher_consumes_real_stream_records() {
     for (digest, _) in img.blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest}");
     }
-    // The fetcher's own writes (claims, completions) need no fetch.
+    // The fetcher's own writes (claims, completions) are records too, and
+    // need no fetch.
     let follow_up = pump.poll().await;
+    assert!(!follow_up.records.is_empty(), "the fetcher's writes are on the stream");
     assert!(follow_up.records.iter().all(|r| hubcap::lambda::job_from_record(r).unwrap().is_none()));
 
     // A corrupted upstream: the records fail (and will be retried), nothing is stored.
@@ -177,7 +180,6 @@ async fn the_fetcher_consumes_real_stream_records() {
     assert_eq!(resp.status(), 307);
     assert!(resp.headers()["location"].to_str().unwrap().contains("hubcap-wait=1"));
     let (store, _) = hubcap::storage::aws::connect(&storage).await;
-    use hubcap::storage::BlobStore;
     let d = hubcap::oci::Digest::parse(&bad.layers[0].0).unwrap();
     assert_eq!(store.size(&d).await.unwrap(), None, "nothing unverified in S3");
 }
@@ -311,8 +313,23 @@ async fn the_sample_events_run_through_the_handlers() {
     let storage = moto.setup("events-bucket", "events").await;
     let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default()).await.unwrap();
     let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
-    let _pump = Pump::start(&moto.url, "events", fetcher.clone());
 
+    // The sample stream record drives a real copy: its blob is pending in
+    // the index, as a miss leaves it, and nothing has fetched it yet.
+    let stream: aws_lambda_events::event::dynamodb::Event = serde_json::from_str(&event("dynamodb-stream-pending-blob.json")).unwrap();
+    let job = hubcap::lambda::job_from_record(&stream.records[0]).unwrap().unwrap();
+    assert_eq!((job.digest.to_string(), job.source.to_string(), job.size), (sample.clone(), "docker.io/library/hello".into(), Some(19)));
+    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    assert!(index.create_pending_blob(&job.digest, "docker.io/library/hello", Some(19)).await.unwrap());
+    let resp = hubcap::lambda::handle_stream(&fetcher, stream).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    assert_eq!(hub.cdn_gets(&sample), 1, "the record's blob was copied from upstream");
+    assert_eq!(store.size(&job.digest).await.unwrap(), Some(19), "into S3");
+    let record = index.blob("docker.io/library/hello", &job.digest).await.unwrap().record;
+    assert_eq!(record.map(|r| (r.state, r.size)), Some((BlobState::Ready, Some(19))), "and recorded ready");
+
+    // From here on the table's stream feeds the fetcher.
+    let _pump = Pump::start(&moto.url, "events", fetcher.clone());
     for kind in ["function-url", "apigw-v2", "apigw-v1"] {
         for (name, status) in [("base", 200), ("manifest-get", 200), ("manifest-head", 200), ("blob-head", 200), ("blob-get", 307)] {
             let file = format!("{kind}-{name}.json");
@@ -332,15 +349,7 @@ async fn the_sample_events_run_through_the_handlers() {
             }
         }
     }
-
-    let stream: aws_lambda_events::event::dynamodb::Event = serde_json::from_str(&event("dynamodb-stream-pending-blob.json")).unwrap();
-    let job = hubcap::lambda::job_from_record(&stream.records[0]).unwrap().unwrap();
-    assert_eq!((job.digest.to_string(), job.source.to_string(), job.size), (sample.clone(), "docker.io/library/hello".into(), Some(19)));
-    let resp = hubcap::lambda::handle_stream(&fetcher, stream).await;
-    assert!(resp.batch_item_failures.is_empty());
-
-    let scheduled: aws_lambda_events::event::eventbridge::EventBridgeEvent = serde_json::from_str(&event("scheduled.json")).unwrap();
-    assert_eq!(scheduled.detail_type, "Scheduled Event");
+    assert_eq!(hub.cdn_gets(&sample), 1, "the sample blob was served from S3, not copied again");
 
     // The statistics read the inventory from DynamoDB.
     let resp = router.clone().oneshot(axum::http::Request::get("/_hubcap/stats").body(axum::body::Body::empty()).unwrap()).await.unwrap();
@@ -470,7 +479,6 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
     for (digest, _) in img.all_blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied from upstream once");
         let d = hubcap::oci::Digest::parse(&digest).unwrap();
-        use hubcap::storage::BlobStore;
         assert!(store.size(&d).await.unwrap().is_some(), "{digest} is in S3, put there by the fetcher");
     }
     assert!(fetcher.log().contains("\"fetched\""), "the fetcher function copied the blobs:\n{}", logs());
@@ -506,6 +514,16 @@ async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs
     wait_ready(&format!("{url}/v2/"), &server).await;
     pull(&client(), &url, "private-ish", "1").await;
     let log = server.log();
+    assert!(log.contains("hubcap serving") && log.contains("DEBUG"), "a debug log was written:\n{log}");
+    // Neither the password nor its base64, nor the Basic credentials sent
+    // to the token endpoint (base64 of user:password).
+    use base64::Engine as _;
+    for secret in ["dckr_pat_from_secret", "fleet-bot:dckr_pat_from_secret"] {
+        for engine in [base64::engine::general_purpose::STANDARD_NO_PAD, base64::engine::general_purpose::URL_SAFE_NO_PAD] {
+            let encoded = engine.encode(secret);
+            assert!(!log.contains(&encoded), "{secret} leaked into the log as {encoded}:\n{log}");
+        }
+    }
     assert!(!log.contains("dckr_pat_from_secret"), "the secret leaked into the log:\n{log}");
 }
 

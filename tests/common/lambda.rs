@@ -12,7 +12,8 @@ use super::moto::Moto;
 use super::procs::{Proc, free_port, wait_ready};
 
 /// `cargo lambda watch --only-lambda-apis` on a free loopback port, once the
-/// port accepts connections (or after 30 s). Returns it and the port.
+/// port accepts connections (a panic, with its log, if it does not within
+/// a minute). Returns it and the port.
 pub async fn watch(dir: &Path) -> (Proc, u16) {
     let port = free_port();
     let watch = Proc::spawn(
@@ -21,13 +22,13 @@ pub async fn watch(dir: &Path) -> (Proc, u16) {
             .args(["--invoke-port", &port.to_string()]),
         dir.join("watch.log"),
     );
-    for _ in 0..300 {
+    for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
+            return (watch, port);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (watch, port)
+    panic!("cargo lambda watch did not listen on 127.0.0.1:{port} within a minute:\n{}", watch.log());
 }
 
 /// `bin` with the environment the Lambda runtime gives the function `name`,
