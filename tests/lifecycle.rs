@@ -6,8 +6,9 @@
 //! GC runs on its own index and store instances, as `hubcap gc` or the gc
 //! Lambda would next to a serving mirror; pulls go over HTTP and check
 //! every byte. The index keeps Unix seconds, and the scenarios move its
-//! clock (`storage::clock::advance`) instead of waiting; only the tests of
-//! the `hubcap` binaries and the timed loop wait real seconds.
+//! clock (`storage::clock::advance`) instead of waiting, by steps far larger
+//! than the real seconds a step takes; only the tests of the `hubcap`
+//! binaries wait real seconds.
 
 mod common;
 
@@ -111,6 +112,21 @@ impl Env {
         pull(&self.http, &self.mirror.url, name, reference).await
     }
 
+    /// A blob as a patient client gets it: asked again while the mirror
+    /// answers with its wait (a redirect back: still being copied), for up
+    /// to a minute; then its bytes, checked.
+    async fn get_blob_patiently(&self, name: &str, digest: &str) -> Bytes {
+        let started = std::time::Instant::now();
+        loop {
+            let resp = self.http.get(format!("{}/v2/{name}/blobs/{digest}", self.mirror.url)).send().await.unwrap();
+            let waiting = resp.headers().get("location").is_some_and(|l| l.to_str().unwrap().contains("hubcap-wait="));
+            if !waiting {
+                return get_blob(&self.http, &self.mirror.url, name, digest).await;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{digest} was not copied within a minute");
+        }
+    }
+
     /// The cache's own invariant: every blob the index calls ready is
     /// stored whole, and every tag leads to a stored manifest.
     async fn assert_consistent(&self) {
@@ -201,10 +217,10 @@ async fn retention(kind: Kind) {
     e.pull("library/a", "1").await;
     e.pull("library/b", "1").await;
     e.pull("team/c", "1").await;
-    tick(4).await;
+    tick(40).await;
     e.pull("library/b", "1").await;
-    // Not pulled for 3 s expires: a and c, but c is pinned.
-    let keep = GcOptions { pins: vec![Pin::parse("team/*").unwrap()], ..opts(3, 3600) };
+    // Not pulled for 30 s expires: a and c, but c is pinned.
+    let keep = GcOptions { pins: vec![Pin::parse("team/*").unwrap()], ..opts(30, 3600) };
 
     // A dry run says what would go, and changes nothing.
     let dry = e.gc(&GcOptions { dry_run: true, ..keep.clone() }).await;
@@ -350,9 +366,15 @@ async fn manifest_fetched_while_its_blobs_are_swept(kind: Kind) {
 both!(blob_requested_while_being_deleted, race_blob_delete_embedded, race_blob_delete_aws);
 
 async fn blob_requested_while_being_deleted(kind: Kind) {
-    let e = env(kind, cfg()).await;
+    // A blob request waits at most half a second for a copy, then redirects
+    // back to itself: so the answer to a request for a blob being deleted
+    // is seen without guessing how long to wait.
+    let e = env(kind, MirrorConfig { blob_wait: Duration::from_millis(500), ..cfg() }).await;
     let q = layered(11, 12, 50_000);
     e.hub.publish("library/q", "1", &q);
+    // Copied whole first, as `hubcap warm` does (asked again until stored):
+    // the pull is then all hits, whatever the short wait.
+    hubcap::warm::warm(&e.mirror.mirror, "library/q:1", &[]).await.unwrap();
     e.pull("library/q", "1").await;
     tick(2).await;
     let r = e.gc(&opts(1, 3600)).await;
@@ -373,21 +395,20 @@ async fn blob_requested_while_being_deleted(kind: Kind) {
     e.hub.set_fault(Fault::None);
 
     // Requested once the sweep marked it `deleting` (its bytes still
-    // there): the mirror does not hand it out; it waits for the sweep and
-    // fetches the blob again.
+    // there): while the sweep is held there the mirror hands out no URL,
+    // only its wait (a redirect back); once the sweep is done, the blob is
+    // fetched again.
     tick(2).await;
     let (sweep, go) = e.sweep_paused_at(Step::BlobsMarked, opts(3600, 1)).await;
     assert!(e.stored(&config).await, "marked, not yet deleted");
     let gets = e.hub.count(|c| &c.blob_get);
-    let request = {
-        let (http, url, d) = (e.http.clone(), e.mirror.url.clone(), config.clone());
-        tokio::spawn(async move { get_blob(&http, &url, "library/q", &d).await })
-    };
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!request.is_finished(), "no URL to a blob being deleted");
+    let resp = e.http.get(format!("{}/v2/library/q/blobs/{config}", e.mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let location = resp.headers()["location"].to_str().unwrap();
+    assert_eq!(location, format!("/v2/library/q/blobs/{config}?hubcap-wait=1"), "no URL to a blob being deleted");
     go.send(()).unwrap();
     assert_eq!(sweep.await.unwrap().deleted_blobs, 1);
-    let bytes = request.await.unwrap();
+    let bytes = e.get_blob_patiently("library/q", &config).await;
     assert_eq!(common::sha256(&bytes), config, "the client got the blob, fetched again");
     assert_eq!(e.hub.count(|c| &c.blob_get) - gets, 1);
     assert!(e.stored(&config).await);
@@ -455,48 +476,54 @@ async fn a_repository_copy_keeps_its_blobs_when_the_stored_manifest_is_gone() {
 both!(pulls_and_gc_in_a_loop, loop_embedded, loop_aws);
 
 async fn pulls_and_gc_in_a_loop(kind: Kind) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let e = env(kind, cfg()).await;
     let imgs: Vec<Published> = (0..8).map(|i| layered(300, 310 + i, 20_000)).collect();
     for (i, p) in imgs.iter().enumerate() {
         e.hub.publish(&format!("library/l{i}"), "1", p);
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // GC as often as it can: everything not pulled within a second expires,
-    // blobs unused for four seconds go (a grace longer than any pull takes
-    // here, even on a loaded machine).
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = Arc::new(AtomicUsize::new(0));
+    // GC as often as it can, pulls or not: what is not pulled for 10 s
+    // expires, and blobs nothing references go once unused for 30 s (on
+    // the index's clock, which the rounds below move 20 s at a time; a pull
+    // takes a fraction of a real second).
     let sweeper = {
-        let (index, store, stop) = (e.index.clone(), e.store.clone(), stop.clone());
+        let (index, store, stop, runs) = (e.index.clone(), e.store.clone(), stop.clone(), runs.clone());
         tokio::spawn(async move {
-            let (mut runs, mut deleted) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &opts(1, 4)).await.unwrap();
-                runs += 1;
+            let mut deleted = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let r = hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &opts(10, 30)).await.unwrap();
                 deleted += r.deleted_blobs;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (runs, deleted)
+            deleted
         })
     };
-    // Two clients pull the images round robin, each image about every eight
-    // seconds, so images expire and their blobs go between their pulls;
-    // every byte is checked.
-    let started = std::time::Instant::now();
+    // Two clients pull the images round robin, each image every fourth
+    // round (twice in all); between rounds the clock moves 20 s and two
+    // more sweeps run, so every image expires and its own blobs go before
+    // its next pull. Every byte is checked.
     let mut pulls = 0;
-    let mut round = 0;
-    while started.elapsed() < Duration::from_secs(20) {
-        let i = round % imgs.len();
-        let j = (round + 4) % imgs.len();
+    for round in 0..8 {
+        let (i, j) = (round % imgs.len(), (round + 4) % imgs.len());
         let (ni, nj) = (format!("library/l{i}"), format!("library/l{j}"));
         let (x, y) = tokio::join!(e.pull(&ni, "1"), e.pull(&nj, "1"));
         assert_eq!((x.digest.as_str(), y.digest.as_str()), (imgs[i].digest().as_str(), imgs[j].digest().as_str()));
         pulls += 2;
-        round += 1;
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        tick(20).await;
+        let seen = runs.load(Ordering::SeqCst);
+        while runs.load(Ordering::SeqCst) < seen + 2 {
+            assert!(!sweeper.is_finished(), "the sweeper stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (runs, deleted) = sweeper.await.unwrap();
-    assert!(runs >= 5 && deleted > 0, "GC ran {runs} times and deleted {deleted} blobs meanwhile");
-    assert!(e.hub.count(|c| &c.blob_get) > 1 + 2 * imgs.len(), "images were collected and fetched again");
+    stop.store(true, Ordering::SeqCst);
+    let deleted = sweeper.await.unwrap();
+    let runs = runs.load(Ordering::SeqCst);
+    assert!(runs >= 16 && deleted >= 2 * imgs.len(), "GC ran {runs} times and deleted {deleted} blobs meanwhile");
+    assert_eq!(e.hub.count(|c| &c.blob_get), 1 + 2 * 2 * imgs.len(), "each image's own blobs were collected and fetched again");
     eprintln!("{pulls} pulls, every byte checked, alongside {runs} sweeps deleting {deleted} blobs");
     e.assert_consistent().await;
     e.mirror.stop().await;
@@ -515,7 +542,7 @@ async fn cut_off_sweeps_resume(kind: Kind) {
         e.hub.publish(&format!("library/k{i}"), "1", p);
         e.pull(&format!("library/k{i}"), "1").await;
     }
-    tick(4).await;
+    tick(40).await;
     e.pull("library/k0", "1").await;
     // A small write budget cuts every sweep off (one manifest's blobs and
     // its deletion is the largest unit: four writes); each run goes on
@@ -524,8 +551,8 @@ async fn cut_off_sweeps_resume(kind: Kind) {
     loop {
         runs += 1;
         assert!(runs < 60, "sweeps never completed");
-        // k0, pulled every loop, stays; the others were not pulled for 4 s.
-        let r = e.gc(&GcOptions { max_writes: Some(4), delete_lease: secs(1), ..opts(3, 0) }).await;
+        // k0, pulled every loop, stays; the others were not pulled for 40 s.
+        let r = e.gc(&GcOptions { max_writes: Some(4), delete_lease: secs(1), ..opts(30, 0) }).await;
         e.assert_consistent().await;
         e.hub.set_fault(Fault::ServerError);
         e.pull("library/k0", "1").await;
@@ -599,7 +626,7 @@ async fn serve_sweeps_by_itself() {
         std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
             .args(["--redirect-allow", &hub.cdn])
-            .args(["--gc-interval", "1s", "--unused-for", "1s", "--grace", "0"])
+            .args(["--gc-interval", "1s", "--unused-for", "5s", "--grace", "0"])
             .arg("--data")
             .arg(&data)
             .env("HUBCAP_LOG", "info")
@@ -608,13 +635,13 @@ async fn serve_sweeps_by_itself() {
     );
     let url = format!("http://127.0.0.1:{port}");
     common::procs::wait_ready(&format!("{url}/v2/"), &proc).await;
+    // Counted at once: well within the 5 s the image is kept unpulled.
     pull(&client(), &url, "library/y", "1").await;
     let files = || std::fs::read_dir(data.join("blobs/sha256")).unwrap().count();
     assert_eq!(files(), 3);
-    for _ in 0..100 {
-        if files() == 0 {
-            break;
-        }
+    // Swept within a minute (about 6 s: 5 s unused, then the next sweep).
+    let started = std::time::Instant::now();
+    while files() > 0 && started.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(files(), 0, "expired and swept without being asked:\n{}", proc.log());

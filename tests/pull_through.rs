@@ -70,16 +70,16 @@ async fn a_second_pull_makes_no_upstream_get() {
 async fn after_the_ttl_only_a_head_goes_upstream() {
     let hub = FakeHub::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config();
-    cfg.tag_ttl = Duration::from_secs(1);
-    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    // The tag TTL is 600 s (`config()`): the clock jumps past it, and the
+    // next request, made at once, is well within the fresh one.
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], config()).await;
     let img = three_layer(2);
     hub.publish("library/redis", "7", &img);
     let http = client();
     pull(&http, &mirror.url, "redis", "7").await;
     assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 0));
 
-    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
+    hubcap::storage::clock::advance(Duration::from_secs(601)); // past the tag TTL, no waiting
     let resp = http.get(format!("{}/v2/redis/manifests/7", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-cache"], "revalidated");
@@ -93,7 +93,7 @@ async fn after_the_ttl_only_a_head_goes_upstream() {
     // The tag moves upstream: after the TTL the new image is served.
     let newer = three_layer(3);
     hub.publish("library/redis", "7", &newer);
-    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
+    hubcap::storage::clock::advance(Duration::from_secs(601)); // past the tag TTL, no waiting
     let pulled = pull(&http, &mirror.url, "redis", "7").await;
     assert_eq!(pulled.digest, newer.digest());
 }
@@ -310,7 +310,7 @@ async fn content_cached_for_one_repository_never_leaks_into_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn blob_heads_are_answered_directly_and_blob_urls_are_signed() {
-    let (hub, _dir, mirror) = setup().await;
+    let (hub, dir, mirror) = setup().await;
     let img = images::small_image(Format::Oci, "amd64", 14, 1);
     let (layer, bytes) = img.layers[0].clone();
     hub.publish("library/node", "22", &Published::Image(img));
@@ -341,12 +341,32 @@ async fn blob_heads_are_answered_directly_and_blob_urls_are_signed() {
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["content-length"], bytes.len().to_string().as_str());
 
-    let forged = url.replace("sig=", "sig=00");
-    assert_eq!(http.get(&forged).send().await.unwrap().status(), 403);
-    let expired = location.split('?').next().unwrap().to_owned() + "?expires=1&sig=00";
-    let resp = http.get(format!("{}{expired}", mirror.url)).send().await.unwrap();
-    assert_eq!(resp.status(), 403);
-    assert_eq!(error_code(resp).await, "DENIED");
+    // URLs signed here with the store's own key (the mirror's data
+    // directory holds it): one that has not expired is served, so each
+    // refusal below is for its one fault.
+    let store = hubcap::storage::local::FsBlobStore::open(dir.path()).unwrap();
+    let digest = hubcap::oci::Digest::parse(&layer).unwrap();
+    let path = location.split('?').next().unwrap();
+    let signed = |expires: i64, sig: &str| format!("{}{path}?expires={expires}&sig={sig}", mirror.url);
+    let later = hubcap::storage::now() + 60;
+    let good = store.sign(&digest, later);
+    let resp = http.get(signed(later, &good)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "signed as the mirror signs");
+    assert_eq!(resp.bytes().await.unwrap(), bytes);
+    let past = hubcap::storage::now() - 1;
+    let mut flipped = good.clone().into_bytes();
+    flipped[0] = if flipped[0] == b'0' { b'1' } else { b'0' };
+    let refused = [
+        ("expired, its signature valid", signed(past, &store.sign(&digest, past))),
+        ("a valid expiry, one digit of the signature changed", signed(later, std::str::from_utf8(&flipped).unwrap())),
+        ("a valid expiry, the signature of another expiry", signed(later, &store.sign(&digest, later + 3600))),
+        ("a valid expiry, a longer signature", url.replace("sig=", "sig=00")),
+    ];
+    for (what, url) in refused {
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{what}");
+        assert_eq!(error_code(resp).await, "DENIED", "{what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -354,24 +374,42 @@ async fn a_blob_still_being_fetched_redirects_back_until_it_is_ready() {
     let hub = FakeHub::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config();
-    cfg.blob_wait = Duration::from_millis(500);
+    cfg.blob_wait = Duration::from_millis(250);
     let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
     let img = images::small_image(Format::Oci, "amd64", 15, 1);
-    let layer = img.layers[0].0.clone();
+    let (layer, bytes) = img.layers[0].clone();
     hub.publish("library/slow", "1", &Published::Image(img));
     let http = client();
-    hub.set_fault(Fault::Slow(Duration::from_millis(1500)));
-    // The HEAD links the blob and starts its (slow) fetch.
-    assert_eq!(http.head(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap().status(), 200);
-    let resp = http.get(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap();
+    let blob_url = format!("{}/v2/slow/blobs/{layer}", mirror.url);
+    // The copy stays in flight (held at the CDN) until released below.
+    hub.hold_cdn();
+    // The HEAD links the blob and starts its fetch.
+    assert_eq!(http.head(&blob_url).send().await.unwrap().status(), 200);
+    let resp = http.get(&blob_url).send().await.unwrap();
     assert_eq!(resp.status(), 307);
     assert_eq!(resp.headers()["location"].to_str().unwrap(), format!("/v2/slow/blobs/{layer}?hubcap-wait=1"));
     assert_eq!(resp.headers()["x-cache"], "miss");
-    // A real client follows the redirects and gets the blob once it is stored.
+    // A client that follows the redirects back is told after five of them
+    // to come back later.
     let follow = reqwest::Client::new();
-    let resp = follow.get(format!("{}/v2/slow/blobs/{layer}", mirror.url)).send().await.unwrap();
+    let resp = follow.get(&blob_url).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.url().query(), Some("hubcap-wait=5"), "five redirects back, then the refusal");
+    assert_eq!(resp.headers()["retry-after"], "10");
+    assert_eq!(error_code(resp).await, "UNAVAILABLE");
+
+    // Upstream answers: once the copy is stored (HEAD says hit) the same
+    // client gets the blob, copied once.
+    hub.release_cdn();
+    let stored = async {
+        while http.head(&blob_url).send().await.unwrap().headers()["x-cache"] != "hit" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), stored).await.expect("the copy completes once upstream answers");
+    let resp = follow.get(&blob_url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(common::sha256(&resp.bytes().await.unwrap()), layer);
+    assert_eq!(resp.bytes().await.unwrap(), bytes);
     assert_eq!(hub.cdn_gets(&layer), 1);
 }
 

@@ -1,6 +1,7 @@
 //! A fake Docker Hub on loopback: token auth with 401 challenges,
 //! `ratelimit-*` headers, blob GETs answered with a 307 to a separate
-//! CDN-like listener, per-request counters, and fault switches.
+//! CDN-like listener, per-request counters, fault switches, and a switch
+//! that holds CDN answers until the test lets them go.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -147,6 +148,8 @@ pub struct HubState {
     credentials: Option<(String, String)>,
     tokens: Mutex<HashSet<String>>,
     ratelimit_remaining: AtomicI64,
+    /// While true, CDN blob GETs are counted, then wait (`hold_cdn`).
+    cdn_held: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct FakeHub {
@@ -190,6 +193,7 @@ impl FakeHub {
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
             tokens: Mutex::default(),
             ratelimit_remaining: AtomicI64::new(100),
+            cdn_held: tokio::sync::watch::Sender::new(false),
         });
         let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -231,6 +235,18 @@ impl FakeHub {
 
     pub fn set_fault(&self, fault: Fault) {
         *self.state.fault.lock().unwrap() = fault;
+    }
+
+    /// CDN blob GETs from now on are counted, then answered only once
+    /// `release_cdn` is called: a copy that is in flight for as long as the
+    /// test needs, whatever the machine's load.
+    pub fn hold_cdn(&self) {
+        self.state.cdn_held.send_replace(true);
+    }
+
+    /// Lets held and later CDN blob GETs be answered.
+    pub fn release_cdn(&self) {
+        self.state.cdn_held.send_replace(false);
     }
 
     pub fn counters(&self) -> &Counters {
@@ -510,6 +526,7 @@ async fn cdn_blob(
         s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);
     }
     *s.cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    let _ = s.cdn_held.subscribe().wait_for(|held| !*held).await;
     if *s.fault.lock().unwrap() == Fault::Endless {
         let chunk = Bytes::from(vec![0u8; 64 * 1024]);
         let sent = s.clone();
