@@ -1,7 +1,8 @@
 //! The clock every timestamp in the index comes from: Unix seconds, the
 //! system's time plus an offset that only tests move (`advance`). Tag TTLs,
-//! fetch and GC leases, pull marks, `unused_for` and grace periods all
-//! compare against it, so tests move time forward instead of sleeping.
+//! fetch and GC leases, pull marks, `unused_for`, grace periods and upstream
+//! tokens' lifetimes all compare against it, so tests move time forward
+//! instead of sleeping.
 //!
 //! The offset belongs to the process (the test runner, nextest, runs each
 //! test in a process of its own). Waits measured with `Instant` (a blob

@@ -94,7 +94,9 @@ enum Kind {
 
 struct CachedAuth {
     header: HeaderValue,
-    expires: Instant,
+    /// When it stops being sent, in `storage::now()` seconds: the clock tests
+    /// move, so a token's expiry is tested without waiting for it.
+    expires: i64,
 }
 
 /// One upstream registry.
@@ -378,7 +380,7 @@ impl Upstream {
 
     fn cached_auth(&self, scope: &str) -> Option<HeaderValue> {
         let mut map = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(scope).filter(|a| a.expires > Instant::now()).map(|a| a.header.clone())
+        map.get(scope).filter(|a| a.expires > crate::storage::now()).map(|a| a.header.clone())
     }
 
     /// Answers a 401 challenge: a bearer token from the realm, or basic auth.
@@ -420,9 +422,10 @@ impl Upstream {
                     serde_json::from_slice(&raw).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
                 let value =
                     token.token.or(token.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
-                let ttl = token.expires_in.unwrap_or(60).max(10);
+                // (Bounded: an absurd `expires_in` must not overflow the clock.)
+                let ttl = token.expires_in.unwrap_or(60).clamp(10, 24 * 3600);
                 // Refresh a little before upstream's expiry.
-                let expires = Instant::now() + Duration::from_secs(ttl - ttl / 10);
+                let expires = crate::storage::now() + (ttl - ttl / 10) as i64;
                 (
                     HeaderValue::from_str(&format!("Bearer {value}"))
                         .map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?,
@@ -434,7 +437,7 @@ impl Upstream {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
                 let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| UpstreamError::Invalid("credentials".into()))?;
                 v.set_sensitive(true);
-                (v, Instant::now() + Duration::from_secs(3600))
+                (v, crate::storage::now() + 3600)
             }
             _ => return Err(UpstreamError::Denied(format!("unsupported auth challenge {scheme:?}"))),
         };
@@ -573,7 +576,7 @@ mod tests {
         let u = Upstream::new("docker.io", "http://127.0.0.1:9", None, Arc::default(), Arc::default()).unwrap();
         for i in 0..(AUTH_SCOPES * 3) {
             let header = HeaderValue::from_static("Bearer t");
-            let expires = Instant::now() + Duration::from_secs(3600);
+            let expires = crate::storage::now() + 3600;
             u.auth.lock().unwrap().put(format!("repository:r{i}:pull"), CachedAuth { header, expires });
         }
         assert_eq!(u.auth.lock().unwrap().len(), AUTH_SCOPES);
@@ -596,6 +599,56 @@ mod tests {
         assert_eq!(p["realm"], "registry");
         let (_, p) = parse_challenge(r#"Bearer realm = "https://auth.example/token" , scope= "a,b""#);
         assert_eq!((p["realm"].as_str(), p["scope"].as_str()), ("https://auth.example/token", "a,b"), "whitespace around =");
+    }
+
+    /// A token realm on loopback that answers every request with `answer`,
+    /// and counts them.
+    async fn token_realm(answer: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
+        let app = axum::Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { answer }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), asked)
+    }
+
+    #[tokio::test]
+    async fn a_token_realm_over_plain_http_is_refused_for_an_https_upstream() {
+        // No https upstream runs here (no certificate the client trusts):
+        // the 401 challenge is answered directly, the same for an upstream
+        // over https and one over http, with the same realm allowed as a
+        // destination. Only the upstream's scheme differs.
+        let (realm, asked) = token_realm(r#"{"token":"t","expires_in":300}"#).await;
+        let destinations = Arc::new(Destinations::new([realm.as_str()], &[]).unwrap());
+        let challenge = format!(r#"Bearer realm="{realm}/token",service="registry""#);
+        let repo = RepoPath::resolve("alpine", None).unwrap();
+        let scope = "repository:library/alpine:pull";
+        let https = Upstream::new("docker.io", "https://127.0.0.1:9", None, Arc::default(), destinations.clone()).unwrap();
+        let err = https.authenticate(&challenge, scope, &repo).await.unwrap_err();
+        assert!(matches!(&err, UpstreamError::Invalid(why) if why.contains("token realm must be https")), "{err:?}");
+        assert_eq!(asked.load(Ordering::SeqCst), 0, "the realm was never asked");
+        assert!(https.cached_auth(scope).is_none());
+
+        let http = Upstream::new("docker.io", "http://127.0.0.1:9", None, Arc::default(), destinations).unwrap();
+        http.authenticate(&challenge, scope, &repo).await.unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "an upstream configured over http may use an http realm");
+        assert_eq!(http.cached_auth(scope).unwrap(), "Bearer t");
+    }
+
+    #[tokio::test]
+    async fn a_token_that_claims_to_live_forever_is_kept_a_day_at_most() {
+        let (realm, _) = token_realm(r#"{"token":"t","expires_in":18446744073709551615}"#).await;
+        let destinations = Arc::new(Destinations::new([realm.as_str()], &[]).unwrap());
+        let u = Upstream::new("docker.io", "http://127.0.0.1:9", None, Arc::default(), destinations).unwrap();
+        let scope = "repository:library/alpine:pull";
+        let challenge = format!(r#"Bearer realm="{realm}/token""#);
+        u.authenticate(&challenge, scope, &RepoPath::resolve("alpine", None).unwrap()).await.unwrap();
+        let expires = u.auth.lock().unwrap().get(scope).unwrap().expires - crate::storage::now();
+        assert!((77_759..=77_760).contains(&expires), "kept {expires} s: nine tenths of a day");
     }
 
     #[test]
