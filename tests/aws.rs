@@ -173,8 +173,21 @@ async fn the_fetcher_consumes_real_stream_records() {
     get_manifest(&http, &api, "streamed", "bad", ALL_MANIFESTS).await;
     hub.set_fault(Fault::WrongBytes);
     let event = pump.poll().await;
+    // Each failure names its record by the stream's sequence number (what
+    // the event source mapping retries from), not by its event id.
+    let mut pending: Vec<String> = event
+        .records
+        .iter()
+        .filter(|r| hubcap::lambda::job_from_record(r).unwrap().is_some())
+        .map(|r| r.change.sequence_number.clone().expect("moto's records carry a sequence number"))
+        .collect();
+    pending.sort();
+    assert_eq!(pending.len(), 2, "config and layer are pending");
+    assert!(event.records.iter().all(|r| r.change.sequence_number.as_ref() != Some(&r.event_id)), "the two ids differ");
     let resp = hubcap::lambda::handle_stream(&fetcher, event).await;
-    assert_eq!(resp.batch_item_failures.len(), 2, "config and layer both failed");
+    let mut failed: Vec<String> = resp.batch_item_failures.iter().map(|f| f.item_identifier.clone().unwrap()).collect();
+    failed.sort();
+    assert_eq!(failed, pending, "config and layer both failed, reported by sequence number");
     // A client asking now sees the failed blob retried (pending again), not served.
     let resp = http.get(format!("{api}/v2/streamed/blobs/{}", bad.layers[0].0)).send().await.unwrap();
     assert_eq!(resp.status(), 307);

@@ -918,17 +918,28 @@ async fn s3_keeps_the_blob_store_contract() {
     blob_store_contract(&store, fetch, "S3BlobStore").await;
 }
 
+/// `--sse` as the command line and the Lambda variables give it: each
+/// object, put whole (PutObject) or in parts (CreateMultipartUpload), is
+/// stored with that encryption and KMS key, as S3 reports on HeadObject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_objects_are_encrypted_as_configured() {
+    use aws_sdk_s3::types::ServerSideEncryption::{Aes256, AwsKms};
     let mut storage = aws_storage("sse").await;
-    storage.encryption = aws::Encryption::S3;
-    let (store, _) = aws::connect(&storage).await;
     let (s3, _) = aws::clients(storage.sdk.as_ref().unwrap());
-    for size in [1000usize, aws::PART_SIZE + 1024] {
-        let data = Bytes::from(common::images::noise(size, size as u64));
-        let digest = Digest::of(&data);
-        write(&store, &digest, &data).await;
-        let head = s3.head_object().bucket(&storage.bucket).key(aws::blob_key(&digest)).send().await.unwrap();
-        assert_eq!(head.server_side_encryption(), Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256), "{size} bytes");
+    let key = "arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-hubcap-test";
+    let cases = [(vec!["--sse", "AES256"], Aes256, None), (vec!["--sse", "aws:kms", "--sse-kms-key-id", key], AwsKms, Some(key))];
+    for (seed, (flags, sse, kms_key)) in cases.into_iter().enumerate() {
+        let args = [&["hubcap", "--bucket", "b", "--table", "t"][..], &flags].concat();
+        let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(args).unwrap();
+        storage.encryption = settings.aws.storage().unwrap().encryption;
+        let (store, _) = aws::connect(&storage).await;
+        for size in [1000usize, aws::PART_SIZE + 1024] {
+            let data = Bytes::from(common::images::noise(size, size as u64 + seed as u64));
+            let digest = Digest::of(&data);
+            write(&store, &digest, &data).await;
+            let head = s3.head_object().bucket(&storage.bucket).key(aws::blob_key(&digest)).send().await.unwrap();
+            assert_eq!(head.server_side_encryption(), Some(&sse), "{flags:?}, {size} bytes");
+            assert_eq!(head.ssekms_key_id(), kms_key, "{flags:?}, {size} bytes");
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! Hostile peers. Clients against the real `hubcap serve` binary:
 //! connections that drip their headers (slowloris) are cut off, the server
-//! holds no more connections than it is told, and a shutdown does not wait
-//! forever for a client that never finishes. Upstreams against an
-//! in-process mirror: redirects into the host or its network are refused,
-//! dripping transfers are cut off and cannot starve healthy ones, and a blob
-//! of no declared size cannot grow without bound. All traffic stays on
+//! holds no more connections than it is told, and a shutdown lets requests
+//! in flight finish but does not wait forever for a client that never
+//! finishes. Upstreams against an in-process mirror: redirects into the host
+//! or its network are refused, dripping transfers are cut off and cannot
+//! starve healthy ones, a blob of no declared size cannot grow without
+//! bound, and one whose size upstream misstates, or that runs past its
+//! declared size, is refused with nothing stored. All traffic stays on
 //! 127.0.0.1 (the "internal" service is another loopback port that is not a
 //! configured upstream).
 
@@ -105,6 +107,53 @@ async fn a_shutdown_does_not_wait_forever_for_a_slow_client() {
     assert!(exited.success(), "{exited:?}\n{}", mirror.log());
     assert!(mirror.log().contains("shutdown grace"), "it said it closed what was left:\n{}", mirror.log());
     slow.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_in_flight_finishes_on_sigterm_and_then_the_server_exits() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 72, 1);
+    hub.publish("library/inflight", "1", &Published::Image(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(15);
+    let (mut mirror, url) = hubcap_serve(dir.path(), &hub.url, 0, &["--shutdown-grace", "15s"], "hubcap.log").await;
+    // Upstream answers the manifest after 3 s; the mirror's request for it
+    // is under way once it has fetched its token (before the slow answer).
+    hub.set_fault(Fault::Slow(Duration::from_secs(3)));
+    let request = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let resp = common::client().get(format!("{url}/v2/inflight/manifests/1")).header("accept", common::ALL_MANIFESTS).send().await;
+            let resp = resp.expect("an answer, not a dropped connection");
+            let (status, digest) = (resp.status(), resp.headers().get("docker-content-digest").cloned());
+            (status, digest, resp.bytes().await.expect("the whole body"))
+        }
+    });
+    let started = Instant::now();
+    while hub.count(|c| &c.token) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the mirror never asked upstream:\n{}", mirror.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &mirror.child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let signalled = Instant::now();
+    assert!(!request.is_finished(), "the request is still in flight when SIGTERM arrives");
+
+    let (status, digest, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(common::sha256(&body), img.digest, "the whole manifest");
+    assert_eq!(digest.unwrap().to_str().unwrap(), img.digest);
+    let exited = loop {
+        if let Some(status) = mirror.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < grace, "still running {:?} after SIGTERM:\n{}", signalled.elapsed(), mirror.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "{exited:?}\n{}", mirror.log());
+    let log = mirror.log();
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(!log.contains("connections still open"), "nothing was left to close: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -292,6 +341,42 @@ async fn dripping_upstream_transfers_are_cut_off_and_cannot_starve_healthy_ones(
         }
     }
     let _ = std::fs::read_dir(dir.path().join("tmp")).map(|d| assert_eq!(d.count(), 0, "nothing half-written is left"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_whose_size_upstream_misstates_or_overruns_is_refused_and_nothing_is_stored() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mirror_with_limits(dir.path(), &hub, common::upstream_limits(), Duration::from_secs(20)).await;
+    let http = common::client();
+    for (i, (fault, error)) in [
+        (Fault::ShortLength, "upstream declared {short} bytes, the manifest {size}"),
+        (Fault::ExtraBytes, "upstream sent more than the {size} bytes declared"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = images::small_image(Format::Oci, "amd64", 86 + i as u64, 1);
+        let repo = format!("misstated{i}");
+        hub.publish(&format!("library/{repo}"), "1", &Published::Image(img.clone()));
+        // The manifest declares each blob's size; the CDN then lies about it
+        // (the copies start with the manifest).
+        hub.set_fault(fault.clone());
+        common::get_manifest(&http, &m.url, &repo, "1", common::ALL_MANIFESTS).await;
+        let (digest, layer) = img.blobs().pop().unwrap();
+        let resp = http.get(format!("{}/v2/{repo}/blobs/{digest}", m.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 503, "{fault:?}");
+        assert_eq!(common::error_code(resp).await, "UNAVAILABLE", "{fault:?}");
+        let r = blob_record(&m, &format!("library/{repo}"), &digest).await;
+        assert_eq!(r.state, hubcap::storage::BlobState::Failed, "{fault:?}");
+        let want = error.replace("{short}", &(layer.len() - 1).to_string()).replace("{size}", &layer.len().to_string());
+        assert_eq!(r.last_error.as_deref(), Some(want.as_str()), "{fault:?}");
+        assert!(!dir.path().join("blobs/sha256").join(digest.trim_start_matches("sha256:")).exists(), "{fault:?}: nothing stored");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "{fault:?}: nothing half-written is left");
+        // Upstream honest again: the blob is copied and served.
+        hub.set_fault(Fault::None);
+        assert_eq!(common::get_blob(&http, &m.url, &repo, &digest).await, layer);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

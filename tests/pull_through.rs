@@ -414,6 +414,42 @@ async fn a_blob_still_being_fetched_redirects_back_until_it_is_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_that_stays_pending_is_redirected_back_five_times_then_answered_503() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_millis(100);
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    let layer = hub.put_blob("library/stuck", &images::noise(4000, 98));
+    // The copy sends half the blob and then nothing for a minute: it is
+    // neither finished nor cut off (the window is 30 s) while the test runs.
+    hub.set_fault(Fault::DripBody(Duration::from_secs(60)));
+    let http = client();
+    let first = format!("/v2/stuck/blobs/{layer}?ns=docker.io");
+    let mut path = first.clone();
+    let mut redirects = Vec::new();
+    let last = loop {
+        let resp = http.get(format!("{}{path}", mirror.url)).send().await.unwrap();
+        if resp.status() != 307 {
+            break resp;
+        }
+        path = resp.headers()["location"].to_str().unwrap().to_owned();
+        redirects.push(path.clone());
+        assert!(redirects.len() <= 10, "still redirecting: {redirects:?}");
+    };
+    let want: Vec<String> = (1..=5).map(|n| format!("/v2/stuck/blobs/{layer}?ns=docker.io&hubcap-wait={n}")).collect();
+    assert_eq!(redirects, want, "five redirects back to itself, counted, the other parameters kept");
+    assert_eq!(last.status(), 503);
+    assert_eq!(last.headers()["retry-after"], "10");
+    assert_eq!(error_code(last).await, "UNAVAILABLE");
+    // A client that follows redirects gets the same answer at the same place.
+    let resp = reqwest::Client::new().get(format!("{}{first}", mirror.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.url().as_str().ends_with("hubcap-wait=5"), "{}", resp.url());
+    assert_eq!(hub.cdn_gets(&layer), 1, "all of them waited on the one copy under way");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limited_miss_says_so_and_the_headroom_is_recorded() {
     let (hub, _dir, mirror) = setup().await;
     hub.publish("library/ruby", "3", &three_layer(16));
@@ -485,6 +521,68 @@ async fn upstream_credentials_are_used_for_tokens() {
     let resp = client().get(format!("{}/v2/alpine/manifests/1", anon.url)).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_tokens_are_fetched_again_when_they_expire_or_are_revoked() {
+    let hub = FakeHub::start().await;
+    hub.set_token_ttl(Duration::from_secs(60));
+    for (tag, seed) in [("1", 99), ("2", 100), ("3", 101)] {
+        hub.publish("library/tokened", tag, &three_layer(seed));
+    }
+    let (dir, http) = (tempfile::tempdir().unwrap(), client());
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], config()).await;
+    pull(&http, &mirror.url, "tokened", "1").await;
+    assert_eq!(hub.count(|c| &c.token), 1);
+
+    // Past the token's 60 s (the tag's TTL is 600 s): the mirror asks for a
+    // new one before using it again, so upstream never sees it expired.
+    hubcap::storage::clock::advance(Duration::from_secs(61));
+    pull(&http, &mirror.url, "tokened", "2").await;
+    assert_eq!(hub.count(|c| &c.token), 2, "one new token");
+    assert_eq!(hub.count(|c| &c.stale_token), 0, "the expired token was never sent");
+
+    // Upstream drops its tokens early: the 401 is answered with a new one.
+    hub.revoke_tokens();
+    pull(&http, &mirror.url, "tokened", "3").await;
+    assert_eq!(hub.count(|c| &c.stale_token), 1, "the revoked token was refused once");
+    assert_eq!(hub.count(|c| &c.token), 3, "and replaced once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_basic_challenge_is_answered_with_the_configured_credentials() {
+    use base64::Engine as _;
+    let hub = FakeHub::start_basic("ci-bot", "dckr_pat_secret").await;
+    hub.publish("library/alpine", "1", &three_layer(102));
+    let dir = tempfile::tempdir().unwrap();
+    let mirror_with = |user: &'static str, pass: &'static str| {
+        let (data, creds) = (dir.path().join(format!("data-{pass}")), dir.path().join(format!("auth-{pass}.json")));
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        std::fs::write(&creds, format!(r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+        let opts = hubcap::assemble::Options {
+            credentials: Some(creds),
+            ..common::options(hubcap::assemble::Backend::Local(data), vec![format!("docker.io={}", hub.url)], config())
+        };
+        Hubcap::start_opts(opts)
+    };
+    let http = client();
+    let mirror = mirror_with("ci-bot", "dckr_pat_secret").await;
+    pull(&http, &mirror.url, "alpine", "1").await;
+    assert_eq!(hub.count(|c| &c.token), 0, "no token: the credentials themselves");
+    assert_eq!(hub.count(|c| &c.cdn_saw_authorization), 0, "the credentials never reach the CDN");
+
+    // Without credentials, or with wrong ones, the client is told why.
+    let dir2 = tempfile::tempdir().unwrap();
+    let anon = Hubcap::start(dir2.path(), vec![format!("docker.io={}", hub.url)], config()).await;
+    let wrong = mirror_with("ci-bot", "not-the-password").await;
+    for m in [&anon, &wrong] {
+        let resp = http.get(format!("{}/v2/alpine/manifests/1", m.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+        assert_eq!(resp.status(), 404);
+        let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN", "{body}");
+        assert!(body["errors"][0]["message"].as_str().unwrap().contains("needs credentials"), "{body}");
+    }
+    assert_eq!(hub.count(|c| &c.manifest_get), 1, "only the mirror with the credentials got the manifest");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

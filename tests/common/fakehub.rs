@@ -1,7 +1,8 @@
-//! A fake Docker Hub on loopback: token auth with 401 challenges,
-//! `ratelimit-*` headers, blob GETs answered with a 307 to a separate
-//! CDN-like listener, per-request counters, fault switches, and a switch
-//! that holds CDN answers until the test lets them go.
+//! A fake Docker Hub on loopback: token auth with 401 challenges (or, in
+//! Basic mode, 401s that ask for the credentials themselves), tokens with a
+//! lifetime when told, `ratelimit-*` headers, blob GETs answered with a 307
+//! to a separate CDN-like listener, per-request counters, fault switches,
+//! and a switch that holds CDN answers until the test lets them go.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -74,6 +75,12 @@ pub enum Fault {
         times: usize,
         retry_after: u64,
     },
+    /// CDN answers for a whole blob declare a `Content-Length` one byte
+    /// short of the blob (and send that many bytes).
+    ShortLength,
+    /// CDN answers for a whole blob declare no `Content-Length` (chunked)
+    /// and send 1 KiB more than the blob: its bytes, then zeros.
+    ExtraBytes,
 }
 
 /// A `Range: bytes=a-b` the CDN answers (a single closed range).
@@ -120,6 +127,9 @@ pub struct Counters {
     pub cdn_body_bytes: AtomicU64,
     /// Ranged answers cut so far (`Fault::CutRanges`).
     pub cuts: AtomicUsize,
+    /// Registry requests refused because their token had expired or was
+    /// revoked (`FakeHub::set_token_ttl`, `FakeHub::revoke_tokens`).
+    pub stale_token: AtomicUsize,
 }
 
 impl Counters {
@@ -146,7 +156,13 @@ pub struct HubState {
     pub cdn_per_blob: Mutex<HashMap<String, usize>>,
     pub fault: Mutex<Fault>,
     credentials: Option<(String, String)>,
-    tokens: Mutex<HashSet<String>>,
+    /// Basic mode: registry requests carry `credentials` themselves; no token.
+    basic: bool,
+    /// Issued tokens and when they expire (`storage::clock` seconds; `None`:
+    /// never).
+    tokens: Mutex<HashMap<String, Option<i64>>>,
+    /// `expires_in` of new tokens, enforced (`None`: 300 s said, never enforced).
+    token_ttl: Mutex<Option<u64>>,
     ratelimit_remaining: AtomicI64,
     /// While true, CDN blob GETs are counted, then wait (`hold_cdn`).
     cdn_held: tokio::sync::watch::Sender<bool>,
@@ -179,6 +195,17 @@ impl FakeHub {
 
     /// Token auth that needs these basic credentials at the token endpoint.
     pub async fn start_with(credentials: Option<(&str, &str)>) -> FakeHub {
+        FakeHub::start_mode(credentials, false).await
+    }
+
+    /// Basic auth, like some private registries: every registry request
+    /// without these credentials is answered `401` with
+    /// `WWW-Authenticate: Basic realm="fakehub"`; there is no token.
+    pub async fn start_basic(user: &str, password: &str) -> FakeHub {
+        FakeHub::start_mode(Some((user, password)), true).await
+    }
+
+    async fn start_mode(credentials: Option<(&str, &str)>, basic: bool) -> FakeHub {
         let state = Arc::new(HubState {
             cdn_url: Mutex::default(),
             realm: Mutex::default(),
@@ -191,7 +218,9 @@ impl FakeHub {
             cdn_per_blob: Mutex::default(),
             fault: Mutex::new(Fault::None),
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            basic,
             tokens: Mutex::default(),
+            token_ttl: Mutex::default(),
             ratelimit_remaining: AtomicI64::new(100),
             cdn_held: tokio::sync::watch::Sender::new(false),
         });
@@ -231,6 +260,19 @@ impl FakeHub {
             let _ = tx.send(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// New tokens say `expires_in: ttl` and are refused once it is over,
+    /// on this process's `storage::clock` (tests `advance` it).
+    pub fn set_token_ttl(&self, ttl: Duration) {
+        *self.state.token_ttl.lock().unwrap() = Some(ttl.as_secs());
+    }
+
+    /// Every token issued so far is refused from now on, whatever it said.
+    pub fn revoke_tokens(&self) {
+        for expires in self.state.tokens.lock().unwrap().values_mut() {
+            *expires = Some(i64::MIN);
+        }
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -330,9 +372,8 @@ async fn base() -> &'static str {
 
 async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request) -> Response {
     s.counters.token.fetch_add(1, Ordering::SeqCst);
-    if let Some((user, pass)) = &s.credentials {
-        use base64::Engine as _;
-        let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+    if let Some(credentials) = &s.credentials {
+        let want = basic_header(credentials);
         if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
             return (StatusCode::UNAUTHORIZED, "bad credentials").into_response();
         }
@@ -340,8 +381,15 @@ async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request)
     let q = req.uri().query().unwrap_or("");
     assert!(q.contains("scope=repository"), "token request without scope: {q}");
     let t = format!("tok-{}", s.counters.token.load(Ordering::SeqCst));
-    s.tokens.lock().unwrap().insert(t.clone());
-    axum::Json(serde_json::json!({ "token": t, "expires_in": 300 })).into_response()
+    let ttl = *s.token_ttl.lock().unwrap();
+    s.tokens.lock().unwrap().insert(t.clone(), ttl.map(|ttl| hubcap::storage::clock::now() + ttl as i64));
+    axum::Json(serde_json::json!({ "token": t, "expires_in": ttl.unwrap_or(300) })).into_response()
+}
+
+/// `Authorization: Basic` of these credentials.
+fn basic_header((user, pass): &(String, String)) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
 }
 
 fn oci_error(status: StatusCode, code: &str) -> Response {
@@ -358,13 +406,22 @@ fn ratelimit(s: &HubState, resp: &mut Response, spend: bool) {
 async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Response {
     let path = req.uri().path().trim_start_matches("/v2/").to_owned();
     let method = req.method().clone();
-    // Token auth: every request needs a bearer token issued by /token.
-    let authorized = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| s.tokens.lock().unwrap().contains(t));
+    // Token auth: every request needs a bearer token issued by /token and
+    // not expired; in Basic mode, the credentials themselves.
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let authorized = if s.basic {
+        s.credentials.as_ref().is_some_and(|c| given == basic_header(c))
+    } else {
+        match given.strip_prefix("Bearer ").and_then(|t| s.tokens.lock().unwrap().get(t).copied()) {
+            None => false,
+            Some(None) => true,
+            Some(Some(expires)) if hubcap::storage::clock::now() < expires => true,
+            Some(Some(_)) => {
+                s.counters.stale_token.fetch_add(1, Ordering::SeqCst);
+                false
+            }
+        }
+    };
     let name = path
         .rsplit_once("/manifests/")
         .or_else(|| path.rsplit_once("/blobs/"))
@@ -375,10 +432,12 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
     if !authorized {
         let realm = s.realm.lock().unwrap().clone();
         let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_str(&format!(r#"Bearer realm="{realm}",service="fakehub",scope="repository:{name}:pull""#)).unwrap(),
-        );
+        let challenge = if s.basic {
+            r#"Basic realm="fakehub""#.to_owned()
+        } else {
+            format!(r#"Bearer realm="{realm}",service="fakehub",scope="repository:{name}:pull""#)
+        };
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
         return resp;
     }
     let fault = s.fault.lock().unwrap().clone();
@@ -631,6 +690,17 @@ fn whole_blob(bytes: Bytes, fault: Fault) -> Response {
             let mut v = bytes.to_vec();
             v[len / 2] ^= 0xff;
             Body::from(v)
+        }
+        Fault::ShortLength => {
+            // A stream, so hyper sends the declared length, not the body's.
+            let mut resp =
+                Response::new(Body::from_stream(futures_util::stream::iter(vec![Ok::<Bytes, std::io::Error>(bytes.slice(0..len - 1))])));
+            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len - 1));
+            return resp;
+        }
+        Fault::ExtraBytes => {
+            let chunks = vec![Ok::<Bytes, std::io::Error>(bytes), Ok(Bytes::from(vec![0u8; 1024]))];
+            return Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
         }
         _ => Body::from(bytes),
     };
