@@ -168,8 +168,13 @@ impl Parts {
         let limits = upstream.limits();
         let parallel = limits.parallel_ranges.max(1);
         // However many ranges run at once, their buffers stay within
-        // `RANGE_BUFFERS` (parts shrink to no less than 1 MiB).
-        let part = limits.range_part.min(RANGE_BUFFERS / parallel as u64).max(1 << 20);
+        // `RANGE_BUFFERS` (parts shrink to no less than 1 MiB). Parts are
+        // balanced so every round of `parallel` requests is full: 40 MiB on
+        // 4 connections is 8 parts of 5 MiB (two full rounds), not 5 of 8
+        // (a second round of one).
+        let largest = limits.range_part.min(RANGE_BUFFERS / parallel as u64).max(1 << 20);
+        let rounds = size.div_ceil(largest * parallel as u64);
+        let part = size.div_ceil(rounds * parallel as u64).max(1 << 20);
         let first_end = part.min(size) - 1;
         let resp = upstream.get_blob_range(repo, digest, 0, first_end, Retry::FETCH).await?;
         if resp.status() != StatusCode::PARTIAL_CONTENT {
