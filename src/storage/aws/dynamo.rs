@@ -267,18 +267,7 @@ impl FetchIndex for DynamoIndex {
             return Ok(false);
         }
         for repo in repos {
-            let result = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(repo_pk(repo)))
-                .key("sk", s(blob_pk(digest)))
-                .update_expression("REMOVE #r")
-                .condition_expression("attribute_exists(pk)")
-                .expression_attribute_names("#r", "ready")
-                .send()
-                .await;
-            conditional("DynamoDB UpdateItem", result)?;
+            self.forget_link_readiness(repo, digest).await?;
         }
         Ok(true)
     }

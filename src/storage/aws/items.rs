@@ -180,19 +180,26 @@ impl DynamoIndex {
             .await;
         let touched = conditional("DynamoDB TransactWriteItems", result)?;
         if !touched {
-            let _ = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(repo_pk(repo)))
-                .key("sk", s(blob_pk(digest)))
-                .update_expression("REMOVE #r")
-                .condition_expression("attribute_exists(pk)")
-                .expression_attribute_names("#r", "ready")
-                .send()
-                .await;
+            let _ = self.forget_link_readiness(repo, digest).await;
         }
         Ok(touched)
+    }
+
+    /// Clears the `ready` copy on `repo`'s link to a blob (if the link
+    /// exists), so the next read asks the blob item itself.
+    pub(super) async fn forget_link_readiness(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(repo_pk(repo)))
+            .key("sk", s(blob_pk(digest)))
+            .update_expression("REMOVE #r")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#r", "ready")
+            .send()
+            .await;
+        conditional("DynamoDB UpdateItem", result)
     }
 
     /// Reads one scanned item as a sweep entry (None: not an entry kind).
