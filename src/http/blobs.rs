@@ -10,6 +10,7 @@ use tower::ServiceExt;
 
 use super::{AppState, header_value, query_param};
 use crate::oci::{Digest, ErrorCode, RegistryError};
+use crate::storage::BlobStore;
 use crate::storage::local::BLOB_URL_PREFIX;
 
 /// `GET|HEAD /_hubcap/blobs/sha256/<hex>?expires=&sig=`: the blob's bytes
@@ -26,7 +27,7 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
         return Err(RegistryError::new(ErrorCode::Denied, "blob URL signature invalid or expired"));
     }
     let path = store.path(&digest);
-    if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
+    if store.stored_here(&digest).await == Some(false) {
         // Gone since the redirect: fetched again; the client's retry of the
         // blob's /v2/ URL waits for it.
         state.mirror.blob_lost(&digest, None).await?;

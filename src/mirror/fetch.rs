@@ -5,9 +5,8 @@
 //!
 //! A copy must keep up the upstream's minimum rate in every window or it is
 //! cut off; one that falls below it for a quarter window gives its fetch
-//! slot back, so stuck transfers
-//! never keep healthy ones from starting (at most `STRAGGLERS` × slots run
-//! in all).
+//! slot back, so stuck transfers never keep healthy ones from starting (at
+//! most `STRAGGLERS` × slots run in all).
 //!
 //! The AWS fetcher Lambda calls the same `Fetcher::fetch` from stream records.
 
