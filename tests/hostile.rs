@@ -48,6 +48,18 @@ async fn drip(addr: String, for_at_most: Duration) -> Duration {
     started.elapsed()
 }
 
+/// Waits for a server sent SIGTERM at `signalled` to exit, failing the test
+/// if it is still running `within` after it.
+async fn exit_within(mirror: &mut common::procs::Proc, signalled: Instant, within: Duration) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = mirror.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(signalled.elapsed() < within, "still running {:?} after SIGTERM:\n{}", signalled.elapsed(), mirror.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A complete `GET /v2/`; resolves with the status line.
 async fn get_base(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -96,14 +108,7 @@ async fn a_shutdown_does_not_wait_forever_for_a_slow_client() {
     let pid = mirror.child.id().to_string();
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
-    let started = Instant::now();
-    let exited = loop {
-        if let Some(status) = mirror.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(6), "still running {:?} after SIGTERM:\n{}", started.elapsed(), mirror.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let exited = exit_within(&mut mirror, Instant::now(), Duration::from_secs(6)).await;
     assert!(exited.success(), "{exited:?}\n{}", mirror.log());
     assert!(mirror.log().contains("shutdown grace"), "it said it closed what was left:\n{}", mirror.log());
     slow.abort();
@@ -143,13 +148,7 @@ async fn a_request_in_flight_finishes_on_sigterm_and_then_the_server_exits() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(common::sha256(&body), img.digest, "the whole manifest");
     assert_eq!(digest.unwrap().to_str().unwrap(), img.digest);
-    let exited = loop {
-        if let Some(status) = mirror.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(signalled.elapsed() < grace, "still running {:?} after SIGTERM:\n{}", signalled.elapsed(), mirror.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = exit_within(&mut mirror, signalled, grace).await;
     assert!(exited.success(), "{exited:?}\n{}", mirror.log());
     let log = mirror.log();
     assert!(log.contains("shutting down"), "{log}");

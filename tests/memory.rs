@@ -90,16 +90,7 @@ async fn fat_manifests_under_many_tags_keep_memory_bounded() {
         hub.publish("library/fat", &format!("d{t}"), &Published::Image(fat_image(100 + t, 525_000)));
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
-        .args(["--redirect-allow", &hub.cdn])
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .env("HUBCAP_LOG", "warn");
-    let server = Proc::spawn(&mut cmd, dir.path().join("hubcap.log"));
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(&format!("{url}/v2/"), &server).await;
+    let (server, url) = common::registries::hubcap_serve(dir.path(), &hub.url, 0, &[], "hubcap.log").await;
     let start_rss = peak_rss_kib(server.child.id());
     let http = common::client();
     let tags: Vec<String> = (0..1000).map(|t| format!("s{t}")).chain((0..100).map(|t| format!("d{t}"))).collect();
