@@ -27,7 +27,7 @@ use crate::mirror::{Mirror, MirrorConfig};
 use crate::storage::aws::{self, AwsStorage};
 use crate::storage::cached::CachedIndex;
 use crate::storage::local::{FsBlobStore, SqliteIndex};
-use crate::storage::{BlobStore, Index};
+use crate::storage::{BlobStore, FetchIndex, Index};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -101,7 +101,9 @@ async fn open_as(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_e
             let store = Arc::new(FsBlobStore::open(dir)?);
             let index = SqliteIndex::open(&dir.join("index.db"))?;
             if owner {
-                store.clear_unfinished()?;
+                // Uploads a checkpoint names are continued, not cleared.
+                let resumable = index.unfinished_blobs().await?.into_iter().filter_map(|b| b.checkpoint).map(|c| c.upload).collect();
+                store.clear_unfinished(&resumable)?;
                 index.release_unfinished().await?;
             }
             let index = Arc::new(CachedIndex::new(index, memory_cache_entries, tag_ttl));

@@ -24,7 +24,9 @@ use futures_util::StreamExt;
 use hubcap::oci::Digest;
 use hubcap::storage::cached::CachedIndex;
 use hubcap::storage::local::{BLOB_URL_PREFIX, FsBlobStore, SqliteIndex};
-use hubcap::storage::{BlobRecord, BlobState, BlobStore, Entry, Index, ManifestRecord, StoredStats, TagRecord, aws, clock, now};
+use hubcap::storage::{
+    BlobRecord, BlobState, BlobStore, Checkpoint, Entry, Index, ManifestRecord, StoredStats, TagRecord, aws, clock, now,
+};
 
 const REPO: &str = "docker.io/library/suite";
 const OTHER: &str = "docker.io/library/elsewhere";
@@ -388,8 +390,21 @@ async fn blob_states(index: &dyn Index, c: &Checks) {
     c.eq(unfinished(index).await.get(&a), Some(&BlobState::Fetching), "unfinished_blobs(): a fetching blob");
     c.that(!index.touch_blob(&a, None).await.unwrap(), "touch_blob: a fetching blob is not ready");
 
+    // The lease holder's checkpoint, kept across failure and release.
+    let cp = Checkpoint { upload: "up:load/1".into(), offset: 8 << 20, hash: vec![1, 2, 255] };
+    c.eq(index.blob_checkpoint(&a).await.unwrap(), None, "blob_checkpoint(): none at first");
+    index.save_checkpoint(&a, Some(&cp)).await.unwrap();
+    c.eq(index.blob_checkpoint(&a).await.unwrap(), Some(cp.clone()), "save_checkpoint() then blob_checkpoint(): the same");
+    c.eq(unfinished(index).await.get(&a), Some(&BlobState::Fetching), "a checkpoint leaves the blob fetching");
+    let listed = index.unfinished_blobs().await.unwrap().into_iter().find(|b| b.digest == a).and_then(|b| b.checkpoint);
+    c.eq(listed, Some(cp.clone()), "unfinished_blobs(): the record carries its checkpoint");
+
     // Failed, then retried.
     index.set_blob_state(&a, BlobState::Failed, None, Some("boom")).await.unwrap();
+    c.eq(index.blob_checkpoint(&a).await.unwrap(), Some(cp.clone()), "a failed copy keeps its checkpoint for the retry");
+    let other = Checkpoint { offset: 16 << 20, ..cp.clone() };
+    index.save_checkpoint(&a, Some(&other)).await.unwrap();
+    c.eq(index.blob_checkpoint(&a).await.unwrap(), Some(cp.clone()), "save_checkpoint(): only while fetching (the lease holder's)");
     let r = record(index, REPO, &a).await;
     c.eq(r.as_ref().map(|r| (r.state, r.last_error.as_deref())), Some((BlobState::Failed, Some("boom"))), "set_blob_state(failed)");
     c.eq(unfinished(index).await.get(&a), None, "unfinished_blobs(): not a failed blob");
@@ -408,6 +423,7 @@ async fn blob_states(index: &dyn Index, c: &Checks) {
         "set_blob_state(ready): ready, sized, no error, no lease",
     );
     c.within(r.map_or(0, |r| r.used_at), before, after, "set_blob_state(ready): a fetched blob counts as used");
+    c.eq(index.blob_checkpoint(&a).await.unwrap(), None, "set_blob_state(ready) forgets the checkpoint");
     c.that(!index.create_pending_blob(&a, REPO, None).await.unwrap(), "create_pending_blob: refused for a ready blob");
     c.that(!index.claim_blob(&a, Duration::ZERO).await.unwrap(), "claim_blob: refused for a ready blob");
     c.that(!index.requeue_stale_blob(&a, Duration::ZERO).await.unwrap(), "requeue_stale_blob: never a ready blob");
@@ -779,7 +795,7 @@ async fn stats(index: &dyn Index, c: &Checks) {
 type Fetch<'a> = Box<dyn Fn(String) -> futures_util::future::BoxFuture<'a, Option<Bytes>> + Send + Sync + 'a>;
 
 async fn write(store: &dyn BlobStore, d: &Digest, data: &Bytes) {
-    let mut w = store.begin(d).await.unwrap();
+    let mut w = store.begin(d, None).await.unwrap();
     for chunk in data.chunks(1024 * 1024) {
         w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
@@ -792,7 +808,7 @@ async fn blob_store_contract(store: &dyn BlobStore, fetch: Fetch<'_>, backend: &
     let data = Bytes::from(common::images::noise(2 * aws::PART_SIZE + 123, 7));
     let big = Digest::of(&data);
     c.eq(store.size(&big).await.unwrap(), None, "size(): nothing before a write");
-    let mut w = store.begin(&big).await.unwrap();
+    let mut w = store.begin(&big, None).await.unwrap();
     for chunk in data.chunks(1024 * 1024) {
         w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
@@ -813,15 +829,58 @@ async fn blob_store_contract(store: &dyn BlobStore, fetch: Fetch<'_>, backend: &
 
     // Aborted or dropped writers leave nothing.
     let aborted = d("store/aborted");
-    let mut w = store.begin(&aborted).await.unwrap();
+    let mut w = store.begin(&aborted, None).await.unwrap();
     w.write(Bytes::from(vec![1u8; aws::PART_SIZE + 1024])).await.unwrap();
     w.abort().await.unwrap();
     c.eq(store.size(&aborted).await.unwrap(), None, "abort(): leaves nothing");
     let dropped = d("store/dropped");
-    let mut w = store.begin(&dropped).await.unwrap();
+    let mut w = store.begin(&dropped, None).await.unwrap();
     w.write(Bytes::from_static(b"partial")).await.unwrap();
     drop(w);
     c.eq(store.size(&dropped).await.unwrap(), None, "a dropped writer leaves nothing");
+    c.that(store.uploads().await.unwrap().iter().all(|u| u.digest != aborted && u.digest != dropped), "uploads(): none left by those");
+
+    // A suspended upload is continued from its durable point.
+    let part = aws::PART_SIZE;
+    let data = Bytes::from(common::images::noise(3 * part + 77, 8));
+    let resumed = Digest::of(&data);
+    let mut w = store.begin(&resumed, None).await.unwrap();
+    c.eq(w.part_size(), part as u64, "part_size(): 8 MiB on both backends");
+    w.write(data.slice(..2 * part + 5)).await.unwrap();
+    let durable = w.suspend().await.unwrap().expect("two parts durable");
+    c.eq(durable.offset, 2 * part as u64, "suspend(): durable up to the last whole part");
+    let listed = store.uploads().await.unwrap();
+    c.that(listed.iter().any(|u| u.digest == resumed && u.id == durable.upload), format!("uploads(): the suspended one: {listed:?}"));
+    let cp = |offset: u64, upload: &str| Checkpoint { upload: upload.to_owned(), offset, hash: vec![] };
+    let w = store.begin(&resumed, Some(&cp(3 * part as u64, &durable.upload))).await.unwrap();
+    c.eq(w.offset(), 0, "begin(): a checkpoint past what is stored starts afresh");
+    w.abort().await.unwrap();
+    let w = store.begin(&resumed, Some(&cp(part as u64, "no-such-upload"))).await.unwrap();
+    c.eq(w.offset(), 0, "begin(): an unknown upload starts afresh");
+    w.abort().await.unwrap();
+    // (The afresh writers above may have discarded the upload on S3; start
+    // again to test the continuation.)
+    let mut w = store.begin(&resumed, None).await.unwrap();
+    w.write(data.slice(..2 * part + 5)).await.unwrap();
+    let durable = w.suspend().await.unwrap().expect("two parts durable");
+    let mut w = store.begin(&resumed, Some(&cp(durable.offset, &durable.upload))).await.unwrap();
+    c.eq(w.offset(), 2 * part as u64, "begin(): continues at the checkpoint");
+    w.write(data.slice(2 * part..)).await.unwrap();
+    w.commit().await.unwrap();
+    let url = store.presigned_get(&resumed, Duration::from_secs(60)).await.unwrap();
+    c.that(fetch(url).await.as_ref() == Some(&data), "a continued upload holds every byte once, in order");
+    c.that(store.uploads().await.unwrap().iter().all(|u| u.digest != resumed), "uploads(): a committed one is not listed");
+    // Discarding an unfinished upload.
+    let mut w = store.begin(&resumed, None).await.unwrap();
+    w.write(data.slice(..part + 1)).await.unwrap();
+    let durable = w.suspend().await.unwrap().expect("one part durable");
+    let upload = store.uploads().await.unwrap().into_iter().find(|u| u.id == durable.upload).expect("listed");
+    store.discard_upload(&upload).await.unwrap();
+    store.discard_upload(&upload).await.unwrap();
+    c.that(store.uploads().await.unwrap().iter().all(|u| u.id != durable.upload), "discard_upload(): gone, twice is fine");
+    let w = store.begin(&resumed, Some(&cp(durable.offset, &durable.upload))).await.unwrap();
+    c.eq(w.offset(), 0, "begin(): a discarded upload starts afresh");
+    w.abort().await.unwrap();
 
     store.delete(&ds).await.unwrap();
     c.eq(store.size(&ds).await.unwrap(), None, "delete(): gone");

@@ -703,7 +703,7 @@ async fn benchmark() {
             let digests: Vec<_> = blobs.iter().map(|(dg, _)| dg.clone()).collect();
             index.put_manifest(&repo, &m, &digests).await.unwrap();
             for (dg, b) in &blobs {
-                let mut w = store.begin(dg).await.unwrap();
+                let mut w = store.begin(dg, None).await.unwrap();
                 w.write(b.clone()).await.unwrap();
                 w.commit().await.unwrap();
                 index.set_blob_state(dg, hubcap::storage::BlobState::Ready, Some(b.len() as u64), None).await.unwrap();

@@ -95,6 +95,9 @@ async fn ranged_cases(backend: impl Fn(&str) -> Backend) {
     assert_eq!(fetch(&m, &digest).await.0, 503);
     let d = hubcap::oci::Digest::parse(&digest).unwrap();
     assert_eq!(m.mirror.store().size(&d).await.unwrap(), None, "nothing stored");
+    let left: Vec<_> = m.mirror.store().uploads().await.unwrap().into_iter().filter(|u| u.digest == d).collect();
+    assert!(left.is_empty(), "the upload of wrong bytes is aborted, not kept to continue: {left:?}");
+    assert_eq!(m.mirror.index().blob_checkpoint(&d).await.unwrap(), None, "and no checkpoint names it");
     let r = m.mirror.index().blob("docker.io/library/big", &d).await.unwrap().record.unwrap();
     assert!(r.last_error.as_deref().unwrap_or("").contains("hashing to"), "{r:?}");
 }

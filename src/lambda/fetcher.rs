@@ -1,6 +1,9 @@
 //! The `fetcher` function: a batch of stream records of pending blobs,
 //! copied concurrently into the store, stopping before the deadline; what it
-//! did not finish is reported back by sequence number for a retry.
+//! did not finish is reported back by sequence number for a retry. A copy
+//! too long for the time left stops at a checkpoint and puts its blob back
+//! to `pending`: that write's stream record runs the next invocation, which
+//! continues it, so a blob of any size completes across invocations.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,7 +14,7 @@ use futures_util::StreamExt;
 
 use crate::assemble::{self, BoxError};
 use crate::config::LambdaSettings;
-use crate::mirror::fetch::{FetchJob, Fetcher};
+use crate::mirror::fetch::{FetchError, FetchJob, Fetcher};
 use crate::mirror::upstream::Upstreams;
 use crate::observe::emf::{UpstreamDeltas, emf_line};
 use crate::oci::RepoPath;
@@ -112,7 +115,7 @@ pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: Batch
             in_flight.insert(id.clone(), job.clone());
             running.push(async move {
                 let started = Instant::now();
-                let result = fetcher.fetch(&job).await;
+                let result = fetcher.fetch_until(&job, cut_off).await;
                 (id, job, started.elapsed(), result)
             });
         }
@@ -132,6 +135,12 @@ pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: Batch
                 tracing::info!(digest = %job.digest, source = %job.source, ?size, "fetched");
                 let mut m = vec![("BytesFetched", size.unwrap_or(0) as f64, "Bytes"), ("FetchFailures", 0.0, "Count")];
                 m.push(("FetchDuration", took.as_secs_f64() * 1000.0, "Milliseconds"));
+                m.extend(deltas.take(&fetcher.upstreams().each()));
+                println!("{}", emf_line("fetcher", &m));
+            }
+            Err(FetchError::Suspended(at)) => {
+                // Pending again: that write's stream record runs the rest.
+                let mut m = vec![("FetchesSuspended", 1.0, "Count"), ("SuspendedAtBytes", at as f64, "Bytes")];
                 m.extend(deltas.take(&fetcher.upstreams().each()));
                 println!("{}", emf_line("fetcher", &m));
             }

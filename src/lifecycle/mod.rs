@@ -166,6 +166,9 @@ pub struct GcReport {
     /// Blobs the index called ready that the store did not hold: fetched
     /// again.
     pub lost_blobs: usize,
+    /// Unfinished uploads no blob's checkpoint named (a copy that died
+    /// without one, or was thrown away): aborted.
+    pub aborted_uploads: usize,
     pub writes: u64,
     /// The cache as the sweep found it.
     pub before: Inventory,
@@ -198,6 +201,9 @@ pub fn render(r: &GcReport) -> String {
     let _ = writeln!(out, "{} blobs ({}) unreferenced, deleted once the grace period has passed", r.grace_blobs, mib(r.grace_bytes));
     if r.lost_blobs > 0 {
         let _ = writeln!(out, "{} ready blobs were missing from the store: {}fetched again", r.lost_blobs, would);
+    }
+    if r.aborted_uploads > 0 {
+        let _ = writeln!(out, "{} unfinished uploads no copy will continue {would}aborted", r.aborted_uploads);
     }
     if !r.complete {
         let _ = writeln!(out, "stopped early after {} writes: the next run finishes the sweep", r.writes);

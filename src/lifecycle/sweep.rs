@@ -1,7 +1,8 @@
 //! One sweep's writes, phase by phase, in the order that is safe at every
 //! step (see the module above): evict to fit the size cap (a decision, no
 //! writes), expire images, delete the manifests no repository holds, delete
-//! the blobs nothing references. Every write is counted against the
+//! the blobs nothing references; then the store against the index: ready
+//! blobs the store lost, uploads no copy will continue. Every write is counted against the
 //! sweep's budget; a phase that runs out returns `Stop`, leaving the work it
 //! did not start whole for the next run.
 
@@ -11,7 +12,7 @@ use std::time::Instant;
 use super::snapshot::{Root, Snapshot};
 use super::{BATCH, GcOptions, GcReport, Step, pause};
 use crate::oci::Digest;
-use crate::storage::{BlobRecord, BlobState, BlobStore, Index, Result, StorageError, now};
+use crate::storage::{BlobRecord, BlobState, BlobStore, Index, Result, StorageError, Upload, now};
 
 /// Counts writes against the sweep's deadline and budget.
 struct Budget {
@@ -128,7 +129,43 @@ impl<'a> Sweep<'a> {
         if let Err(stop) = self.delete_unreferenced_blobs(&unheld).await? {
             return Ok(Err(stop));
         }
-        self.audit_stored_blobs(&stored).await
+        if let Err(stop) = self.audit_stored_blobs(&stored).await? {
+            return Ok(Err(stop));
+        }
+        self.abort_orphan_uploads().await
+    }
+
+    /// Phase 5: an upload the store holds unfinished that no blob record's
+    /// checkpoint names (its copy died before it checkpointed, or the
+    /// record went) is aborted, once older than a fetch lease: a copy that
+    /// started it and is still running has checkpointed by then (every part
+    /// comes well within a lease at the minimum transfer rate). Listed
+    /// after the index was read, so a checkpoint naming an older upload was
+    /// there to see. The bucket's lifecycle rule stays as a backstop.
+    async fn abort_orphan_uploads(&mut self) -> Phase {
+        let named: HashSet<&str> = self.snap.blobs.values().filter_map(|b| b.checkpoint.as_ref()).map(|c| c.upload.as_str()).collect();
+        let old = self.started - crate::mirror::fetch::FETCH_LEASE.as_secs() as i64;
+        let uploads = match self.store.uploads().await {
+            Ok(u) => u,
+            // The bucket's lifecycle rule still aborts them in time.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list unfinished uploads; none aborted this run");
+                return Ok(Ok(()));
+            }
+        };
+        let mut orphans: Vec<Upload> = uploads.into_iter().filter(|u| u.started < old && !named.contains(u.id.as_str())).collect();
+        orphans.sort_by(|a, b| (&a.digest, &a.id).cmp(&(&b.digest, &b.id)));
+        for upload in orphans {
+            if !self.budget.take() {
+                return Ok(Err(Stop));
+            }
+            if !self.opts.dry_run {
+                self.store.discard_upload(&upload).await?;
+                tracing::info!(digest = %upload.digest, upload = %upload.id, "aborted an unfinished upload no copy will continue");
+            }
+            self.report.aborted_uploads += 1;
+        }
+        Ok(Ok(()))
     }
 
     /// Phase 4, the store against the index: a blob the index read as

@@ -10,18 +10,20 @@
 //!
 //! The AWS fetcher Lambda calls the same `Fetcher::fetch` from stream records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use super::transfer::{Body, Parts};
 use super::upstream::{Retry, UpstreamError, Upstreams};
 use crate::oci::{Digest, RepoPath};
-use crate::storage::{BlobState, BlobStore, BlobWriter, FetchIndex, StorageError};
+use crate::storage::{BlobState, BlobStore, BlobWriter, Checkpoint, Durable, FetchIndex, StorageError};
 
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;
@@ -51,6 +53,10 @@ pub enum FetchError {
     /// the blob as one stream.
     #[error("{0}")]
     BadRange(String),
+    /// The copy stopped at a checkpoint before its deadline: the blob is
+    /// `pending` again and the next fetch continues it.
+    #[error("copy suspended at byte {0} before the deadline")]
+    Suspended(u64),
 }
 
 impl FetchError {
@@ -78,11 +84,18 @@ impl Fetcher {
     /// `ready`; on failure marks it `failed` with the error. Returns its
     /// size, or `None` when another fetcher holds it (and will finish it).
     pub async fn fetch(&self, job: &FetchJob) -> Result<Option<u64>, FetchError> {
-        self.fetch_in(job, &mut Slot(None)).await
+        self.fetch_in(job, &mut Slot(None), None).await
     }
 
-    /// `fetch`, holding a fetch slot it gives back if the copy stalls.
-    pub async fn fetch_in(&self, job: &FetchJob, slot: &mut Slot) -> Result<Option<u64>, FetchError> {
+    /// `fetch`, stopping at a checkpoint before `deadline` when the copy
+    /// would not finish by then (`FetchError::Suspended`: the blob is
+    /// `pending` again, and the next fetch continues from there).
+    pub async fn fetch_until(&self, job: &FetchJob, deadline: Option<Instant>) -> Result<Option<u64>, FetchError> {
+        self.fetch_in(job, &mut Slot(None), deadline).await
+    }
+
+    /// `fetch_until`, holding a fetch slot it gives back if the copy stalls.
+    pub async fn fetch_in(&self, job: &FetchJob, slot: &mut Slot, deadline: Option<Instant>) -> Result<Option<u64>, FetchError> {
         if let Some(size) = self.store.size(&job.digest).await? {
             // Only verified blobs are ever committed, so a stored one is good.
             self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
@@ -94,11 +107,16 @@ impl Fetcher {
         let (mut attempt, mut ranges) = (0, true);
         let err = loop {
             attempt += 1;
-            match self.copy(job, slot, ranges).await {
+            match self.copy(job, slot, ranges, deadline).await {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
                     tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
                     return Ok(Some(size));
+                }
+                Err(FetchError::Suspended(at)) => {
+                    tracing::info!(digest = %job.digest, at, "copy suspended at a checkpoint before the deadline; queued again");
+                    self.release(&job.digest).await?;
+                    return Err(FetchError::Suspended(at));
                 }
                 Err(e) if e.is_permanent() || attempt >= ATTEMPTS => break e,
                 Err(FetchError::BadRange(why)) => {
@@ -123,9 +141,12 @@ impl Fetcher {
         Ok(self.index.set_blob_state(digest, BlobState::Pending, None, None).await?)
     }
 
-    /// One copy attempt: read in order (one stream, or parallel ranges),
-    /// hash, write; commit only a verified blob.
-    async fn copy(&self, job: &FetchJob, slot: &mut Slot, ranges: bool) -> Result<u64, FetchError> {
+    /// One copy attempt: continue the last checkpoint or start afresh, read
+    /// in order (one stream, or parallel ranges), hash, write, checkpoint;
+    /// commit only a verified blob. A copy cut off keeps its durable part
+    /// (checkpointed) for the next attempt; one that read wrong bytes
+    /// throws its upload away.
+    async fn copy(&self, job: &FetchJob, slot: &mut Slot, ranges: bool, deadline: Option<Instant>) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let limits = upstream.limits();
         let too_large =
@@ -133,32 +154,55 @@ impl Fetcher {
         if let Some(size) = job.size.filter(|s| *s > limits.max_blob) {
             return Err(too_large(size));
         }
-        let (mut body, declared) = match job.size {
-            Some(size) if ranges && size >= limits.ranged_from && limits.parallel_ranges > 1 => {
-                (Parts::start(upstream, &job.source, &job.digest, size).await?, None)
-            }
-            _ => {
-                let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
-                let declared = resp.content_length();
-                if let (Some(want), Some(got)) = (job.size, declared)
-                    && want != got
-                {
-                    return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
-                }
-                if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
-                    return Err(too_large(size));
-                }
-                (Body::stream(resp, limits), declared)
-            }
+        // Only a copy of known size can continue: it asks for the rest.
+        let saved = match job.size {
+            Some(_) => self.index.blob_checkpoint(&job.digest).await?,
+            None => None,
         };
+        let mut writer = self.store.begin(&job.digest, saved.as_ref()).await?;
+        let mut progress = match saved.as_ref().filter(|cp| cp.offset == writer.offset() && cp.offset > 0).and_then(Progress::resume) {
+            Some(p) => p,
+            None if writer.offset() > 0 => {
+                // A checkpoint whose hash state cannot be read: start over.
+                writer.abort().await?;
+                writer = self.store.begin(&job.digest, None).await?;
+                Progress::new(0)
+            }
+            None => Progress::new(0),
+        };
+        let from = progress.at;
+        let opened = match job.size {
+            Some(size) if ranges && size - from >= limits.ranged_from && limits.parallel_ranges > 1 => {
+                Parts::start(upstream, &job.source, &job.digest, size, from).await.map(|(b, at)| (b, at, None))
+            }
+            Some(size) if from > 0 => Parts::rest(upstream, &job.source, &job.digest, size, from).await.map(|(b, at)| (b, at, None)),
+            _ => self.whole(upstream, job).await.map(|(b, declared)| (b, 0, declared)),
+        };
+        let (mut body, starts_at, declared) = match opened {
+            Ok(o) => o,
+            Err(e) => return Err(self.stop(&job.digest, writer, progress, e).await),
+        };
+        if starts_at != from {
+            // Upstream ignored the range: its answer is the whole blob.
+            tracing::info!(digest = %job.digest, from, "upstream sent the whole blob instead of the rest; copying from the start");
+            writer.abort().await?;
+            self.index.save_checkpoint(&job.digest, None).await?;
+            writer = self.store.begin(&job.digest, None).await?;
+            progress = Progress::new(0);
+        }
+        if from > 0 && starts_at == from {
+            tracing::info!(digest = %job.digest, from, "continuing an interrupted copy from its checkpoint");
+        }
         let limit = job.size.or(declared);
-        let mut writer = self.store.begin(&job.digest).await?;
-        match read_into(&mut body, writer.as_mut(), limit, limits.max_blob, slot).await {
-            Ok((hash, size)) => {
+        let read =
+            read_into(&mut body, writer.as_mut(), &mut progress, limit, limits.max_blob, slot, deadline, &*self.index, &job.digest).await;
+        match read {
+            Ok(Read::Done(hash, size)) => {
                 let actual = Digest::from_sha256(&hash);
                 let size_ok = limit.is_none_or(|l| l == size);
                 if actual != job.digest || !size_ok {
                     writer.abort().await?;
+                    self.index.save_checkpoint(&job.digest, None).await?;
                     return Err(FetchError::Rejected(format!(
                         "upstream sent {size} bytes hashing to {actual}, expected {} ({})",
                         job.digest,
@@ -171,13 +215,132 @@ impl Fetcher {
                 }
                 Ok(size)
             }
-            Err(e) => {
-                writer.abort().await?;
-                Err(e)
+            Ok(Read::Suspended) => {
+                let at = self.keep(&job.digest, writer, &mut progress).await?;
+                Err(FetchError::Suspended(at))
             }
+            Err(e) => Err(self.stop(&job.digest, writer, progress, e).await),
+        }
+    }
+
+    /// Opens the blob as one stream from its start: the body and the size
+    /// upstream declared.
+    async fn whole(&self, upstream: &std::sync::Arc<super::upstream::Upstream>, job: &FetchJob) -> Result<(Body, Option<u64>), FetchError> {
+        let limits = upstream.limits();
+        let resp = upstream.get_blob(&job.source, &job.digest, Retry::FETCH).await?;
+        let declared = resp.content_length();
+        if let (Some(want), Some(got)) = (job.size, declared)
+            && want != got
+        {
+            return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
+        }
+        if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
+            return Err(FetchError::Rejected(format!("{size} bytes is more than the largest blob copied ({} bytes)", limits.max_blob)));
+        }
+        Ok((Body::stream(resp, limits), declared))
+    }
+
+    /// Ends a failed attempt: wrong bytes, a refusal or a blob gone
+    /// upstream throw the upload away; any other failure (transport, rate
+    /// limit, 5xx, storage) keeps its durable part for the next attempt.
+    async fn stop(&self, digest: &Digest, writer: Box<dyn BlobWriter>, mut progress: Progress, e: FetchError) -> FetchError {
+        let wrong = matches!(
+            &e,
+            FetchError::Rejected(_)
+                | FetchError::BadRange(_)
+                | FetchError::Upstream(UpstreamError::Invalid(_) | UpstreamError::NotFound | UpstreamError::Denied(_))
+        );
+        let kept = if wrong {
+            match writer.abort().await {
+                Ok(()) => self.index.save_checkpoint(digest, None).await.map_err(FetchError::from),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            self.keep(digest, writer, &mut progress).await.map(|_| ())
+        };
+        if let Err(store) = kept {
+            tracing::warn!(%digest, error = %store, "could not keep or discard the interrupted upload");
+        }
+        e
+    }
+
+    /// Suspends the writer and checkpoints its final durable point:
+    /// returns the offset the next copy continues from.
+    async fn keep(&self, digest: &Digest, writer: Box<dyn BlobWriter>, progress: &mut Progress) -> Result<u64, FetchError> {
+        let durable = writer.suspend().await?;
+        match durable.and_then(|d| progress.checkpoint(&d)) {
+            Some(cp) => {
+                self.index.save_checkpoint(digest, Some(&cp)).await?;
+                Ok(cp.offset)
+            }
+            None => Ok(0),
         }
     }
 }
+
+/// The hash over the bytes copied so far, and its state at each part
+/// boundary the writer has not yet made durable (so a checkpoint can name
+/// the state at exactly its durable point).
+struct Progress {
+    hasher: Sha256,
+    /// Bytes hashed, from the blob's start.
+    at: u64,
+    /// (offset, serialised state) at part boundaries, oldest first.
+    states: VecDeque<(u64, Vec<u8>)>,
+    /// The last offset checkpointed.
+    saved: u64,
+}
+
+impl Progress {
+    fn new(at: u64) -> Progress {
+        Progress { hasher: Sha256::new(), at, states: VecDeque::new(), saved: at }
+    }
+
+    /// The hash as a checkpoint left it.
+    fn resume(cp: &Checkpoint) -> Option<Progress> {
+        let state = SerializedState::<Sha256>::try_from(&cp.hash[..]).ok()?;
+        let hasher = Sha256::deserialize(&state).ok()?;
+        Some(Progress { hasher, at: cp.offset, states: VecDeque::new(), saved: cp.offset })
+    }
+
+    /// Hashes `chunk`, noting the state at every multiple of `part`.
+    fn update(&mut self, mut chunk: &[u8], part: u64) {
+        while !chunk.is_empty() {
+            let to_boundary = part - self.at % part;
+            let n = (to_boundary as usize).min(chunk.len());
+            self.hasher.update(&chunk[..n]);
+            self.at += n as u64;
+            chunk = &chunk[n..];
+            if self.at.is_multiple_of(part) {
+                self.states.push_back((self.at, self.hasher.serialize().to_vec()));
+            }
+        }
+    }
+
+    /// The checkpoint for `durable`, when it is past the last one saved.
+    fn checkpoint(&mut self, durable: &Durable) -> Option<Checkpoint> {
+        if durable.offset <= self.saved {
+            return None;
+        }
+        while self.states.front().is_some_and(|(at, _)| *at < durable.offset) {
+            self.states.pop_front();
+        }
+        let (at, hash) = self.states.front().filter(|(at, _)| *at == durable.offset)?.clone();
+        self.saved = at;
+        Some(Checkpoint { upload: durable.upload.clone(), offset: at, hash })
+    }
+}
+
+/// How a read ended.
+enum Read {
+    /// Every byte: the hash and the size.
+    Done(Vec<u8>, u64),
+    /// Stopped at a durable point before the deadline.
+    Suspended,
+}
+
+/// Leaves time to make the last part durable and save the checkpoint.
+const SUSPEND_MARGIN: Duration = Duration::from_secs(2);
 
 /// A fetch slot, held while a copy makes progress.
 pub struct Slot(Option<OwnedSemaphorePermit>);
@@ -190,21 +353,28 @@ impl Slot {
     }
 }
 
-/// Reads `body` into `writer`, hashing it in order. Ends with an error when
-/// more than `limit` bytes (or `max_blob` when none is declared) arrive, or
-/// when the body keeps under the minimum rate; a stalled copy gives its slot
-/// back.
+/// Reads `body` into `writer`, hashing it in order and checkpointing each
+/// durable point. Ends with an error when more than `limit` bytes (or
+/// `max_blob` when none is declared) arrive, or when the body keeps under
+/// the minimum rate; a stalled copy gives its slot back. Stops early
+/// (`Read::Suspended`) at a durable point when the next ones would not
+/// come before `deadline`.
+#[allow(clippy::too_many_arguments)]
 async fn read_into(
     body: &mut Body,
     writer: &mut dyn BlobWriter,
+    progress: &mut Progress,
     limit: Option<u64>,
     max_blob: u64,
     slot: &mut Slot,
-) -> Result<(Vec<u8>, u64), FetchError> {
+    deadline: Option<Instant>,
+    index: &dyn FetchIndex,
+    digest: &Digest,
+) -> Result<Read, FetchError> {
     let cap = limit.unwrap_or(max_blob);
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+    let part = writer.part_size();
     let mut stalled = false;
+    let mut last_point = Instant::now();
     while let Some(chunk) = body.next(&mut stalled).await? {
         if stalled {
             slot.release();
@@ -212,17 +382,30 @@ async fn read_into(
         if chunk.is_empty() {
             continue;
         }
-        size += chunk.len() as u64;
-        if size > cap {
+        if progress.at + chunk.len() as u64 > cap {
             return Err(FetchError::Rejected(match limit {
                 Some(l) => format!("upstream sent more than the {l} bytes declared"),
                 None => format!("upstream sent more than {cap} bytes, the largest blob copied"),
             }));
         }
-        hasher.update(&chunk);
+        let crossed = (progress.at + chunk.len() as u64) / part > progress.at / part;
+        progress.update(&chunk, part);
         writer.write(chunk).await?;
+        if !crossed {
+            continue;
+        }
+        if let Some(cp) = writer.durable()?.and_then(|d| progress.checkpoint(&d)) {
+            index.save_checkpoint(digest, Some(&cp)).await?;
+        }
+        // Time the last part took, twice over, must fit before the deadline.
+        let now = Instant::now();
+        let per_part = now - last_point;
+        last_point = now;
+        if deadline.is_some_and(|d| now + per_part * 2 + SUSPEND_MARGIN >= d) && limit.is_none_or(|l| progress.at < l) {
+            return Ok(Read::Suspended);
+        }
     }
-    Ok((hasher.finalize().to_vec(), size))
+    Ok(Read::Done(progress.hasher.clone().finalize().to_vec(), progress.at))
 }
 
 /// What a wait for a blob's fetch came to.
@@ -284,7 +467,7 @@ impl FetchQueue for LocalQueue {
         tokio::spawn(async move {
             let copy = copies.acquire_owned().await;
             let mut slot = Slot(slots.acquire_owned().await.ok());
-            let _ = fetcher.fetch_in(&job, &mut slot).await;
+            let _ = fetcher.fetch_in(&job, &mut slot, None).await;
             drop((slot, copy));
             registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
             let _ = done.send(true);

@@ -144,6 +144,8 @@ struct Source {
 /// reader waits for. Parts still running when it is dropped are aborted.
 pub(super) struct Parts {
     source: Source,
+    /// Where the first part starts.
+    from: u64,
     part: u64,
     count: u64,
     parallel: usize,
@@ -161,10 +163,17 @@ impl Drop for Parts {
 }
 
 impl Parts {
-    /// Asks for the first part of a blob of `size` bytes with a `Range`: a
-    /// `206` answer means upstream honours ranges (the parts follow); a
-    /// `200` is the whole blob, to read as one stream.
-    pub(super) async fn start(upstream: &Arc<Upstream>, repo: &RepoPath, digest: &Digest, size: u64) -> Result<Body, FetchError> {
+    /// Asks for the first part of bytes `from..size` of a blob of `size`
+    /// bytes with a `Range`: a `206` answer means upstream honours ranges
+    /// (the parts follow); a `200` is the whole blob, to read as one stream
+    /// from byte 0. Returns the body and the offset it starts at.
+    pub(super) async fn start(
+        upstream: &Arc<Upstream>,
+        repo: &RepoPath,
+        digest: &Digest,
+        size: u64,
+        from: u64,
+    ) -> Result<(Body, u64), FetchError> {
         let limits = upstream.limits();
         let parallel = limits.parallel_ranges.max(1);
         // However many ranges run at once, their buffers stay within
@@ -172,24 +181,43 @@ impl Parts {
         // balanced so every round of `parallel` requests is full: 40 MiB on
         // 4 connections is 8 parts of 5 MiB (two full rounds), not 5 of 8
         // (a second round of one).
+        let left = size - from;
         let largest = limits.range_part.min(RANGE_BUFFERS / parallel as u64).max(1 << 20);
-        let rounds = size.div_ceil(largest * parallel as u64);
-        let part = size.div_ceil(rounds * parallel as u64).max(1 << 20);
-        let first_end = part.min(size) - 1;
-        let resp = upstream.get_blob_range(repo, digest, 0, first_end, Retry::FETCH).await?;
+        let rounds = left.div_ceil(largest * parallel as u64).max(1);
+        let part = left.div_ceil(rounds * parallel as u64).max(1 << 20);
+        let first_end = (from + part).min(size) - 1;
+        let resp = upstream.get_blob_range(repo, digest, from, first_end, Retry::FETCH).await?;
         if resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Ok(Body::stream(resp, limits));
+            return Ok((Body::stream(resp, limits), 0));
         }
         let source = Source { upstream: upstream.clone(), repo: repo.clone(), digest: digest.clone(), size };
-        let mut parts = Parts { source, part, count: size.div_ceil(part), parallel, next: 1, running: VecDeque::new() };
+        let mut parts = Parts { source, from, part, count: left.div_ceil(part), parallel, next: 1, running: VecDeque::new() };
         let first = parts.source.clone();
-        parts.running.push_back(tokio::spawn(async move { read_part(&first, 0, first_end, Some(resp)).await }));
-        Ok(Body::Parts(parts))
+        parts.running.push_back(tokio::spawn(async move { read_part(&first, from, first_end, Some(resp)).await }));
+        Ok((Body::Parts(parts), from))
+    }
+
+    /// The rest of a blob of `size` bytes from `from` as one stream (a
+    /// `Range: bytes=from-` request): a `200` is the whole blob, from 0.
+    /// Returns the body and the offset it starts at.
+    pub(super) async fn rest(
+        upstream: &Arc<Upstream>,
+        repo: &RepoPath,
+        digest: &Digest,
+        size: u64,
+        from: u64,
+    ) -> Result<(Body, u64), FetchError> {
+        let resp = upstream.get_blob_range(repo, digest, from, size - 1, Retry::FETCH).await?;
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Ok((Body::stream(resp, upstream.limits()), 0));
+        }
+        check_range(&resp, from, size - 1, size)?;
+        Ok((Body::stream(resp, upstream.limits()), from))
     }
 
     async fn next(&mut self) -> Result<Option<Bytes>, FetchError> {
         while self.next < self.count && self.running.len() < self.parallel {
-            let (start, source) = (self.next * self.part, self.source.clone());
+            let (start, source) = (self.from + self.next * self.part, self.source.clone());
             let end = (start + self.part).min(self.source.size) - 1;
             self.running.push_back(tokio::spawn(async move { read_part(&source, start, end, None).await }));
             self.next += 1;
@@ -204,6 +232,19 @@ impl Parts {
     }
 }
 
+/// Upstream answered exactly bytes `start..=end` of `size`.
+fn check_range(resp: &reqwest::Response, start: u64, end: u64, size: u64) -> Result<(), FetchError> {
+    let want = format!("bytes {start}-{end}/{size}");
+    let got = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if resp.status() != StatusCode::PARTIAL_CONTENT || (got != want && got != format!("bytes {start}-{end}/*")) {
+        return Err(FetchError::BadRange(format!(
+            "asked upstream for {want}, it answered HTTP {} with range {got:?}",
+            resp.status().as_u16()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads bytes `start..=end` (from `resp` when given, the first try),
 /// checking upstream answered exactly that range; each part is tried
 /// `PART_ATTEMPTS` times.
@@ -216,14 +257,7 @@ async fn read_part(s: &Source, start: u64, end: u64, mut resp: Option<reqwest::R
                 Some(r) => r,
                 None => s.upstream.get_blob_range(&s.repo, &s.digest, start, end, Retry::FETCH).await?,
             };
-            let want = format!("bytes {start}-{end}/{}", s.size);
-            let got = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            if resp.status() != StatusCode::PARTIAL_CONTENT || (got != want && got != format!("bytes {start}-{end}/*")) {
-                return Err(FetchError::BadRange(format!(
-                    "asked upstream for {want}, it answered HTTP {} with range {got:?}",
-                    resp.status().as_u16()
-                )));
-            }
+            check_range(&resp, start, end, s.size)?;
             let len = end - start + 1;
             let mut pace = Pace::new(s.upstream.limits());
             let mut body = resp.bytes_stream().boxed();

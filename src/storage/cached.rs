@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use lru::LruCache;
 
 use super::{
-    BlobRecord, BlobState, FetchIndex, Index, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex, StoredStats, SweepIndex,
-    TagRecord, now,
+    BlobRecord, BlobState, Checkpoint, FetchIndex, Index, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex, StoredStats,
+    SweepIndex, TagRecord, now,
 };
 use crate::oci::Digest;
 
@@ -272,6 +272,14 @@ impl<I: Index> FetchIndex for CachedIndex<I> {
     async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool> {
         lock(&self.blobs).retain(|(_, d), _| d != digest);
         self.inner.mark_blob_lost(digest, repos).await
+    }
+
+    async fn blob_checkpoint(&self, digest: &Digest) -> Result<Option<Checkpoint>> {
+        self.inner.blob_checkpoint(digest).await
+    }
+
+    async fn save_checkpoint(&self, digest: &Digest, checkpoint: Option<&Checkpoint>) -> Result<()> {
+        self.inner.save_checkpoint(digest, checkpoint).await
     }
 }
 

@@ -119,6 +119,46 @@ pub struct BlobRecord {
     pub used_at: i64,
     /// End of the current fetch or delete lease (0: none).
     pub lease_until: i64,
+    /// Where an interrupted copy stands, for the next one to continue.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// How far an interrupted copy got: the store's upload it wrote to, the
+/// bytes from the blob's start that upload holds durably, and the sha256
+/// state over exactly those bytes. The fetcher holding the blob's lease
+/// saves it; the next holder continues from it instead of byte 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub upload: String,
+    pub offset: u64,
+    /// The serialised sha256 state (`sha2`'s `SerializableState`).
+    pub hash: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// One string for an index attribute: `offset:hexstate:upload` (the
+    /// upload id last: it may hold any character).
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{}", self.offset, hex::encode(&self.hash), self.upload)
+    }
+
+    pub fn decode(s: &str) -> Option<Checkpoint> {
+        let mut it = s.splitn(3, ':');
+        let offset = it.next()?.parse().ok()?;
+        let hash = hex::decode(it.next()?).ok()?;
+        let upload = it.next().filter(|u| !u.is_empty())?.to_owned();
+        Some(Checkpoint { upload, offset, hash })
+    }
+}
+
+/// An upload the store holds that was never completed, for GC to abort
+/// when no blob record's checkpoint names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub digest: Digest,
+    pub id: String,
+    /// When it was started (or, on files, last written): Unix seconds.
+    pub started: i64,
 }
 
 impl BlobRecord {
@@ -281,6 +321,14 @@ pub trait FetchIndex: Send + Sync {
     /// (an index that copies readiness onto links clears it there). True
     /// when this call did so (never over a GC delete in progress).
     async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool>;
+
+    /// The checkpoint the blob's last interrupted copy left, if any.
+    async fn blob_checkpoint(&self, digest: &Digest) -> Result<Option<Checkpoint>>;
+
+    /// Saves the copy's progress (`Some`), only while the blob is
+    /// `fetching` (its lease holder's); `None` forgets it. Storing the blob
+    /// `ready` forgets it too.
+    async fn save_checkpoint(&self, digest: &Digest, checkpoint: Option<&Checkpoint>) -> Result<()>;
 }
 
 /// What a lifecycle sweep reads and deletes, each step conditional on what
@@ -332,9 +380,18 @@ pub trait BlobStore: Send + Sync {
     /// network call. May be relative to the mirror's own origin.
     async fn presigned_get(&self, digest: &Digest, ttl: Duration) -> Result<String>;
 
-    /// Starts writing a blob. Nothing is visible until `commit`; a writer
-    /// dropped or aborted leaves nothing behind.
-    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
+    /// Starts writing a blob, or continues the upload a checkpoint names
+    /// (`resume`) when the store still holds it whole up to its offset (the
+    /// writer's `offset` says where it continues from: 0 when it could
+    /// not). Nothing is visible until `commit`; an aborted writer leaves
+    /// nothing behind, a suspended one its durable part.
+    async fn begin(&self, digest: &Digest, resume: Option<&Checkpoint>) -> Result<Box<dyn BlobWriter>>;
+
+    /// Uploads started and never completed or aborted.
+    async fn uploads(&self) -> Result<Vec<Upload>>;
+
+    /// Aborts an unfinished upload (gone already is fine).
+    async fn discard_upload(&self, upload: &Upload) -> Result<()>;
 
     async fn delete(&self, digest: &Digest) -> Result<()>;
 
@@ -358,11 +415,30 @@ pub trait BlobStore: Send + Sync {
     }
 }
 
+/// How much of an upload is durable: the upload's id and the bytes from
+/// the blob's start it holds, a multiple of the writer's `part_size`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Durable {
+    pub upload: String,
+    pub offset: u64,
+}
+
 /// An in-progress blob upload. The caller verifies the bytes (digest and
 /// size) before it calls `commit`.
 #[async_trait]
 pub trait BlobWriter: Send {
+    /// Where this writer continues from: 0, or a resumed checkpoint's offset.
+    fn offset(&self) -> u64;
+    /// Progress becomes durable only at multiples of this many bytes.
+    fn part_size(&self) -> u64;
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
+    /// The furthest durable point so far (`None`: none yet). Errors of
+    /// work the writer runs in the background surface here or at `write`.
+    fn durable(&mut self) -> Result<Option<Durable>>;
     async fn commit(self: Box<Self>) -> Result<()>;
     async fn abort(self: Box<Self>) -> Result<()>;
+    /// Stops without completing, keeping the durable part for a later
+    /// `begin` to continue: waits for what is in flight and returns the
+    /// final durable point.
+    async fn suspend(self: Box<Self>) -> Result<Option<Durable>>;
 }

@@ -30,10 +30,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// moto_server with S3's XML roots for the multipart listings
+/// (tests/tools/moto_server.py says why).
+pub fn launcher() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/moto_server.py")
+}
+
 impl Moto {
     pub async fn start() -> Moto {
         let port = free_port();
-        let child = std::process::Command::new("moto_server")
+        let child = std::process::Command::new("python3")
+            .arg(launcher())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -25,8 +25,9 @@ pub fn url() -> &'static str {
 fn start() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new("sh")
-        .args(["-c", r#"moto_server -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & m=$!; cat >/dev/null; kill "$m"; wait "$m""#, "sh"])
+        .args(["-c", r#"python3 "$2" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & m=$!; cat >/dev/null; kill "$m"; wait "$m""#, "sh"])
         .arg(port.to_string())
+        .arg(crate::common::moto::launcher())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -146,6 +146,7 @@ impl ServeIndex for DynamoIndex {
                     updated_at: 0,
                     used_at: get_n(l, "used_at").unwrap_or(0),
                     lease_until: 0,
+                    checkpoint: None,
                 }),
                 pulled_at: 0,
             });
@@ -272,6 +273,33 @@ impl FetchIndex for DynamoIndex {
         Ok(true)
     }
 
+    async fn blob_checkpoint(&self, digest: &Digest) -> Result<Option<Checkpoint>> {
+        let item = self.get(blob_pk(digest), "blob".into()).await?;
+        Ok(item.as_ref().and_then(|i| get_s(i, "checkpoint")).and_then(Checkpoint::decode))
+    }
+
+    async fn save_checkpoint(&self, digest: &Digest, checkpoint: Option<&Checkpoint>) -> Result<()> {
+        // A checkpoint write leaves the item `fetching`: the stream filter
+        // lets it by, no fetcher runs for it.
+        let result = match checkpoint {
+            Some(cp) => {
+                self.update_blob(digest)
+                    .update_expression("SET checkpoint = :cp")
+                    .condition_expression("#s = :fetching")
+                    .expression_attribute_names("#s", "state")
+                    .expression_attribute_values(":fetching", s("fetching"))
+                    .expression_attribute_values(":cp", s(cp.encode()))
+                    .send()
+                    .await
+            }
+            None => {
+                self.update_blob(digest).update_expression("REMOVE checkpoint").condition_expression("attribute_exists(pk)").send().await
+            }
+        };
+        conditional("DynamoDB UpdateItem", result)?;
+        Ok(())
+    }
+
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         let mut set = vec!["#s = :state", "updated_at = :now"];
         if state == BlobState::Ready {
@@ -298,6 +326,9 @@ impl FetchIndex for DynamoIndex {
                 req = req.expression_attribute_values(":err", s(e.chars().take(1000).collect::<String>()));
             }
             None => expr.push_str(" REMOVE last_error, lease_until"),
+        }
+        if state == BlobState::Ready {
+            expr.push_str(if error.is_none() { ", checkpoint" } else { " REMOVE checkpoint" });
         }
         conditional("DynamoDB UpdateItem", req.update_expression(expr).send().await)?;
         Ok(())

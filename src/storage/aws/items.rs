@@ -122,6 +122,7 @@ impl DynamoIndex {
             updated_at: get_n(item, "updated_at").unwrap_or(0),
             used_at: get_n(item, "used_at").unwrap_or(0),
             lease_until: get_n(item, "lease_until").unwrap_or(0),
+            checkpoint: get_s(item, "checkpoint").and_then(Checkpoint::decode),
         })
     }
 

@@ -61,8 +61,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncry
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex,
-    StorageError, StoredStats, SweepIndex, TagRecord, now,
+    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage,
+    ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
 use crate::oci::Digest;
 

@@ -115,17 +115,58 @@ impl BlobStore for S3BlobStore {
         Ok(req.uri().to_owned())
     }
 
-    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>> {
-        Ok(Box::new(S3BlobWriter {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            key: blob_key(digest),
-            encryption: self.encryption.clone(),
-            buffer: BytesMut::new(),
-            upload_id: None,
-            parts: Vec::new(),
-            written: 0,
-        }))
+    async fn begin(&self, digest: &Digest, resume: Option<&Checkpoint>) -> Result<Box<dyn BlobWriter>> {
+        if let Some(cp) = resume {
+            if let Some(w) = self.reopen(digest, cp).await? {
+                return Ok(Box::new(w));
+            }
+            tracing::info!(%digest, offset = cp.offset, "the checkpointed upload is gone or short; copying from the start");
+            // Nothing will continue it now.
+            let _ = self.discard_upload(&Upload { digest: digest.clone(), id: cp.upload.clone(), started: 0 }).await;
+        }
+        Ok(Box::new(self.writer(digest)))
+    }
+
+    async fn uploads(&self) -> Result<Vec<Upload>> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix("blobs/sha256/")
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| unavailable("S3 ListMultipartUploads", e))?;
+            for u in page.uploads() {
+                let digest =
+                    u.key().and_then(|k| k.strip_prefix("blobs/sha256/")).and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
+                if let (Some(digest), Some(id)) = (digest, u.upload_id()) {
+                    out.push(Upload { digest, id: id.to_owned(), started: u.initiated().map_or(0, |t| t.secs()) });
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                return Ok(out);
+            }
+            (key_marker, id_marker) = (page.next_key_marker().map(str::to_owned), page.next_upload_id_marker().map(str::to_owned));
+            if key_marker.is_none() && id_marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn discard_upload(&self, upload: &Upload) -> Result<()> {
+        let result =
+            self.client.abort_multipart_upload().bucket(&self.bucket).key(blob_key(&upload.digest)).upload_id(&upload.id).send().await;
+        match result {
+            Err(e) if e.as_service_error().is_none_or(|s| s.meta().code() != Some("NoSuchUpload")) => {
+                Err(unavailable("S3 AbortMultipartUpload", e))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn stored_digests(&self) -> Result<std::collections::HashSet<Digest>> {
@@ -181,7 +222,14 @@ impl BlobStore for S3BlobStore {
     }
 }
 
-/// A streaming multipart upload: at most one part buffered at a time.
+/// Part uploads in flight at once per blob (each holds one part in memory).
+const UPLOADS_IN_FLIGHT: usize = 3;
+
+type PartUpload = tokio::task::JoinHandle<Result<CompletedPart>>;
+
+/// A streaming multipart upload: one part buffered, up to
+/// `UPLOADS_IN_FLIGHT` uploading at once. Its durable point is the end of
+/// the parts completed in sequence from the first.
 struct S3BlobWriter {
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -189,81 +237,222 @@ struct S3BlobWriter {
     encryption: Encryption,
     buffer: BytesMut,
     upload_id: Option<String>,
-    parts: Vec<CompletedPart>,
-    /// Bytes written so far.
+    /// Parts completed, by number (1-based).
+    done: std::collections::BTreeMap<i32, CompletedPart>,
+    /// Parts uploading, in order.
+    uploading: std::collections::VecDeque<(i32, PartUpload)>,
+    /// Number of the next part to ship.
+    next_part: i32,
+    start: u64,
+    /// Bytes from the blob's start written so far.
     written: u64,
+    /// A durable point was reported: a checkpoint may name this upload, so
+    /// a dropped writer leaves it for the next copy (GC aborts it once
+    /// nothing names it).
+    reported: bool,
+}
+
+fn part_size() -> u64 {
+    PART_SIZE as u64
+}
+
+impl S3BlobStore {
+    fn writer(&self, digest: &Digest) -> S3BlobWriter {
+        S3BlobWriter {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: blob_key(digest),
+            encryption: self.encryption.clone(),
+            buffer: BytesMut::new(),
+            upload_id: None,
+            done: Default::default(),
+            uploading: Default::default(),
+            next_part: 1,
+            start: 0,
+            written: 0,
+            reported: false,
+        }
+    }
+
+    /// Continues upload `cp.upload` at `cp.offset` when S3 still holds its
+    /// first `offset / PART_SIZE` parts, each whole (ListParts).
+    async fn reopen(&self, digest: &Digest, cp: &Checkpoint) -> Result<Option<S3BlobWriter>> {
+        if !cp.offset.is_multiple_of(part_size()) {
+            return Ok(None);
+        }
+        let wanted = (cp.offset / part_size()) as i32;
+        let mut w = self.writer(digest);
+        let mut pages = self.client.list_parts().bucket(&self.bucket).key(&w.key).upload_id(&cp.upload).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = match page {
+                Ok(p) => p,
+                Err(e) if e.as_service_error().is_some_and(|s| s.meta().code() == Some("NoSuchUpload")) => return Ok(None),
+                // Unreadable or refused: the copy starts afresh rather than fails.
+                Err(e) => {
+                    tracing::warn!(%digest, error = %unavailable("S3 ListParts", e), "could not list the checkpointed upload's parts");
+                    return Ok(None);
+                }
+            };
+            for p in page.parts() {
+                let number = p.part_number().unwrap_or(0);
+                if (1..=wanted).contains(&number) && p.size() == Some(PART_SIZE as i64) {
+                    w.done.insert(
+                        number,
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(p.e_tag().map(str::to_owned))
+                            .set_checksum_crc32(p.checksum_crc32().map(str::to_owned))
+                            .build(),
+                    );
+                }
+            }
+        }
+        if w.done.len() as i32 != wanted {
+            return Ok(None);
+        }
+        w.upload_id = Some(cp.upload.clone());
+        w.next_part = wanted + 1;
+        (w.start, w.written, w.reported) = (cp.offset, cp.offset, true);
+        Ok(Some(w))
+    }
+
+    async fn create_upload(&self, key: &str) -> Result<String> {
+        let mut req = self.client.create_multipart_upload().bucket(&self.bucket).key(key);
+        req = match &self.encryption {
+            Encryption::BucketDefault => req,
+            Encryption::S3 => req.server_side_encryption(ServerSideEncryption::Aes256),
+            Encryption::Kms(k) => req.server_side_encryption(ServerSideEncryption::AwsKms).set_ssekms_key_id(k.clone()),
+        };
+        let out = req.send().await.map_err(|e| unavailable("S3 CreateMultipartUpload", e))?;
+        Ok(out.upload_id().ok_or_else(|| StorageError::Unavailable("S3 gave no upload id".into()))?.to_owned())
+    }
 }
 
 impl S3BlobWriter {
-    async fn upload_part(&mut self, body: Bytes) -> Result<()> {
+    fn store(&self) -> S3BlobStore {
+        S3BlobStore::new(self.client.clone(), &self.bucket, self.encryption.clone())
+    }
+
+    /// Ships `body` as the next part, waiting first while
+    /// `UPLOADS_IN_FLIGHT` are running.
+    async fn ship(&mut self, body: Bytes) -> Result<()> {
         let upload_id = match &self.upload_id {
             Some(id) => id.clone(),
             None => {
-                let mut req = self.client.create_multipart_upload().bucket(&self.bucket).key(&self.key);
-                req = match &self.encryption {
-                    Encryption::BucketDefault => req,
-                    Encryption::S3 => req.server_side_encryption(ServerSideEncryption::Aes256),
-                    Encryption::Kms(k) => req.server_side_encryption(ServerSideEncryption::AwsKms).set_ssekms_key_id(k.clone()),
-                };
-                let out = req.send().await.map_err(|e| unavailable("S3 CreateMultipartUpload", e))?;
-                let id = out.upload_id().ok_or_else(|| StorageError::Unavailable("S3 gave no upload id".into()))?.to_owned();
+                let id = self.store().create_upload(&self.key).await?;
                 self.upload_id = Some(id.clone());
                 id
             }
         };
-        let number = self.parts.len() as i32 + 1;
-        let out = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&upload_id)
-            .part_number(number)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| unavailable("S3 UploadPart", e))?;
-        self.parts.push(
-            CompletedPart::builder()
+        while self.uploading.len() >= UPLOADS_IN_FLIGHT {
+            self.settle_oldest().await?;
+        }
+        let number = self.next_part;
+        self.next_part += 1;
+        let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), self.key.clone());
+        let task = tokio::spawn(async move {
+            let out = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| unavailable("S3 UploadPart", e))?;
+            Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_owned))
                 .set_checksum_crc32(out.checksum_crc32().map(str::to_owned))
-                .build(),
-        );
+                .build())
+        });
+        self.uploading.push_back((number, task));
         Ok(())
+    }
+
+    /// Waits for the oldest part upload in flight.
+    async fn settle_oldest(&mut self) -> Result<()> {
+        if let Some((number, task)) = self.uploading.pop_front() {
+            let part = task.await.map_err(|e| StorageError::Unavailable(format!("S3 UploadPart {number}: {e}")))??;
+            self.done.insert(number, part);
+        }
+        Ok(())
+    }
+
+    /// Collects the part uploads that have finished, in order.
+    fn settle_finished(&mut self) -> Result<()> {
+        while self.uploading.front().is_some_and(|(_, t)| t.is_finished()) {
+            let (number, task) = self.uploading.pop_front().expect("checked");
+            let part = futures_util::FutureExt::now_or_never(task)
+                .expect("finished")
+                .map_err(|e| StorageError::Unavailable(format!("S3 UploadPart {number}: {e}")))??;
+            self.done.insert(number, part);
+        }
+        Ok(())
+    }
+
+    async fn settle_all(&mut self) -> Result<()> {
+        while !self.uploading.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    fn durable_point(&mut self) -> Option<Durable> {
+        let in_sequence = self.done.keys().zip(1..).take_while(|(n, i)| **n == *i).count() as u64;
+        let upload = self.upload_id.clone()?;
+        (in_sequence > 0).then(|| {
+            self.reported = true;
+            Durable { upload, offset: in_sequence * part_size() }
+        })
     }
 }
 
 #[async_trait]
 impl BlobWriter for S3BlobWriter {
+    fn offset(&self) -> u64 {
+        self.start
+    }
+
+    fn part_size(&self) -> u64 {
+        part_size()
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         self.written += chunk.len() as u64;
         self.buffer.extend_from_slice(&chunk);
         while self.buffer.len() >= PART_SIZE {
             let part = self.buffer.split_to(PART_SIZE).freeze();
-            self.upload_part(part).await?;
+            self.ship(part).await?;
         }
         Ok(())
+    }
+
+    fn durable(&mut self) -> Result<Option<Durable>> {
+        self.settle_finished()?;
+        Ok(self.durable_point())
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
         let rest = std::mem::take(&mut self.buffer).freeze();
         if self.upload_id.is_none() {
             // Smaller than one part: a single PutObject.
-            let store = S3BlobStore::new(self.client.clone(), &self.bucket, self.encryption.clone());
-            return store.put_small(&self.key, rest).await;
+            return self.store().put_small(&self.key, rest).await;
         }
         if !rest.is_empty() {
-            self.upload_part(rest).await?;
+            self.ship(rest).await?;
         }
+        self.settle_all().await?;
         let upload_id = self.upload_id.clone().unwrap_or_default();
+        let parts = std::mem::take(&mut self.done).into_values().collect();
         let completed = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(&self.key)
             .upload_id(&upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(std::mem::take(&mut self.parts))).build())
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send()
             .await;
         self.upload_id = None;
@@ -293,6 +482,9 @@ impl BlobWriter for S3BlobWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
+        for (_, task) in self.uploading.drain(..) {
+            task.abort();
+        }
         if let Some(id) = self.upload_id.take() {
             self.client
                 .abort_multipart_upload()
@@ -305,13 +497,36 @@ impl BlobWriter for S3BlobWriter {
         }
         Ok(())
     }
+
+    async fn suspend(mut self: Box<Self>) -> Result<Option<Durable>> {
+        // Parts in flight finish (an error just ends the sequence there).
+        while let Some((number, task)) = self.uploading.pop_front() {
+            match task.await {
+                Ok(Ok(part)) => {
+                    self.done.insert(number, part);
+                }
+                _ => break,
+            }
+        }
+        let durable = self.durable_point();
+        if durable.is_none() {
+            // Nothing a checkpoint could name: the upload goes.
+            self.reported = false;
+        }
+        Ok(durable)
+    }
 }
 
 impl Drop for S3BlobWriter {
     fn drop(&mut self) {
-        // A writer dropped mid-upload (a cancelled task): abort in the
-        // background; the bucket's lifecycle rule catches what this misses.
-        if let Some(id) = self.upload_id.take() {
+        for (_, task) in self.uploading.drain(..) {
+            task.abort();
+        }
+        // A writer dropped mid-upload (a cancelled task) whose progress no
+        // checkpoint can name: abort in the background; the bucket's
+        // lifecycle rule catches what this misses. One a checkpoint may
+        // name is kept for the next copy.
+        if let Some(id) = self.upload_id.take().filter(|_| !self.reported) {
             let (client, bucket, key) = (self.client.clone(), self.bucket.clone(), self.key.clone());
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {

@@ -1,5 +1,8 @@
-//! Blobs as files: `blobs/sha256/<hex>`, written under `tmp/` and renamed
-//! into place only once verified; signed, expiring URLs for them.
+//! Blobs as files: `blobs/sha256/<hex>`, written under `tmp/<hex>.<id>` and
+//! renamed into place only once verified; signed, expiring URLs for them.
+//! A copy in progress syncs its file every `SYNC_EVERY` bytes, so a copy
+//! cut off (a crash, a kill) continues from the last synced point: the file
+//! name is the upload id its checkpoint names.
 
 use super::*;
 
@@ -9,15 +12,42 @@ pub struct FsBlobStore {
     key: Vec<u8>,
 }
 
+/// A copy in progress is made durable (synced) every this many bytes.
+const SYNC_EVERY: u64 = 8 << 20;
+
 impl FsBlobStore {
     /// Removes what writes cut off by a crash left in `tmp/` (never
-    /// visible). Only the server that owns the directory may, at its start:
-    /// another process's copies in progress live there.
-    pub fn clear_unfinished(&self) -> Result<()> {
+    /// visible), except the uploads in `keep` (named by a checkpoint: the
+    /// copy continues from them). Only the server that owns the directory
+    /// may, at its start: another process's copies in progress live there.
+    pub fn clear_unfinished(&self, keep: &std::collections::HashSet<String>) -> Result<()> {
         for entry in std::fs::read_dir(self.root.join("tmp"))? {
-            let _ = std::fs::remove_file(entry?.path());
+            let entry = entry?;
+            if !entry.file_name().to_str().is_some_and(|name| keep.contains(name)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         Ok(())
+    }
+
+    /// The file of upload `id` of `digest`, if `id` names one (no path).
+    fn upload_path(&self, digest: &Digest, id: &str) -> Option<PathBuf> {
+        let ok = id.strip_prefix(digest.hex()).is_some_and(|rest| rest.starts_with('.')) && !id.contains('/');
+        ok.then(|| self.root.join("tmp").join(id))
+    }
+
+    /// Opens upload `cp.upload` to continue at `cp.offset`, when the file
+    /// holds at least that much (anything past it was never synced).
+    async fn reopen(&self, digest: &Digest, cp: &Checkpoint) -> Option<FsBlobWriter> {
+        let path = self.upload_path(digest, &cp.upload)?;
+        let file = tokio::fs::OpenOptions::new().write(true).open(&path).await.ok()?;
+        if file.metadata().await.ok()?.len() < cp.offset {
+            return None;
+        }
+        file.set_len(cp.offset).await.ok()?;
+        let mut file = file;
+        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(cp.offset)).await.ok()?;
+        Some(FsBlobWriter::new(file, path, cp.upload.clone(), self.path(digest), cp.offset))
     }
 
     pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
@@ -68,12 +98,44 @@ impl BlobStore for FsBlobStore {
         Ok(format!("{BLOB_URL_PREFIX}{}?expires={expires}&sig={}", digest.hex(), self.sign(digest, expires)))
     }
 
-    async fn begin(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>> {
+    async fn begin(&self, digest: &Digest, resume: Option<&Checkpoint>) -> Result<Box<dyn BlobWriter>> {
+        if let Some(cp) = resume {
+            if let Some(w) = self.reopen(digest, cp).await {
+                return Ok(Box::new(w));
+            }
+            tracing::info!(%digest, upload = %cp.upload, offset = cp.offset, "the checkpointed upload is gone or short; copying from the start");
+            // Nothing will continue it now.
+            self.discard_upload(&Upload { digest: digest.clone(), id: cp.upload.clone(), started: 0 }).await?;
+        }
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
+        let id = format!("{}.{}.{}.{n}", digest.hex(), std::process::id(), now());
+        let tmp = self.root.join("tmp").join(&id);
         let file = tokio::fs::File::create(&tmp).await?;
-        Ok(Box::new(FsBlobWriter { file: Some(file), tmp, dest: self.path(digest) }))
+        Ok(Box::new(FsBlobWriter::new(file, tmp, id, self.path(digest), 0)))
+    }
+
+    async fn uploads(&self) -> Result<Vec<Upload>> {
+        let mut out = Vec::new();
+        let mut dir = tokio::fs::read_dir(self.root.join("tmp")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(digest) = id.split_once('.').and_then(|(hex, _)| Digest::parse(&format!("sha256:{hex}")).ok()) else { continue };
+            let written = entry.metadata().await?.modified()?;
+            let started = written.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            out.push(Upload { digest, id, started });
+        }
+        Ok(out)
+    }
+
+    async fn discard_upload(&self, upload: &Upload) -> Result<()> {
+        if let Some(path) = self.upload_path(&upload.digest, &upload.id) {
+            match tokio::fs::remove_file(path).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     async fn stored_here(&self, digest: &Digest) -> Option<bool> {
@@ -102,15 +164,67 @@ impl BlobStore for FsBlobStore {
 struct FsBlobWriter {
     file: Option<tokio::fs::File>,
     tmp: PathBuf,
+    /// The upload id: the file's name under `tmp/`.
+    id: String,
     dest: PathBuf,
+    start: u64,
+    written: u64,
+    /// Bytes from the blob's start known synced.
+    synced: u64,
+    /// A durable point was reported: a checkpoint may name this file, so
+    /// a dropped writer leaves it for the next copy.
+    reported: bool,
+}
+
+impl FsBlobWriter {
+    fn new(file: tokio::fs::File, tmp: PathBuf, id: String, dest: PathBuf, start: u64) -> FsBlobWriter {
+        FsBlobWriter { file: Some(file), tmp, id, dest, start, written: start, synced: start, reported: false }
+    }
+
+    fn file(&mut self) -> Result<&mut tokio::fs::File> {
+        self.file.as_mut().ok_or_else(|| StorageError::Index("writer already closed".into()))
+    }
 }
 
 #[async_trait]
 impl BlobWriter for FsBlobWriter {
+    fn offset(&self) -> u64 {
+        self.start
+    }
+
+    fn part_size(&self) -> u64 {
+        SYNC_EVERY
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        let file = self.file.as_mut().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
-        file.write_all(&chunk).await?;
+        self.file()?.write_all(&chunk).await?;
+        self.written += chunk.len() as u64;
+        if self.written / SYNC_EVERY > self.synced / SYNC_EVERY {
+            self.file()?.sync_data().await?;
+            self.synced = self.written;
+        }
         Ok(())
+    }
+
+    fn durable(&mut self) -> Result<Option<Durable>> {
+        let offset = self.synced / SYNC_EVERY * SYNC_EVERY;
+        if offset == 0 {
+            return Ok(None);
+        }
+        self.reported = true;
+        Ok(Some(Durable { upload: self.id.clone(), offset }))
+    }
+
+    async fn suspend(mut self: Box<Self>) -> Result<Option<Durable>> {
+        let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
+        file.flush().await?;
+        file.sync_data().await?;
+        self.synced = self.written;
+        let durable = self.durable()?;
+        if durable.is_none() {
+            let _ = tokio::fs::remove_file(&self.tmp).await;
+        }
+        Ok(durable)
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
@@ -135,7 +249,9 @@ impl BlobWriter for FsBlobWriter {
 
 impl Drop for FsBlobWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        // Cut off (a cancelled task): what a checkpoint may name stays for
+        // the next copy (GC removes it once nothing names it).
+        if self.file.take().is_some() && !self.reported {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

@@ -21,8 +21,8 @@ use sha2::Sha256;
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    BlobRecord, BlobState, BlobStore, BlobWriter, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex,
-    StorageError, StoredStats, SweepIndex, TagRecord, now,
+    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage,
+    ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
 use crate::oci::Digest;
 

@@ -30,6 +30,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("links", "pulled_at", "INTEGER"),
     ("blobs", "used_at", "INTEGER NOT NULL DEFAULT 0"),
     ("blobs", "lease_until", "INTEGER NOT NULL DEFAULT 0"),
+    // An interrupted copy's `Checkpoint::encode`.
+    ("blobs", "checkpoint", "TEXT"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -96,10 +98,11 @@ fn blob_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRecord> {
         updated_at: row.get(6)?,
         used_at: row.get(7)?,
         lease_until: row.get(8)?,
+        checkpoint: row.get::<_, Option<String>>(9)?.as_deref().and_then(Checkpoint::decode),
     })
 }
 
-const BLOB_COLS: &str = "digest, state, size, source, attempts, last_error, updated_at, used_at, lease_until";
+const BLOB_COLS: &str = "digest, state, size, source, attempts, last_error, updated_at, used_at, lease_until, checkpoint";
 
 /// Makes a blob pending when unknown, failed, or left `deleting` by a GC
 /// whose lease ran out.
@@ -301,6 +304,7 @@ impl FetchIndex for SqliteIndex {
             c.prepare_cached(
                 "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
                      used_at = CASE WHEN ?2 = 'ready' THEN ?5 ELSE used_at END,
+                     checkpoint = CASE WHEN ?2 = 'ready' THEN NULL ELSE checkpoint END,
                      lease_until = CASE WHEN ?4 IS NULL THEN 0 ELSE lease_until END
                  WHERE digest = ?1 AND state <> 'deleting'",
             )?
@@ -326,6 +330,23 @@ impl FetchIndex for SqliteIndex {
             let rows = stmt.query_map([], blob_row)?;
             rows.collect()
         })
+    }
+
+    async fn blob_checkpoint(&self, digest: &Digest) -> Result<Option<Checkpoint>> {
+        let saved: Option<Option<String>> = self.with(|c| {
+            c.prepare_cached("SELECT checkpoint FROM blobs WHERE digest = ?1")?.query_row([digest.as_str()], |r| r.get(0)).optional()
+        })?;
+        Ok(saved.flatten().as_deref().and_then(Checkpoint::decode))
+    }
+
+    async fn save_checkpoint(&self, digest: &Digest, checkpoint: Option<&Checkpoint>) -> Result<()> {
+        self.with(|c| match checkpoint {
+            Some(cp) => c
+                .prepare_cached("UPDATE blobs SET checkpoint = ?2 WHERE digest = ?1 AND state = 'fetching'")?
+                .execute(params![digest.as_str(), cp.encode()]),
+            None => c.prepare_cached("UPDATE blobs SET checkpoint = NULL WHERE digest = ?1")?.execute([digest.as_str()]),
+        })
+        .map(|_| ())
     }
 }
 
@@ -551,12 +572,12 @@ mod tests {
     async fn an_uncommitted_blob_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let mut w = store.begin(&d('a')).await.unwrap();
+        let mut w = store.begin(&d('a'), None).await.unwrap();
         w.write(Bytes::from_static(b"partial")).await.unwrap();
         drop(w);
         assert_eq!(store.size(&d('a')).await.unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        let mut w = store.begin(&d('a')).await.unwrap();
+        let mut w = store.begin(&d('a'), None).await.unwrap();
         w.write(Bytes::from_static(b"whole")).await.unwrap();
         w.commit().await.unwrap();
         assert_eq!(store.size(&d('a')).await.unwrap(), Some(5));
