@@ -41,8 +41,12 @@
 //!   repository and tag patterns, and the one table of OCI error codes.
 //!   Pure: no I/O.
 //!
+//! Process
+//! - `alloc`: the allocator setting that keeps big copies' memory bounded.
+//!
 //! Controllers call services; services never call controllers.
 
+pub mod alloc;
 pub mod assemble;
 pub mod check;
 pub mod config;

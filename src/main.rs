@@ -168,6 +168,7 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    hubcap::alloc::return_large_buffers();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {

@@ -11,9 +11,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fakehub::{FakeHub, Fault};
-use common::moto::Moto;
+use common::moto::{Moto, StreamPump};
+use common::procs::{Proc, free_port, wait_ready};
+use common::relay::Relay;
 use common::{Hubcap, client};
 use hubcap::assemble::Backend;
+use hubcap::storage::{BlobStore, FetchIndex};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 40 * MIB;
@@ -115,4 +118,185 @@ async fn large_blobs_come_in_parallel_ranges_to_s3() {
     let moto = Moto::start().await;
     let storage = moto.setup("big-bucket", "big").await;
     ranged_cases(|_| Backend::Aws(Box::new(storage.clone()))).await;
+}
+
+// ---------------------------------------------------------------------------
+// Resumable copies: a copy cut off part-way continues from its checkpoint.
+
+/// `hubcap serve` (this build's binary) in `data`, with `extra` flags and
+/// environment; killed with SIGKILL when dropped.
+async fn serve(dir: &std::path::Path, hub: &FakeHub, extra: &[&str], env: &[(&str, String)], log: &str) -> (Proc, String) {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={}", hub.url)])
+        .env("HUBCAP_REDIRECT_ALLOW", common::fakehub::cdns().join(","))
+        .args(extra)
+        .arg("--data")
+        .arg(dir.join("data"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("HUBCAP_LOG", "info")
+        .env("NO_COLOR", "1");
+    let proc = Proc::spawn(&mut cmd, dir.join(log));
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/_hubcap/stats"), &proc).await;
+    (proc, url)
+}
+
+/// Starts the blob's copy (a HEAD links it and queues the fetch), then
+/// kills the server with SIGKILL once upstream has sent `at` bytes.
+async fn kill_mid_copy(proc: &mut Proc, url: &str, hub: &FakeHub, digest: &str, at: u64) -> u64 {
+    let head = client().head(format!("{url}/v2/big/blobs/{digest}")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let started = Instant::now();
+    while body_bytes(hub) < at {
+        assert!(started.elapsed() < Duration::from_secs(120), "the copy never got to {at} bytes:\n{}", proc.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proc.child.kill().unwrap();
+    proc.child.wait().unwrap();
+    body_bytes(hub)
+}
+
+const RESUMED: &str = "continuing an interrupted copy from its checkpoint";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_killed_mid_way_continues_from_its_checkpoint_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start().await;
+    let size = 512 * MIB;
+    let digest = hub.put_synthetic_blob("library/big", size, 21);
+    let (mut first, url) = serve(dir.path(), &hub, &[], &[], "first.log").await;
+    // Killed once upstream has sent 40% of the blob: a copy from byte 0
+    // afterwards would make it 1.4x the blob's size at least.
+    let sent = kill_mid_copy(&mut first, &url, &hub, &digest, size * 2 / 5).await;
+    eprintln!("killed after upstream sent {sent} bytes");
+    let (second, url) = serve(dir.path(), &hub, &[], &[], "second.log").await;
+    let http = client();
+    let started = Instant::now();
+    loop {
+        let resp = http.get(format!("{url}/v2/big/blobs/{digest}")).send().await.unwrap();
+        if resp.status() == 307 && !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "not copied after the restart:\n{}", second.log());
+    }
+    let total = body_bytes(&hub);
+    eprintln!("upstream sent {total} bytes for a {size}-byte blob: {:.3}x", total as f64 / size as f64);
+    assert!(second.log().contains(RESUMED), "the restarted server continued the copy:\n{}", second.log());
+    assert!(total as f64 <= size as f64 * 1.1, "upstream bytes {total} for {size}: more than 1.1x");
+    let body = reqwest::Client::new().get(format!("{url}/v2/big/blobs/{digest}")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(common::sha256(&body), digest, "every byte, once, in order");
+    let left = std::fs::read_dir(dir.path().join("data/tmp")).unwrap().count();
+    assert_eq!(left, 0, "the continued upload became the blob: nothing left in tmp/");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_to_s3_killed_mid_way_is_continued_by_the_fetcher_lambda() {
+    use hubcap::lambda::{BatchLimits, handle_stream_within};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start().await;
+    // Bytes read but not yet durable are lost to a kill: the ranges in
+    // flight (32 MiB), the part being filled and the part uploads in flight
+    // (8 + 3 x 8 MiB): 64 MiB at most, under a tenth of this blob.
+    let size = 768 * MIB;
+    let digest = hub.put_synthetic_blob("library/big", size, 22);
+    let moto = Moto::start().await;
+    let storage = moto.setup("killed-bucket", "killed").await;
+    let flags = ["--storage", "aws", "--bucket", "killed-bucket", "--table", "killed"];
+    let (mut server, url) = serve(dir.path(), &hub, &flags, &moto.env(), "serve.log").await;
+    let sent = kill_mid_copy(&mut server, &url, &hub, &digest, size * 2 / 5).await;
+    eprintln!("killed after upstream sent {sent} bytes");
+
+    // The dead server's lease runs out; the record that re-queues the blob
+    // runs the fetcher function, which continues the upload in S3.
+    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let d = hubcap::oci::Digest::parse(&digest).unwrap();
+    let cp = index.blob_checkpoint(&d).await.unwrap().expect("the killed copy left a checkpoint");
+    assert!(cp.offset >= 8 * MIB && cp.offset < size, "{cp:?}");
+    let mut pump = StreamPump::new(&moto.url, "killed");
+    pump.poll().await;
+    hubcap::storage::clock::advance(hubcap::mirror::fetch::FETCH_LEASE + Duration::from_secs(1));
+    assert!(index.requeue_stale_blob(&d, Duration::from_secs(60)).await.unwrap(), "the dead copy's lease ran out");
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 1, "the re-queued blob's record");
+    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub, &[])).await;
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(1)).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    let total = body_bytes(&hub);
+    eprintln!("upstream sent {total} bytes for a {size}-byte blob: {:.3}x", total as f64 / size as f64);
+    assert_eq!(store.size(&d).await.unwrap(), Some(size));
+    assert!(total as f64 <= size as f64 * 1.1, "upstream bytes {total} for {size}: more than 1.1x");
+    assert!(total <= size + sent - cp.offset + 8 * MIB, "only what the checkpoint did not hold was asked again");
+    assert_eq!(index.blob_checkpoint(&d).await.unwrap(), None, "a stored blob has no checkpoint");
+    let left: Vec<_> = store.uploads().await.unwrap();
+    assert!(left.is_empty(), "the continued upload was completed, no other left: {left:?}");
+    served_from_s3(&store, &d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetcher_short_of_time_checkpoints_and_the_next_invocation_finishes_the_copy() {
+    use hubcap::lambda::{BatchLimits, handle_stream_within};
+    let hub = FakeHub::start().await;
+    let size = 256 * MIB;
+    let digest = hub.put_synthetic_blob("library/big", size, 23);
+    // Each upstream connection capped at 4 MB/s: the copy takes ~16 s.
+    let relay = Relay::start(hub.cdn.parse().unwrap(), Some(4_000_000)).await;
+    hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
+    let moto = Moto::start().await;
+    let storage = moto.setup("deadline-bucket", "deadline").await;
+    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub, &[relay.url.trim_start_matches("http://")])).await;
+    let mut pump = StreamPump::new(&moto.url, "deadline");
+    let d = hubcap::oci::Digest::parse(&digest).unwrap();
+    assert!(index.create_pending_blob(&d, "docker.io/library/big", Some(size)).await.unwrap());
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 1);
+
+    // An invocation with 8 s left: it stops at a checkpoint in time.
+    let started = Instant::now();
+    let limits = BatchLimits { concurrency: 1, stop_starting: None, cut_off: Some(started + Duration::from_secs(8)) };
+    let resp = handle_stream_within(&fetcher, event, limits).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "stopped before the cut-off: {took:?}");
+    assert!(resp.batch_item_failures.is_empty(), "a suspended copy is not a failed record: {:?}", resp.batch_item_failures);
+    let cp = index.blob_checkpoint(&d).await.unwrap().expect("checkpointed");
+    let first = body_bytes(&hub);
+    eprintln!("first invocation: {took:?}, checkpoint at {} of {size}, upstream sent {first}", cp.offset);
+    assert!(cp.offset >= 32 * MIB && cp.offset < size, "{cp:?}");
+    assert!(first <= cp.offset + 8 * MIB, "the parts asked for were read to the end, not dropped: {first} sent, {} kept", cp.offset);
+    assert_eq!(store.size(&d).await.unwrap(), None, "nothing visible yet");
+
+    // Putting the blob back to pending was the re-queue: its stream record
+    // runs the next invocation, which finishes the copy.
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 1, "the suspended blob's fresh record");
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(1)).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    let total = body_bytes(&hub);
+    eprintln!("upstream sent {total} bytes for a {size}-byte blob across two invocations: {:.3}x", total as f64 / size as f64);
+    assert_eq!(store.size(&d).await.unwrap(), Some(size));
+    assert!(total <= size + 8 * MIB, "at most one part asked twice: {total}");
+    assert!(store.uploads().await.unwrap().is_empty(), "no upload left behind");
+    served_from_s3(&store, &d).await;
+}
+
+/// Only the event source mapping's filter's records: pending blobs.
+fn pending(mut event: aws_lambda_events::event::dynamodb::Event) -> aws_lambda_events::event::dynamodb::Event {
+    event.records.retain(|r| hubcap::lambda::job_from_record(r).unwrap().is_some());
+    event
+}
+
+/// Upstreams for the fetcher function: `hub`, with `also` allowed as
+/// redirect targets besides the fake CDNs.
+fn upstreams(hub: &FakeHub, also: &[&str]) -> hubcap::mirror::upstream::Upstreams {
+    let mut limits = common::upstream_limits();
+    limits.redirect_allow.extend(also.iter().map(|s| s.to_string()));
+    hubcap::mirror::upstream::build_upstreams(&[format!("docker.io={}", hub.url)], &limits, &Default::default()).unwrap()
+}
+
+/// The object's bytes in S3 hash to its digest (through a presigned URL).
+async fn served_from_s3(store: &hubcap::storage::aws::S3BlobStore, d: &hubcap::oci::Digest) {
+    let url = store.presigned_get(d, Duration::from_secs(60)).await.unwrap();
+    let body = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(common::sha256(&body), d.to_string());
 }

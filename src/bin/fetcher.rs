@@ -10,6 +10,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
+    hubcap::alloc::return_large_buffers();
     hubcap::lambda::init_logging();
     let settings = LambdaSettings::from_env()?;
     let fetcher = hubcap::lambda::fetcher(&settings).await?;

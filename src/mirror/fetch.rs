@@ -342,6 +342,9 @@ enum Read {
 /// Leaves time to make the last part durable and save the checkpoint.
 const SUSPEND_MARGIN: Duration = Duration::from_secs(2);
 
+/// Parts read before a copy's rate is trusted to plan its stop.
+const RATE_AFTER_PARTS: u64 = 4;
+
 /// A fetch slot, held while a copy makes progress.
 pub struct Slot(Option<OwnedSemaphorePermit>);
 
@@ -374,7 +377,8 @@ async fn read_into(
     let cap = limit.unwrap_or(max_blob);
     let part = writer.part_size();
     let mut stalled = false;
-    let mut last_point = Instant::now();
+    let (started, first_byte) = (Instant::now(), progress.at);
+    let mut winding_down = false;
     while let Some(chunk) = body.next(&mut stalled).await? {
         if stalled {
             slot.release();
@@ -397,13 +401,29 @@ async fn read_into(
         if let Some(cp) = writer.durable()?.and_then(|d| progress.checkpoint(&d)) {
             index.save_checkpoint(digest, Some(&cp)).await?;
         }
-        // Time the last part took, twice over, must fit before the deadline.
+        // Before the deadline there must be time for the parts in flight
+        // and two more (the last ones made durable), at the copy's average
+        // rate so far, and for the checkpoint.
         let now = Instant::now();
-        let per_part = now - last_point;
-        last_point = now;
-        if deadline.is_some_and(|d| now + per_part * 2 + SUSPEND_MARGIN >= d) && limit.is_none_or(|l| progress.at < l) {
-            return Ok(Read::Suspended);
+        // Parallel parts arrive in bursts: the rate is trusted once a few
+        // parts came; before that only the margin counts.
+        let read = progress.at - first_byte;
+        let rate = read as f64 / (now - started).as_secs_f64().max(0.001);
+        let needed = match read >= RATE_AFTER_PARTS * part {
+            true => Duration::from_secs_f64((body.in_flight() as u64 + 2) as f64 * part as f64 / rate.max(1.0)) + SUSPEND_MARGIN,
+            false => SUSPEND_MARGIN * 2,
+        };
+        if !winding_down && deadline.is_some_and(|d| now + needed >= d) && limit.is_none_or(|l| progress.at < l) {
+            // Ranged parts already asked for are read to the end (their
+            // bytes are not wasted); a stream stops here.
+            if !body.wind_down() {
+                return Ok(Read::Suspended);
+            }
+            winding_down = true;
         }
+    }
+    if winding_down && limit.is_none_or(|l| progress.at < l) {
+        return Ok(Read::Suspended);
     }
     Ok(Read::Done(progress.hasher.clone().finalize().to_vec(), progress.at))
 }

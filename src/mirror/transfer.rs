@@ -122,6 +122,26 @@ impl Body {
         }
     }
 
+    /// Asks for no more parts: the ones requested still come, then the
+    /// body ends (early). False for a stream, which cannot stop cleanly.
+    pub(super) fn wind_down(&mut self) -> bool {
+        match self {
+            Body::Stream { .. } => false,
+            Body::Parts(p) => {
+                p.count = p.next;
+                true
+            }
+        }
+    }
+
+    /// Parts requested and not yet handed over.
+    pub(super) fn in_flight(&self) -> u32 {
+        match self {
+            Body::Stream { .. } => 0,
+            Body::Parts(p) => p.running.len() as u32,
+        }
+    }
+
     /// How many parts the body comes in (1 for a stream).
     pub(super) fn parts(&self) -> u64 {
         match self {

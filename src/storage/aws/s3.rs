@@ -421,10 +421,20 @@ impl BlobWriter for S3BlobWriter {
 
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         self.written += chunk.len() as u64;
-        self.buffer.extend_from_slice(&chunk);
-        while self.buffer.len() >= PART_SIZE {
-            let part = self.buffer.split_to(PART_SIZE).freeze();
-            self.ship(part).await?;
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            // Each part in an allocation of its own, exactly a part long:
+            // a part uploading pins nothing more.
+            if self.buffer.capacity() == 0 {
+                self.buffer = BytesMut::with_capacity(PART_SIZE);
+            }
+            let n = (PART_SIZE - self.buffer.len()).min(rest.len());
+            self.buffer.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if self.buffer.len() == PART_SIZE {
+                let part = std::mem::take(&mut self.buffer).freeze();
+                self.ship(part).await?;
+            }
         }
         Ok(())
     }
