@@ -301,10 +301,11 @@ impl<I: Index> SweepIndex for CachedIndex<I> {
 
     async fn delete_manifest(&self, digest: &Digest) -> Result<bool> {
         let deleted = self.inner.delete_manifest(digest).await?;
-        if deleted {
-            lock(&self.manifests).retain(|(_, d), _| d != digest);
-            lock(&self.bodies).forget(digest);
-        }
+        // Whatever the answer: `false` can mean another sweep (another
+        // instance) deleted it first, and a link or body kept here from
+        // before would then be served as if it were still stored.
+        lock(&self.manifests).retain(|(_, d), _| d != digest);
+        lock(&self.bodies).forget(digest);
         Ok(deleted)
     }
 
@@ -339,6 +340,7 @@ impl<I: Index> StatsIndex for CachedIndex<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::local::SqliteIndex;
     use bytes::Bytes;
 
     fn record(seed: usize, len: usize) -> ManifestRecord {
@@ -370,5 +372,47 @@ mod tests {
         b.forget(&m.digest);
         assert!(b.get(&m.digest).is_none());
         assert_eq!(b.bytes, b.lru.iter().map(|(_, m)| weight(m)).sum::<usize>());
+    }
+
+    /// What this cache held for a manifest must not outlive the manifest,
+    /// whoever deleted it: a sweep on this instance, or another sweep first
+    /// (then this one's delete finds nothing and answers `false`).
+    #[tokio::test]
+    async fn a_deleted_manifest_is_not_served_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cached = CachedIndex::new(SqliteIndex::open(&dir.path().join("index.db")).unwrap(), 100, Duration::from_secs(600));
+        let repo = "docker.io/library/a";
+        for (seed, another_sweep_first) in [(1, false), (2, true)] {
+            let m = record(seed, 40);
+            cached.put_manifest(repo, &m, &[]).await.unwrap();
+            let tag = TagRecord {
+                repo: repo.into(),
+                tag: format!("t{seed}"),
+                variant: String::new(),
+                digest: m.digest.clone(),
+                media_type: m.media_type.clone(),
+                checked_at: now(),
+                pulled_at: now(),
+            };
+            cached.put_tag(&tag, &m).await.unwrap();
+            // Read once: the link, the tag and the body are kept here now.
+            assert!(cached.manifest(repo, &m.digest).await.unwrap().linked);
+            assert!(cached.tag_manifest(repo, &tag.tag, "").await.unwrap().is_some());
+            // Expired elsewhere (a sweep on another instance reads and
+            // writes the index directly).
+            assert!(cached.inner.expire_tag(repo, &tag.tag, "", &m.digest, i64::MAX).await.unwrap());
+            assert!(cached.inner.expire_manifest_link(repo, &m.digest, i64::MAX).await.unwrap());
+            if another_sweep_first {
+                assert!(cached.inner.delete_manifest(&m.digest).await.unwrap());
+                assert!(!cached.delete_manifest(&m.digest).await.unwrap(), "already gone");
+            } else {
+                assert!(cached.delete_manifest(&m.digest).await.unwrap());
+            }
+            let found = cached.manifest(repo, &m.digest).await.unwrap();
+            assert!(!found.linked && found.record.is_none(), "another sweep first: {another_sweep_first}");
+            // The tag kept here is still within its TTL, but its manifest's
+            // body is gone with the manifest: read through, the tag is gone.
+            assert_eq!(cached.tag_manifest(repo, &tag.tag, "").await.unwrap(), None, "another sweep first: {another_sweep_first}");
+        }
     }
 }
