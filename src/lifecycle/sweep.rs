@@ -394,7 +394,7 @@ impl<'a> Sweep<'a> {
             self.report.reclaimed_bytes += batch.iter().filter(|b| counted(b)).filter_map(|b| b.size).sum::<u64>();
             return Ok(Ok(()));
         }
-        let marked_at = Instant::now();
+        let (marked_at, marked_secs) = (Instant::now(), now());
         let mut taken = Vec::new();
         for b in batch {
             take!(self.budget);
@@ -407,8 +407,11 @@ impl<'a> Sweep<'a> {
         }
         pause(opts, Step::BlobsMarked).await;
         // The lease is ours for `delete_lease`; never delete bytes once it
-        // may have passed to a reader who fetched the blob again.
-        if marked_at.elapsed() >= opts.delete_lease / 2 {
+        // may have passed to a reader who fetched the blob again. Counted in
+        // real time, and on the index's clock, which the lease itself is
+        // kept on (whole seconds: one is taken off for the rounding).
+        let lease_secs = opts.delete_lease.as_secs() as i64;
+        if marked_at.elapsed() >= opts.delete_lease / 2 || 2 * (now() - marked_secs - 1) >= lease_secs {
             return Err(StorageError::Unavailable("GC marked blobs too slowly to delete them safely; the next run retries".into()));
         }
         take!(self.budget);

@@ -44,10 +44,8 @@ impl Mirror {
         let found = self.index.manifest(&key, digest).await?;
         let (m, status) = match found.record {
             Some(m) if found.linked => {
-                if self.stale_mark(found.pulled_at)
-                    && let Err(e) = self.index.manifest_pulled(&key, digest).await
-                {
-                    tracing::warn!(repo = %repo, %digest, error = %e, "could not record a pull");
+                if self.stale_mark(found.pulled_at) {
+                    self.manifest_pulled(repo, &m).await;
                 }
                 (m, CacheStatus::Hit)
             }
@@ -81,6 +79,27 @@ impl Mirror {
             return Err(not_acceptable(&m));
         }
         Ok((m, status))
+    }
+
+    /// Records a pull of a manifest by digest in `repo`. When the link is
+    /// gone (GC expired it since this instance cached it), the manifest is
+    /// stored again, as a miss would store it, from the bytes at hand (a
+    /// digest's bytes never change): otherwise GC never learns of the pull,
+    /// and what a kept image reaches through it (an index's platform
+    /// manifest, its blobs) goes, to be fetched again. A failure to record
+    /// it never fails the pull.
+    async fn manifest_pulled(&self, repo: &RepoPath, m: &ManifestRecord) {
+        let recorded = match self.index.manifest_pulled(&repo.key(), &m.digest).await {
+            Ok(true) => Ok(()),
+            Ok(false) => match parse_manifest(&m.body, Some(&m.media_type)) {
+                Ok(info) => self.store_manifest(repo, m, &info).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(repo = %repo, digest = %m.digest, error = %e, "could not record a pull");
+        }
     }
 
     fn tag_is_fresh(&self, t: &TagRecord) -> bool {
