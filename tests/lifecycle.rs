@@ -1,11 +1,14 @@
 //! Lifecycle end to end, on both backends (files + SQLite, and S3 +
-//! DynamoDB on moto_server): retention, pins, the size cap, GC racing
-//! pulls (one sequence test per race, and a loop), sweeps cut off and
-//! resumed, and the `gc` / `stats` commands.
+//! DynamoDB on moto_server): retention, pins, the size cap, a dry run
+//! compared entry by entry, GC racing pulls (one sequence test per race,
+//! and a loop), the races under production settings (the mirror answering
+//! from its cached facts, two sweeps at once, a sweep that marked too
+//! slowly), sweeps cut off and resumed, and the `gc` / `stats` commands.
 //!
 //! GC runs on its own index and store instances, as `hubcap gc` or the gc
 //! Lambda would next to a serving mirror; pulls go over HTTP and check
-//! every byte. The index keeps Unix seconds, and the scenarios move its
+//! every byte, and the checks read the index itself, behind no cache.
+//! The index keeps Unix seconds, and the scenarios move its
 //! clock (`storage::clock::advance`) instead of waiting, by steps far larger
 //! than the real seconds a step takes; only the tests of the `hubcap`
 //! binaries wait real seconds.
@@ -23,7 +26,7 @@ use hubcap::assemble::Backend;
 use hubcap::lifecycle::{GcOptions, GcReport, Pause, Pin, Step};
 use hubcap::mirror::MirrorConfig;
 use hubcap::oci::Digest;
-use hubcap::storage::{BlobState, BlobStore, Index};
+use hubcap::storage::{BlobRecord, BlobState, BlobStore, Entry, Index};
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,8 @@ struct Env {
     /// GC's own view of the storage (another process's, in production).
     index: Arc<dyn Index>,
     store: Arc<dyn BlobStore>,
+    /// The index itself, behind no cache: what the checks read.
+    raw: Arc<dyn Index>,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
     _moto: Option<common::moto::Moto>,
@@ -48,6 +53,25 @@ struct Env {
 /// retention can be observed within seconds.
 fn cfg() -> MirrorConfig {
     MirrorConfig { touch_every: Duration::ZERO, ..common::config() }
+}
+
+/// The mirror as deployed: pull and use marks written at most every 10
+/// minutes (`touch_every`), tags trusted for 10 minutes, blob URLs valid for
+/// 15; in between it answers from the facts its in-memory cache holds, so
+/// the marks GC reads are up to 10 minutes old. (A blob request waits half
+/// a second for a copy instead of 20, so that a blob being deleted is
+/// answered with the wait at once.)
+fn production() -> MirrorConfig {
+    let c = MirrorConfig { blob_wait: Duration::from_millis(500), ..common::config() };
+    assert_eq!((c.touch_every, c.tag_ttl, c.url_ttl), (secs(600), secs(600), secs(900)));
+    c
+}
+
+/// GC as it must run beside such a mirror: a grace period above
+/// `touch_every` + `url_ttl` (the 30 minutes the README asks for), images
+/// not pulled for an hour expire, the default 15-minute delete lease.
+fn production_gc() -> GcOptions {
+    GcOptions { unused_for: secs(3600), grace: secs(1800), ..GcOptions::default() }
 }
 
 async fn env(kind: Kind, mirror: MirrorConfig) -> Env {
@@ -64,7 +88,11 @@ async fn env(kind: Kind, mirror: MirrorConfig) -> Env {
     let mirror = Hubcap::start_opts(common::options(backend.clone(), vec![format!("docker.io={}", hub.url)], mirror)).await;
     let hubcap::assemble::Storage { index, store, .. } =
         hubcap::assemble::open(&backend, Duration::ZERO, hubcap::assemble::MEMORY_CACHE_ENTRIES).await.unwrap();
-    Env { hub, mirror, backend, index, store, http: client(), _dir: dir, _moto: moto }
+    let raw: Arc<dyn Index> = match &backend {
+        Backend::Local(data) => Arc::new(hubcap::storage::local::SqliteIndex::open(&data.join("index.db")).unwrap()),
+        Backend::Aws(storage) => Arc::new(hubcap::storage::aws::connect(storage).await.1),
+    };
+    Env { hub, mirror, backend, index, store, raw, http: client(), _dir: dir, _moto: moto }
 }
 
 /// Generates one test per backend from a scenario.
@@ -97,11 +125,61 @@ impl Env {
     /// Starts a sweep and returns once it reached `step`, with the sweep and
     /// the switch that lets it go on.
     async fn sweep_paused_at(&self, step: Step, o: GcOptions) -> (tokio::task::JoinHandle<GcReport>, oneshot::Sender<()>) {
-        let (pause, mut at) = gate(step);
-        let (index, store) = (self.index.clone(), self.store.clone());
-        let o = GcOptions { pause: Some(pause), ..o };
-        let sweep = tokio::spawn(async move { hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &o).await.unwrap() });
-        (sweep, at.recv().await.unwrap())
+        let (sweep, go) = sweep_held_at(&self.gc_storage(), step, o).await;
+        (tokio::spawn(async move { sweep.await.unwrap().unwrap() }), go)
+    }
+
+    /// GC's storage, as `sweep` takes it.
+    fn gc_storage(&self) -> Sweeper {
+        (self.index.clone(), self.store.clone())
+    }
+
+    /// The storage of another GC instance, with a cache of its own (a
+    /// second gc Lambda, `hubcap gc` beside `serve --gc-interval`).
+    async fn another_gc(&self) -> Sweeper {
+        let s = hubcap::assemble::open(&self.backend, Duration::ZERO, hubcap::assemble::MEMORY_CACHE_ENTRIES).await.unwrap();
+        (s.index, s.store)
+    }
+
+    /// A blob's own record, as the index holds it.
+    async fn blob_record(&self, digest: &str) -> Option<BlobRecord> {
+        self.entries().await.into_iter().find_map(|e| match e {
+            Entry::Blob(b) if b.digest.as_str() == digest => Some(b),
+            _ => None,
+        })
+    }
+
+    /// Every entry of the index, page by page, read behind no cache.
+    async fn entries(&self) -> Vec<Entry> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.raw.scan(cursor).await.unwrap();
+            all.extend(page.entries);
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => return all,
+            }
+        }
+    }
+
+    /// What the cache holds, all of it: every index entry (in a stable
+    /// order) and every stored blob.
+    async fn contents(&self) -> (Vec<String>, Vec<String>) {
+        let mut entries: Vec<String> = self.entries().await.iter().map(|e| format!("{e:?}")).collect();
+        entries.sort();
+        let mut stored: Vec<String> = self.store.stored_digests().await.unwrap().iter().map(|d| d.to_string()).collect();
+        stored.sort();
+        (entries, stored)
+    }
+
+    /// A blob request answered with the mirror's wait (a redirect back to
+    /// itself), not a URL to the bytes.
+    async fn assert_blob_withheld(&self, name: &str, digest: &str) {
+        let resp = self.http.get(format!("{}/v2/{name}/blobs/{digest}", self.mirror.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 307);
+        let location = resp.headers()["location"].to_str().unwrap();
+        assert_eq!(location, format!("/v2/{name}/blobs/{digest}?hubcap-wait=1"), "no URL to a blob being deleted");
     }
 
     async fn stored(&self, digest: &str) -> bool {
@@ -127,30 +205,62 @@ impl Env {
         }
     }
 
-    /// The cache's own invariant: every blob the index calls ready is
-    /// stored whole, and every tag leads to a stored manifest.
+    /// The cache's own invariant, read from the index itself (not through
+    /// GC's cache, which could hide what the sweep did): every blob the
+    /// index calls ready is stored whole, every tag and repository manifest
+    /// leads to a stored manifest, and every blob such a manifest references
+    /// is known (in whatever state: a request fetches it).
     async fn assert_consistent(&self) {
-        let mut cursor = None;
-        loop {
-            let page = self.index.scan(cursor).await.unwrap();
-            for e in page.entries {
-                match e {
-                    hubcap::storage::Entry::Blob(b) if b.state == BlobState::Ready => {
-                        assert_eq!(self.store.size(&b.digest).await.unwrap(), b.size, "ready blob {} is stored whole", b.digest);
-                    }
-                    hubcap::storage::Entry::Tag(t) => {
-                        let m = self.index.manifest(&t.repo, &t.digest).await.unwrap();
-                        assert!(m.record.is_some(), "tag {}:{} leads to a stored manifest", t.repo, t.tag);
-                    }
-                    _ => {}
+        for e in self.entries().await {
+            let (repo, digest, what) = match e {
+                Entry::Blob(b) if b.state == BlobState::Ready => {
+                    assert_eq!(self.store.size(&b.digest).await.unwrap(), b.size, "ready blob {} is stored whole", b.digest);
+                    continue;
                 }
-            }
-            match page.next {
-                Some(n) => cursor = Some(n),
-                None => return,
+                Entry::Tag(t) => (t.repo.clone(), t.digest, format!("tag {}:{}", t.repo, t.tag)),
+                Entry::ManifestLink { repo, digest, .. } => (repo.clone(), digest.clone(), format!("{repo}@{digest}")),
+                _ => continue,
+            };
+            let m = self.raw.manifest(&repo, &digest).await.unwrap().record;
+            let m = m.unwrap_or_else(|| panic!("{what} leads to a stored manifest"));
+            for b in hubcap::oci::parse_manifest(&m.body, Some(&m.media_type)).unwrap().blobs {
+                assert!(self.raw.blob(&repo, &b.digest).await.unwrap().record.is_some(), "{what} references {}, known", b.digest);
             }
         }
     }
+}
+
+/// What differs between two `Env::contents`, for a failure message.
+fn changes(before: &(Vec<String>, Vec<String>), after: &(Vec<String>, Vec<String>)) -> String {
+    let diff = |a: &[String], b: &[String]| a.iter().filter(|x| !b.contains(x)).cloned().collect::<Vec<_>>();
+    format!(
+        "entries gone {:?}, new {:?}; blobs gone {:?}, new {:?}",
+        diff(&before.0, &after.0),
+        diff(&after.0, &before.0),
+        diff(&before.1, &after.1),
+        diff(&after.1, &before.1)
+    )
+}
+
+/// A GC instance's index and store.
+type Sweeper = (Arc<dyn Index>, Arc<dyn BlobStore>);
+
+/// A sweep on `on`, started and held once it reached `step`: the sweep,
+/// and the switch that lets it go on.
+async fn sweep_held_at(
+    on: &Sweeper,
+    step: Step,
+    o: GcOptions,
+) -> (tokio::task::JoinHandle<hubcap::storage::Result<GcReport>>, oneshot::Sender<()>) {
+    let (pause, mut at) = gate(step);
+    let (index, store) = on.clone();
+    let o = GcOptions { pause: Some(pause), ..o };
+    let sweep = tokio::spawn(async move { hubcap::lifecycle::run(index.as_ref(), store.as_ref(), &o).await });
+    (sweep, at.recv().await.unwrap_or_else(|| panic!("the sweep never reached {step:?}")))
+}
+
+async fn sweep(on: &Sweeper, o: &GcOptions) -> GcReport {
+    hubcap::lifecycle::run(on.0.as_ref(), on.1.as_ref(), o).await.unwrap()
 }
 
 /// An image whose first layer (`base`) it shares with every image made
@@ -259,6 +369,44 @@ async fn retention(kind: Kind) {
     let again = e.pull("library/a", "1").await;
     assert_eq!(again.digest, a.digest());
     assert_eq!(e.hub.count(|c| &c.blob_get) - gets, 2, "a's own blobs fetched again, the base served from the cache");
+    e.mirror.stop().await;
+}
+
+both!(a_dry_run_writes_nothing, dry_run_embedded, dry_run_aws);
+
+/// A dry run decides all that a real run would (an image expired, its
+/// manifest and own blobs deleted, a blob lost from the store fetched
+/// again) and writes nothing: every index entry and every stored blob are
+/// the same after it. The same run for real changes both.
+async fn a_dry_run_writes_nothing(kind: Kind) {
+    let e = env(kind, cfg()).await;
+    let (a, b) = (layered(101, 102, 20_000), layered(101, 103, 20_000));
+    e.hub.publish("library/a", "1", &a);
+    e.hub.publish("library/b", "1", &b);
+    e.pull("library/a", "1").await;
+    e.pull("library/b", "1").await;
+    tick(40).await;
+    e.pull("library/b", "1").await;
+    // One of b's blobs removed from the store by hand: the audit's to find.
+    let lost = Digest::parse(&b.images()[0].layers[1].0).unwrap();
+    e.store.delete(&lost).await.unwrap();
+    // Any pull or use mark written from here on differs from those there.
+    tick(2).await;
+    let o = opts(30, 0);
+    let before = e.contents().await;
+    let dry = e.gc(&GcOptions { dry_run: true, ..o.clone() }).await;
+    assert_eq!(dry.expired, ["docker.io/library/a:1"], "{dry:?}");
+    let decided = |r: &GcReport| (r.deleted_manifests, r.deleted_blobs, r.reclaimed_bytes, r.lost_blobs);
+    assert_eq!(decided(&dry), (1, 2, bytes_of(&own_blobs(&a)), 1), "a's manifest and own blobs, b's lost blob: {dry:?}");
+    assert_eq!(dry.writes, 0);
+    let after = e.contents().await;
+    assert!(after == before, "a dry run writes nothing, to the index or the store: {}", changes(&before, &after));
+
+    let real = e.gc(&o).await;
+    assert_eq!((&real.expired, decided(&real)), (&dry.expired, decided(&dry)), "the dry run said what this run did: {real:?}");
+    let after = e.contents().await;
+    assert!(after.0 != before.0 && after.1 != before.1, "the real run changed both");
+    e.assert_consistent().await;
     e.mirror.stop().await;
 }
 
@@ -466,6 +614,224 @@ async fn a_repository_copy_keeps_its_blobs_when_the_stored_manifest_is_gone() {
     e.hub.set_fault(Fault::ServerError);
     assert_eq!(e.pull("library/z", "1").await.digest, z.digest(), "served whole from the cache");
     e.hub.set_fault(Fault::None);
+    e.mirror.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Races under production settings: the mirror answers from its cached
+// facts and writes pull and use marks at most every 10 minutes
+// ---------------------------------------------------------------------------
+
+both!(cached_blob_facts_are_not_trusted_past_touch_every, cached_blob_facts_embedded, cached_blob_facts_aws);
+
+/// The mirror keeps a blob's `ready` record and hands out its URL without
+/// asking the index while its use mark is under 10 minutes old. GC deletes
+/// only blobs unused for the grace period (longer), so the record of a
+/// blob being deleted is always older than that: the mirror marks it first,
+/// the mark fails, and no URL is handed out, then or on the next request.
+async fn cached_blob_facts_are_not_trusted_past_touch_every(kind: Kind) {
+    let e = env(kind, production()).await;
+    let q = layered(81, 82, 30_000);
+    e.hub.publish("library/q", "1", &q);
+    e.pull("library/q", "1").await;
+    let own = q.images()[0].layers[1].0.clone();
+    // Within 10 minutes a pull is served from the cached facts: no mark.
+    let marked = e.blob_record(&own).await.unwrap().used_at;
+    tick(300).await;
+    e.pull("library/q", "1").await;
+    assert_eq!(e.blob_record(&own).await.unwrap().used_at, marked, "served from the cached facts, nothing written");
+    // Not pulled for an hour: expired; then unused for the grace period.
+    tick(3600).await;
+    assert_eq!(e.gc(&production_gc()).await.expired, ["docker.io/library/q:1"]);
+    tick(1801).await;
+
+    // The sweep marked q's blobs `deleting`; the mirror still holds them as
+    // ready (its cached mark over an hour old). Asked twice: no URL either
+    // time (the failed mark must not pass for a fresh one).
+    let (sweep, go) = e.sweep_paused_at(Step::BlobsMarked, production_gc()).await;
+    e.assert_blob_withheld("library/q", &own).await;
+    e.assert_blob_withheld("library/q", &own).await;
+    go.send(()).unwrap();
+    assert_eq!(sweep.await.unwrap().deleted_blobs, 3);
+    let gets = e.hub.count(|c| &c.blob_get);
+    let bytes = e.get_blob_patiently("library/q", &own).await;
+    assert_eq!(common::sha256(&bytes), own, "the client got the blob, fetched again");
+    assert_eq!(e.hub.count(|c| &c.blob_get) - gets, 1);
+    e.assert_consistent().await;
+    e.mirror.stop().await;
+}
+
+both!(two_sweeps_at_once, two_sweeps_embedded, two_sweeps_aws);
+
+/// Two sweeps on one index at once (gc Lambda runs that overlap, `hubcap
+/// gc` beside `serve --gc-interval`), each with a cache of its own: each
+/// blob is deleted once, by the sweep that marks it first, and a sweep
+/// working from an older read never deletes a blob fetched again since.
+async fn two_sweeps_at_once(kind: Kind) {
+    let e = env(kind, production()).await;
+    let a = layered(91, 92, 30_000);
+    let all: Vec<String> = a.all_blobs().into_iter().map(|(d, _)| d).collect();
+    e.hub.publish("library/a", "1", &a);
+    e.pull("library/a", "1").await;
+    let other = e.another_gc().await;
+    // Expired, then unused for the grace period: every blob of a is due.
+    let expire = || async {
+        tick(3601).await;
+        assert_eq!(e.gc(&production_gc()).await.expired, ["docker.io/library/a:1"]);
+        tick(1801).await;
+    };
+    expire().await;
+
+    // Both read the index; one marks the blobs and holds its marks; the
+    // other, its read saying they are due, finds nothing left to take.
+    let (second, go_second) = sweep_held_at(&other, Step::Read, production_gc()).await;
+    let (first, go_first) = e.sweep_paused_at(Step::BlobsMarked, production_gc()).await;
+    go_second.send(()).unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert_eq!((second.deleted_blobs, second.complete), (0, true), "{second:?}");
+    go_first.send(()).unwrap();
+    assert_eq!(first.await.unwrap().deleted_blobs, all.len());
+    for d in &all {
+        assert!(!e.stored(d).await, "{d} deleted");
+    }
+    e.assert_consistent().await;
+
+    // Pulled again (fetched again), expired again. One sweep reads the
+    // index; the other deletes a's blobs; a client pulls a: fetched once
+    // more. The first sweep's read says those blobs are due, the index
+    // says they were just used: it leaves them.
+    e.pull("library/a", "1").await;
+    expire().await;
+    let (first, go) = e.sweep_paused_at(Step::Read, production_gc()).await;
+    assert_eq!(sweep(&other, &production_gc()).await.deleted_blobs, all.len());
+    let gets = e.hub.count(|c| &c.blob_get);
+    e.pull("library/a", "1").await;
+    assert_eq!(e.hub.count(|c| &c.blob_get) - gets, all.len(), "fetched again after the second sweep");
+    go.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!((first.deleted_blobs, first.lost_blobs), (0, 0), "{first:?}");
+    for d in &all {
+        assert!(e.stored(d).await, "{d} fetched again stays");
+    }
+    e.assert_consistent().await;
+    e.hub.set_fault(Fault::ServerError);
+    e.pull("library/a", "1").await;
+    e.hub.set_fault(Fault::None);
+    e.mirror.stop().await;
+}
+
+both!(pulled_again_while_its_expiry_is_swept, race_images_expired_embedded, race_images_expired_aws);
+
+/// A sweep expired an image (its tag and repository manifest) and is about
+/// to delete the manifests nothing holds; a client pulls the image just
+/// then. The tag is a miss (the mirror's cached tag is past its TTL): the
+/// manifest is stored and linked again, and the sweep leaves it and its
+/// blobs, as does the next one after the grace period.
+async fn pulled_again_while_its_expiry_is_swept(kind: Kind) {
+    let e = env(kind, production()).await;
+    let a = layered(111, 112, 30_000);
+    e.hub.publish("library/a", "1", &a);
+    e.pull("library/a", "1").await;
+    tick(3601).await;
+
+    let (sweep, go) = e.sweep_paused_at(Step::ImagesExpired, production_gc()).await;
+    assert!(e.raw.tag("docker.io/library/a", "1", "").await.unwrap().is_none(), "the tag is expired");
+    let gets = e.hub.count(|c| &c.manifest_get);
+    assert_eq!(e.pull("library/a", "1").await.digest, a.digest());
+    assert_eq!(e.hub.count(|c| &c.manifest_get) - gets, 1, "stored again from upstream");
+    go.send(()).unwrap();
+    let r = sweep.await.unwrap();
+    assert_eq!((r.expired.clone(), r.deleted_blobs), (vec!["docker.io/library/a:1".to_owned()], 0), "{r:?}");
+    e.assert_consistent().await;
+    tick(1801).await;
+    let r = e.gc(&production_gc()).await;
+    assert_eq!((r.expired.len(), r.deleted_blobs, r.grace_blobs), (0, 0, 0), "kept whole: {r:?}");
+    e.assert_consistent().await;
+    e.hub.set_fault(Fault::ServerError);
+    assert_eq!(e.pull("library/a", "1").await.digest, a.digest(), "served whole from the cache");
+    e.hub.set_fault(Fault::None);
+    e.mirror.stop().await;
+}
+
+both!(pulled_again_while_its_blobs_wait_for_the_sweep, race_manifests_deleted_embedded, race_manifests_deleted_aws);
+
+/// A multi-arch image: its tag leads to an index, whose platform manifest
+/// a client pulls by digest, and the mirror keeps that repository link as
+/// a cached fact. A sweep deleted the image's manifests and is about to
+/// judge its blobs; a client pulls the image just then. The tag is a miss
+/// (stored again from upstream); the platform manifest comes from the
+/// cached fact, whose pull mark finds the link gone: the mirror stores it
+/// again itself. So the index holds the whole image, and neither this
+/// sweep nor the next after the grace period takes a blob of it.
+async fn pulled_again_while_its_blobs_wait_for_the_sweep(kind: Kind) {
+    let e = env(kind, production()).await;
+    let multi = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 121, 2), images::small_image(Format::Oci, "arm64", 122, 2)],
+    );
+    e.hub.publish("library/m", "1", &multi);
+    // The second pull reads what the first stored: the cached facts.
+    let pulled = e.pull("library/m", "1").await;
+    e.pull("library/m", "1").await;
+    tick(3601).await;
+
+    let (sweep, go) = e.sweep_paused_at(Step::ManifestsDeleted, production_gc()).await;
+    let platform = Digest::parse(&pulled.image_digest).unwrap();
+    assert!(e.raw.manifest("docker.io/library/m", &platform).await.unwrap().record.is_none(), "deleted");
+    let gets = e.hub.count(|c| &c.manifest_get);
+    let again = e.pull("library/m", "1").await;
+    assert_eq!((again.digest, again.image_digest), (pulled.digest, pulled.image_digest));
+    assert_eq!(e.hub.count(|c| &c.manifest_get) - gets, 1, "only the tag asked upstream");
+    go.send(()).unwrap();
+    let r = sweep.await.unwrap();
+    assert_eq!((r.expired.len(), r.deleted_manifests, r.deleted_blobs), (1, 2, 0), "{r:?}");
+    e.assert_consistent().await;
+    tick(1801).await;
+    let r = e.gc(&production_gc()).await;
+    assert_eq!((r.expired.len(), r.deleted_blobs, r.grace_blobs), (0, 0, 0), "kept whole: {r:?}");
+    e.hub.set_fault(Fault::ServerError);
+    e.pull("library/m", "1").await;
+    e.hub.set_fault(Fault::None);
+    e.mirror.stop().await;
+}
+
+both!(a_sweep_that_marked_too_slowly_deletes_nothing, marked_too_slowly_embedded, marked_too_slowly_aws);
+
+/// A sweep marks a batch of blobs `deleting` under a lease (15 minutes),
+/// then deletes their bytes. When half the lease went by in between (a
+/// stalled function, a paused process), the bytes are not deleted: the
+/// lease may soon pass to a reader who fetches the blob again. The sweep
+/// stops with an error; the blobs stay withheld until the lease ends, and
+/// the next sweep finishes the job.
+async fn a_sweep_that_marked_too_slowly_deletes_nothing(kind: Kind) {
+    let e = env(kind, production()).await;
+    let x = layered(131, 132, 30_000);
+    let all: Vec<String> = x.all_blobs().into_iter().map(|(d, _)| d).collect();
+    e.hub.publish("library/x", "1", &x);
+    e.pull("library/x", "1").await;
+    tick(3601).await;
+    assert_eq!(e.gc(&production_gc()).await.expired, ["docker.io/library/x:1"]);
+    tick(1801).await;
+
+    let (slow, go) = sweep_held_at(&e.gc_storage(), Step::BlobsMarked, production_gc()).await;
+    // Half of the 15-minute lease passes on the index's clock.
+    tick(451).await;
+    go.send(()).unwrap();
+    let err = slow.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("too slowly"), "{err}");
+    for d in &all {
+        assert!(e.stored(d).await, "{d}: nothing deleted");
+    }
+    e.assert_consistent().await;
+    e.assert_blob_withheld("library/x", &all[1]).await;
+    // Past the lease the next sweep takes them again and finishes.
+    tick(500).await;
+    let r = e.gc(&production_gc()).await;
+    assert_eq!((r.deleted_blobs, r.complete), (all.len(), true), "{r:?}");
+    for d in &all {
+        assert!(!e.stored(d).await, "{d} deleted");
+    }
+    e.assert_consistent().await;
     e.mirror.stop().await;
 }
 
