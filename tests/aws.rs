@@ -1,7 +1,8 @@
 //! The mirror on S3 + DynamoDB (moto_server on loopback): what a hit costs,
 //! the fetcher fed by real DynamoDB Stream records, instances sharing one
-//! table, an unreachable backend, the sample events in `events/`, and skopeo
-//! pulling through the `api` binary under `cargo lambda watch`.
+//! table, an unreachable backend, the sample events in `events/`, and the
+//! three Lambda binaries under `cargo lambda watch`: skopeo pulling through
+//! `api` and `fetcher`, then `gc` invoked with the sample scheduled event.
 
 mod common;
 
@@ -438,6 +439,9 @@ async fn the_api_lambda_runs_on_the_embedded_backend_under_cargo_lambda_watch() 
     assert!(emf.iter().all(|r| r["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "hubcap"));
 }
 
+/// The Lambda binaries of this build as the emulator runs them: skopeo
+/// pulls through `api` and `fetcher`, then `gc`, invoked with the sample
+/// scheduled event, sweeps what they stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_watch_and_lambda_dev() {
     let dir = tempfile::tempdir().unwrap();
@@ -495,6 +499,31 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
         assert!(store.size(&d).await.unwrap().is_some(), "{digest} is in S3, put there by the fetcher");
     }
     assert!(fetcher.log().contains("\"fetched\""), "the fetcher function copied the blobs:\n{}", logs());
+
+    // The gc function, invoked as its schedule invokes it: `cargo lambda
+    // invoke` with the sample scheduled event. A size cap of one byte and
+    // no grace period: one run evicts the image and deletes every blob.
+    let cap = [("HUBCAP_MAX_SIZE", "1".to_owned()), ("HUBCAP_GRACE", "0".to_owned())];
+    let gc = stack.function(d, "gc", env!("CARGO_BIN_EXE_gc"), &cap);
+    let out = tokio::process::Command::new("cargo")
+        .args(["lambda", "invoke", "gc", "--invoke-address", "127.0.0.1", "--invoke-port", &port.to_string(), "--output-format", "json"])
+        .args(["--data-file", concat!(env!("CARGO_MANIFEST_DIR"), "/events/scheduled.json")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let said = || format!("{}{}\ngc:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), gc.log());
+    assert!(out.status.success(), "cargo lambda invoke gc: {}", said());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", said()));
+    assert_eq!(report["expired"], serde_json::json!(["docker.io/library/lambda:1"]), "{}", said());
+    let counts = ["evicted", "deleted_manifests", "deleted_blobs"].map(|k| report[k].as_u64());
+    assert_eq!(counts, [Some(1), Some(3), Some(img.all_blobs().len() as u64)], "the index and both platforms, every blob: {}", said());
+    assert_eq!((report["complete"].as_bool(), report["before"]["images"].as_u64()), (Some(true), Some(1)), "{}", said());
+    // Done, not only said: the bucket and the table hold none of it now.
+    assert!(store.stored_digests().await.unwrap().is_empty(), "S3 is empty");
+    let (_, index) = hubcap::storage::aws::connect(&stack.storage).await;
+    let left = hubcap::lifecycle::inventory(&index).await.unwrap();
+    assert_eq!((left.images, left.manifests, left.blobs), (0, 0, 0), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

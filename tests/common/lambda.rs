@@ -99,10 +99,12 @@ pub struct LambdaStack {
     pub watch: Proc,
     pub storage: AwsStorage,
     pub moto: Moto,
+    /// The functions' settings (bucket, table, upstream, moto's endpoint).
+    env: Vec<(&'static str, String)>,
 }
 
 impl LambdaStack {
-    pub async fn start(dir: &Path, table: &str, upstream: &str, extra: &[(&str, String)]) -> LambdaStack {
+    pub async fn start(dir: &Path, table: &str, upstream: &str, extra: &[(&'static str, String)]) -> LambdaStack {
         let moto = Moto::start().await;
         let bucket = format!("{table}-bucket");
         let storage = moto.setup(&bucket, table).await;
@@ -118,7 +120,13 @@ impl LambdaStack {
         let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
         let fetcher = function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
         let (dev, front) = lambda_dev(dir, port, table, &moto.env()).await;
-        LambdaStack { front, port, dev, api, fetcher, watch, storage, moto }
+        LambdaStack { front, port, dev, api, fetcher, watch, storage, moto, env }
+    }
+
+    /// Another Lambda binary of this build (`bin`) run by the emulator as
+    /// the function `name`, on the stack's settings and `extra` (which win).
+    pub fn function(&self, dir: &Path, name: &str, bin: &str, extra: &[(&str, String)]) -> Proc {
+        function(dir, name, bin, self.port, &[&self.env[..], extra].concat())
     }
 
     /// The functions' and lambda-dev's logs, for a failure message.
