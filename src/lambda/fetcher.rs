@@ -140,7 +140,8 @@ pub async fn handle_stream_within(fetcher: &Fetcher, event: Event, limits: Batch
             }
             Err(FetchError::Suspended(at)) => {
                 // Pending again: that write's stream record runs the rest.
-                let mut m = vec![("FetchesSuspended", 1.0, "Count"), ("SuspendedAtBytes", at as f64, "Bytes")];
+                tracing::info!(digest = %job.digest, at, "copy suspended before the deadline; its record re-queues it");
+                let mut m = vec![("FetchesSuspended", 1.0, "Count")];
                 m.extend(deltas.take(&fetcher.upstreams().each()));
                 println!("{}", emf_line("fetcher", &m));
             }
