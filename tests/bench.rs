@@ -9,10 +9,17 @@
 //! writes `BENCHMARKS.md`; in the normal test run it is a smoke run of a few
 //! seconds that proves the benchmark still builds and runs. Medians over
 //! repeated runs; comparisons are ratios.
+//!
+//! The report must not claim more than was measured: each row with a target
+//! checks it against the numbers it prints, and "Every target was met." is
+//! written only when all of them hold (else the missed ones are listed); a
+//! row measured a different number of times than the report's "runs per
+//! figure" says so; a row that compares unlike work (a cached tag against a
+//! tag asked upstream, a redirect against a body) says that in its text.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,6 +27,57 @@ use std::time::{Duration, Instant};
 use common::images::{self, Format, Published};
 use common::procs::{Proc, free_port, wait_ready};
 use common::registries_conf;
+
+/// How long `hubcap serve` trusts a cached tag here (its default, passed
+/// explicitly because the by-tag rows say it).
+const TAG_TTL_SECS: u64 = 600;
+
+/// One row of the report.
+struct Row {
+    figure: String,
+    hubcap: String,
+    registry2: String,
+    ratio: String,
+    /// The target as printed ("-": none).
+    target: String,
+    /// Whether the target was met, decided from the numbers the row prints
+    /// (`None`: the row has no target).
+    met: Option<bool>,
+    /// Why the target was missed, when the row can say more than its
+    /// numbers do (printed only when it was).
+    why_missed: Option<String>,
+    /// How many runs the figure comes from (1: measured once).
+    runs: usize,
+}
+
+impl Row {
+    fn new(
+        figure: impl Into<String>,
+        hubcap: impl Into<String>,
+        registry2: impl Into<String>,
+        ratio: impl Into<String>,
+        runs: usize,
+    ) -> Row {
+        Row {
+            figure: figure.into(),
+            hubcap: hubcap.into(),
+            registry2: registry2.into(),
+            ratio: ratio.into(),
+            target: "-".into(),
+            met: None,
+            why_missed: None,
+            runs,
+        }
+    }
+
+    fn target(self, text: &str, met: bool) -> Row {
+        Row { target: text.into(), met: Some(met), ..self }
+    }
+
+    fn why_missed(self, why: String) -> Row {
+        Row { why_missed: Some(why), ..self }
+    }
+}
 
 struct Mode {
     full: bool,
@@ -73,6 +131,7 @@ async fn start_hubcap(dir: &Path, upstream: &str, tag: &str) -> Server {
     let proc = Proc::spawn(
         std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("docker.io={upstream}")])
+            .args(["--tag-ttl", &TAG_TTL_SECS.to_string()])
             .arg("--data")
             .arg(&data)
             .env("HUBCAP_LOG", "warn"),
@@ -214,6 +273,12 @@ fn upstream_blob_bytes(log: &str) -> HashMap<String, u64> {
     out
 }
 
+/// Requests upstream received for `path` (any method), from its access log.
+fn upstream_requests(log: &str, path: &str) -> usize {
+    let needle = format!(" {path} HTTP/1.1\"");
+    log.lines().filter(|l| l.contains(&needle)).count()
+}
+
 async fn startup_ms(dir: &Path, upstream: &str, registry2: bool) -> f64 {
     let port = free_port();
     let started = Instant::now();
@@ -295,9 +360,8 @@ async fn benchmark() {
     }
     let image_size: usize = big.all_blobs().iter().map(|(_, b)| b.len()).sum();
 
-    let mut rows: Vec<(String, String, String, String, String)> = Vec::new(); // figure, hubcap, registry:2, ratio, target
+    let mut rows: Vec<Row> = Vec::new();
     let mut detail = String::new();
-    let mut notes = String::new();
     let mut rss: HashMap<&str, f64> = HashMap::new();
     let mut note_rss = |name: &'static str, s: &Server| {
         let v = peak_rss_mib(s.proc.child.id());
@@ -323,23 +387,36 @@ async fn benchmark() {
             assert_eq!(images::sha256(&resp.bytes().await.unwrap()), digest);
         }
     }
+    // What the blob row compares: hubcap's 307 (no body; the client then
+    // fetches the bytes from storage) against registry:2's whole body.
+    let (config_digest, config_bytes) = &small_img.config;
+    let blob_path = format!("blobs/{config_digest}");
+    assert_eq!(http.get(format!("{}/v2/library/small/{blob_path}", hub.url)).send().await.unwrap().status(), 307);
+    assert_eq!(http.get(format!("{}/v2/library/small/{blob_path}", reg.url)).send().await.unwrap().status(), 200);
     let cases = [
         ("manifest GET by tag", "GET", "manifests/1".to_owned(), true),
         ("manifest HEAD by tag", "HEAD", "manifests/1".to_owned(), true),
         ("manifest GET by digest", "GET", format!("manifests/{}", small_img.digest), true),
         ("manifest HEAD by digest", "HEAD", format!("manifests/{}", small_img.digest), true),
-        ("blob GET (hubcap 307, registry:2 200)", "GET", format!("blobs/{}", small_img.config.0), false),
+        ("blob GET", "GET", blob_path.clone(), false),
     ];
     for (name, method, path, accept) in &cases {
         let mut h = (Vec::new(), Vec::new(), Vec::new());
         let mut r = (Vec::new(), Vec::new(), Vec::new());
         let mut t = Vec::new();
+        // What each server asked upstream for this path while under load.
+        let upstream_path = format!("/v2/library/small/{path}");
+        let (mut h_up, mut r_up) = (0, 0);
         for _ in 0..mode.runs {
+            let before = upstream_requests(&upstream_proc.log(), &upstream_path);
             let (a, b, c) = wrk(&format!("{}/v2/library/small/{path}", hub.url), method, *accept, mode.wrk_secs, d).await;
+            let after = upstream_requests(&upstream_proc.log(), &upstream_path);
+            h_up += after - before;
             h.0.push(a);
             h.1.push(b);
             h.2.push(c);
             let (a, b, c) = wrk(&format!("{}/v2/library/small/{path}", reg.url), method, *accept, mode.wrk_secs, d).await;
+            r_up += upstream_requests(&upstream_proc.log(), &upstream_path) - after;
             r.0.push(a);
             r.1.push(b);
             r.2.push(c);
@@ -348,23 +425,41 @@ async fn benchmark() {
             }
         }
         let (hr, rr) = (median(h.0), median(r.0));
-        let target = "≥ 20×";
-        rows.push((
-            format!("{name}: requests/s at 64 connections"),
-            format!("{hr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(h.1), median(h.2)),
-            format!("{rr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(r.1), median(r.2)),
-            format!("{:.1}×", hr / rr),
-            target.into(),
-        ));
+        // Rows that compare unlike work say so, with what was measured.
+        let unlike = if *path == blob_path {
+            format!("; not like for like: hubcap answers a 307 to storage (no body), registry:2 the blob's {} bytes", config_bytes.len())
+        } else if path.ends_with("/1") && h_up == 0 && r_up > 0 {
+            format!(
+                "; not like for like: hubcap answers the tag from its cache ({TAG_TTL_SECS} s TTL, no upstream request), registry:2 asks upstream for it on every request ({r_up} upstream requests for its runs)"
+            )
+        } else if h_up + r_up > 0 {
+            format!("; upstream requests during the runs: hubcap {h_up}, registry:2 {r_up}")
+        } else {
+            String::new()
+        };
+        let ratio = hr / rr;
+        rows.push(
+            Row::new(
+                format!("{name}: requests/s at 64 connections{unlike}"),
+                format!("{hr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(h.1), median(h.2)),
+                format!("{rr:.0} (p50 {:.2} ms, p99 {:.2} ms)", median(r.1), median(r.2)),
+                format!("{ratio:.1}×"),
+                mode.runs,
+            )
+            .target("≥ 20×", ratio >= 20.0),
+        );
         if !t.is_empty() {
             let tr = median(t);
-            rows.push((
-                format!("{name}: hubcap vs trivial in-memory axum server"),
-                format!("{hr:.0}"),
-                format!("trivial: {tr:.0}"),
-                format!("{:.2}×", hr / tr),
-                "≥ 0.5×".into(),
-            ));
+            rows.push(
+                Row::new(
+                    format!("{name}: hubcap vs trivial in-memory axum server"),
+                    format!("{hr:.0}"),
+                    format!("trivial: {tr:.0}"),
+                    format!("{:.2}×", hr / tr),
+                    mode.runs,
+                )
+                .target("≥ 0.5×", hr / tr >= 0.5),
+            );
         }
     }
     note_rss("hubcap", &hub);
@@ -407,41 +502,48 @@ async fn benchmark() {
     let floor = median(floor);
     let mib = image_size as f64 / (1 << 20) as f64;
     let (hw, rwm, hcm, rcm) = (median(hw), median(rw.clone()), median(hc.clone()), median(rc.clone()));
-    if hw / rwm > 0.8 {
-        let verdict = if floor / rwm > 0.8 {
-            "The 0.8× target is below what this client allows on this machine."
-        } else {
-            "The time above the floor is what hubcap has left to cut."
-        };
-        let _ = writeln!(
-            notes,
-            "- Warm pull (target ≤ 0.8×): skopeo needs {floor:.2} s for this image with no server at all (copying it from a local directory: hashing and writing {mib:.0} MiB), so even a server that answered in zero time could not go below {:.2}× of registry:2's {rwm:.2} s. hubcap takes {hw:.2} s ({:+.0} ms against that floor), registry:2 {rwm:.2} s ({:+.0} ms). {verdict}",
-            floor / rwm,
-            (hw - floor) * 1000.0,
-            (rwm - floor) * 1000.0
-        );
-    }
-    if hcm > rcm {
-        let _ = writeln!(
-            notes,
-            "- Cold pull (target ≤ 1.0×): {hcm:.2} s against {rcm:.2} s (runs: hubcap {hc:.2?}, registry:2 {rc:.2?}). hubcap stores each blob whole and verified before it redirects the client to it (nothing unverified is served), while registry:2 streams upstream bytes to the client as they arrive; on loopback the copy is the extra pass. Both are close to the client's floor of {floor:.2} s."
-        );
-    }
-    for (name, h, r, target) in [("cold pull", hcm, rcm, "≤ 1.0×"), ("warm pull", hw, rwm, "≤ 0.8×")] {
-        rows.push((
-            format!("{name} of a 3-layer {mib:.0} MiB image (skopeo): seconds"),
-            format!("{h:.2}"),
-            format!("{r:.2}"),
-            format!("{:.2}×", h / r),
-            target.into(),
-        ));
-    }
-    rows.push((
-        "warm pull: hubcap vs skopeo copying the image from a local directory (the client's own floor)".into(),
+    let verdict = if floor / rwm > 0.8 {
+        "The 0.8× target is below what this client allows on this machine."
+    } else {
+        "The time above the floor is what hubcap has left to cut."
+    };
+    let warm_why = format!(
+        "warm pull (target ≤ 0.8×): skopeo needs {floor:.2} s for this image with no server at all (copying it from a local directory: hashing and writing {mib:.0} MiB), so even a server that answered in zero time could not go below {:.2}× of registry:2's {rwm:.2} s. hubcap takes {hw:.2} s ({:+.0} ms against that floor), registry:2 {rwm:.2} s ({:+.0} ms). {verdict}",
+        floor / rwm,
+        (hw - floor) * 1000.0,
+        (rwm - floor) * 1000.0
+    );
+    let cold_why = format!(
+        "cold pull (target ≤ 1.0×): {hcm:.2} s against {rcm:.2} s (runs: hubcap {hc:.2?}, registry:2 {rc:.2?}). hubcap stores each blob whole and verified before it redirects the client to it (nothing unverified is served), while registry:2 streams upstream bytes to the client as they arrive; on loopback the copy is the extra pass. Both are close to the client's floor of {floor:.2} s."
+    );
+    rows.push(
+        Row::new(
+            format!("cold pull of a 3-layer {mib:.0} MiB image (skopeo): seconds"),
+            format!("{hcm:.2}"),
+            format!("{rcm:.2}"),
+            format!("{:.2}×", hcm / rcm),
+            mode.runs,
+        )
+        .target("≤ 1.0×", hcm / rcm <= 1.0)
+        .why_missed(cold_why),
+    );
+    rows.push(
+        Row::new(
+            format!("warm pull of a 3-layer {mib:.0} MiB image (skopeo): seconds; hubcap's tag is cached ({TAG_TTL_SECS} s TTL), registry:2 asks upstream for it"),
+            format!("{hw:.2}"),
+            format!("{rwm:.2}"),
+            format!("{:.2}×", hw / rwm),
+            mode.runs,
+        )
+        .target("≤ 0.8×", hw / rwm <= 0.8)
+        .why_missed(warm_why),
+    );
+    rows.push(Row::new(
+        "warm pull: hubcap vs skopeo copying the image from a local directory (the client's own floor)",
         format!("{hw:.2}"),
         format!("floor: {floor:.2}"),
         format!("{:.2}×", hw / floor),
-        "-".into(),
+        mode.runs,
     ));
 
     // 4: 20 concurrent cold pulls.
@@ -481,46 +583,52 @@ async fn benchmark() {
     }
     let fmt_fetch =
         |f: &Vec<f64>, failed: usize| format!("{f:.2?} copies of each blob's bytes sent upstream; {} of 20 pulls succeeded", 20 - failed);
-    rows.push((
-        "20 concurrent cold pulls: upstream blob fetches".into(),
-        fmt_fetch(&concurrent[0].1, concurrent[0].2),
-        fmt_fetch(&concurrent[1].1, concurrent[1].2),
-        "-".into(),
-        "hubcap: exactly 1 per blob".into(),
-    ));
-    rows.push((
-        "20 concurrent cold pulls: wall time, seconds".into(),
+    let once_per_blob = concurrent[0].1.iter().all(|&n| n == 1.0);
+    rows.push(
+        Row::new(
+            "20 concurrent cold pulls: upstream blob fetches",
+            fmt_fetch(&concurrent[0].1, concurrent[0].2),
+            fmt_fetch(&concurrent[1].1, concurrent[1].2),
+            "-",
+            1,
+        )
+        .target("hubcap: exactly 1 per blob", once_per_blob && concurrent[0].2 == 0),
+    );
+    rows.push(Row::new(
+        "20 concurrent cold pulls: wall time, seconds",
         format!("{:.2}", concurrent[0].0),
         format!("{:.2}", concurrent[1].0),
         format!("{:.2}×", concurrent[0].0 / concurrent[1].0),
-        "-".into(),
+        1,
     ));
-    assert!(concurrent[0].1.iter().all(|&n| n == 1.0), "hubcap fetched a blob's bytes more than once: {:?}", concurrent[0].1);
+    assert!(once_per_blob, "hubcap fetched a blob's bytes more than once: {:?}", concurrent[0].1);
     assert_eq!(concurrent[0].2, 0, "every pull through hubcap succeeded");
 
-    // 5: peak RSS over 1-4.
-    rows.push((
-        "peak RSS during 1–4, MiB".into(),
-        format!("{:.0}", rss["hubcap"]),
-        format!("{:.0}", rss["registry:2"]),
-        format!("{:.2}×", rss["hubcap"] / rss["registry:2"]),
-        "≤ 0.5×".into(),
-    ));
+    // 5: peak RSS over 1-4 (the highest of every run: a peak, not a median).
+    let rss_ratio = rss["hubcap"] / rss["registry:2"];
+    rows.push(
+        Row::new(
+            format!("peak RSS during rows 1–{}, MiB (the highest over all their runs)", rows.len()),
+            format!("{:.0}", rss["hubcap"]),
+            format!("{:.0}", rss["registry:2"]),
+            format!("{rss_ratio:.2}×"),
+            mode.runs,
+        )
+        .target("≤ 0.5×", rss_ratio <= 0.5),
+    );
 
     // 6: start-up to the first 200 on /v2/.
     let (mut hs, mut rs) = (Vec::new(), Vec::new());
-    for _ in 0..mode.runs.max(3) {
+    let startup_runs = mode.runs.max(3);
+    for _ in 0..startup_runs {
         hs.push(startup_ms(d, &upstream, false).await);
         rs.push(startup_ms(d, &upstream, true).await);
     }
     let (hs, rs) = (median(hs), median(rs));
-    rows.push((
-        "start-up to the first 200 on /v2/, ms".into(),
-        format!("{hs:.1}"),
-        format!("{rs:.1}"),
-        format!("{:.2}×", hs / rs),
-        "hubcap < 50 ms".into(),
-    ));
+    rows.push(
+        Row::new("start-up to the first 200 on /v2/, ms", format!("{hs:.1}"), format!("{rs:.1}"), format!("{:.2}×", hs / rs), startup_runs)
+            .target("hubcap < 50 ms", hs < 50.0),
+    );
 
     // 7: one big blob through the fetcher, embedded and S3 on moto.
     let big_digest = {
@@ -558,14 +666,18 @@ async fn benchmark() {
         }
         let secs = started.elapsed().as_secs_f64();
         let rss = peak_rss_mib(server.child.id());
-        rows.push((
-            format!("copy one {} MiB blob through the fetcher, {label}", mode.big_blob >> 20),
-            format!("{:.0} MB/s, peak RSS {rss:.0} MiB", mode.big_blob as f64 / 1e6 / secs),
-            "-".into(),
-            "-".into(),
-            "RSS < 128 MiB".into(),
-        ));
-        assert!(rss < 128.0, "{label}: peak RSS {rss} MiB");
+        // Reported, not asserted: a miss belongs in the report (tests/memory.rs
+        // asserts the same bound).
+        rows.push(
+            Row::new(
+                format!("copy one {} MiB blob through the fetcher, {label}", mode.big_blob >> 20),
+                format!("{:.0} MB/s, peak RSS {rss:.0} MiB", mode.big_blob as f64 / 1e6 / secs),
+                "-",
+                "-",
+                1,
+            )
+            .target("RSS < 128 MiB", rss < 128.0),
+        );
     }
 
     // 7b: big layers. A relay caps each upstream connection's download rate
@@ -599,13 +711,17 @@ async fn benchmark() {
                 let (hr, rr) = (peak_rss_mib(hub.proc.child.id()), peak_rss_mib(reg.proc.child.id()));
                 let how =
                     if capped { format!("{:.0} MB/s per upstream connection", rate as f64 / 1e6) } else { "uncapped loopback".into() };
-                rows.push((
-                    format!("cold pull of a single-layer {} MiB image, {how} (skopeo, one run): seconds; peak RSS", size >> 20),
-                    format!("{h:.2}; {hr:.0} MiB"),
-                    format!("{r:.2}; {rr:.0} MiB"),
-                    format!("{:.2}×", h / r),
-                    if capped { "≤ 0.35×".into() } else { "≤ 1.0×".into() },
-                ));
+                let (target, bound) = if capped { ("≤ 0.35×", 0.35) } else { ("≤ 1.0×", 1.0) };
+                rows.push(
+                    Row::new(
+                        format!("cold pull of a single-layer {} MiB image, {how} (skopeo): seconds; peak RSS", size >> 20),
+                        format!("{h:.2}; {hr:.0} MiB"),
+                        format!("{r:.2}; {rr:.0} MiB"),
+                        format!("{:.2}×", h / r),
+                        1,
+                    )
+                    .target(target, h / r <= bound),
+                );
             }
         }
         // A 1 GiB copy whose upstream connections are cut three times at
@@ -632,45 +748,98 @@ async fn benchmark() {
                 }
             }
             let ratio = relay.relayed() as f64 / mode.big_blob as f64;
-            rows.push((
-                format!("a {} MiB copy with 3 upstream connections cut: upstream bytes / blob size (one run)", mode.big_blob >> 20),
-                format!("{ratio:.3} ({:.1} s)", started.elapsed().as_secs_f64()),
-                "-".into(),
-                "-".into(),
-                "≤ 1.1".into(),
-            ));
+            rows.push(
+                Row::new(
+                    format!("a {} MiB copy with 3 upstream connections cut: upstream bytes / blob size", mode.big_blob >> 20),
+                    format!("{ratio:.3} ({:.1} s)", started.elapsed().as_secs_f64()),
+                    "-",
+                    "-",
+                    1,
+                )
+                .target("≤ 1.1", ratio <= 1.1),
+            );
         }
     }
 
-    // 8: AWS calls per hit, from a counting proxy in front of moto.
-    let proxy = common::moto::CountingProxy::start(&moto.url).await;
-    let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;
-    let opts = |s: hubcap::storage::aws::AwsStorage| {
-        common::options(hubcap::assemble::Backend::Aws(Box::new(s)), vec![format!("docker.io={upstream}")], common::config())
-    };
-    let first = common::Hubcap::start_opts(opts(storage.clone())).await;
-    common::pull(&http, &first.url, "small", "1").await;
-    let fresh = common::Hubcap::start_opts(opts(storage)).await;
-    let mut counts = Vec::new();
-    for _ in ["cold", "warm"] {
-        proxy.take();
-        http.get(format!("{}/v2/small/manifests/{}", fresh.url, small_img.digest))
-            .header("accept", images::ALL_MANIFESTS)
-            .send()
-            .await
-            .unwrap();
-        let m: usize = proxy.take().values().sum();
-        http.get(format!("{}/v2/small/blobs/{}", fresh.url, small_img.config.0)).send().await.unwrap();
-        let b: usize = proxy.take().values().sum();
-        counts.push((m, b));
+    // 8: AWS calls per hit, through the `api` function: its router (with
+    // the per-request metrics and the statistics writes the Lambda adds), on
+    // a fresh instance, fed sample Function URL events made into requests as
+    // the binary's handler makes them, in front of a counting proxy to moto.
+    // A `serve` instance on the same bucket and table caches the image
+    // first. Per operation only calls moto answered with success are
+    // counted: a failed one did none of the hit's work (failures are shown
+    // apart, never hidden).
+    {
+        let proxy = common::moto::CountingProxy::start(&moto.url).await;
+        let storage = common::moto::storage_at(&proxy.url, "bench-bucket", "bench").await;
+        let upstreams = vec![format!("docker.io={upstream}")];
+        let filler = common::Hubcap::start_opts(common::options(
+            hubcap::assemble::Backend::Aws(Box::new(storage.clone())),
+            upstreams.clone(),
+            common::config(),
+        ))
+        .await;
+        common::pull(&http, &filler.url, "small", "1").await;
+        filler.stop().await;
+        let built = hubcap::mirror::upstream::build_upstreams(&upstreams, &common::upstream_limits(), &HashMap::new()).unwrap();
+        let (api, api_mirror) =
+            hubcap::lambda::api_router_with(&storage, built, common::config(), hubcap::assemble::MEMORY_CACHE_ENTRIES, Default::default())
+                .await
+                .unwrap();
+        let hits = [
+            ("function-url-manifest-get.json", "manifests/1".to_owned(), 200),
+            ("function-url-manifest-get.json", format!("manifests/{}", small_img.digest), 200),
+            ("function-url-blob-get.json", format!("blobs/{}", small_img.layers[0].0), 307),
+        ];
+        let mut text = Vec::new();
+        let mut failed = Vec::new();
+        for round in ["cold", "warm"] {
+            let mut counted = Vec::new();
+            for (sample, path, status) in &hits {
+                proxy.take_records();
+                let req = function_url_request(sample, &format!("/v2/library/small/{path}"));
+                let resp = tower::ServiceExt::oneshot(api.clone(), req).await.unwrap();
+                assert_eq!(resp.status().as_u16(), *status, "{round} {path}");
+                let (ok, bad) = calls_by_status(proxy.take_records());
+                // The claim (tests/aws.rs asserts it on `serve`): a fresh
+                // instance's hit is one GetItem, a warm one's nothing.
+                let want: BTreeMap<String, usize> =
+                    if round == "cold" { [("DynamoDB.GetItem".to_owned(), 1)].into() } else { BTreeMap::new() };
+                assert_eq!(ok, want, "{round} hit on {path}: successful AWS calls");
+                counted.push(fmt_calls(&ok));
+                if !bad.is_empty() {
+                    failed.push(format!("{round} {path}: {}", fmt_calls(&bad)));
+                }
+            }
+            text.push(format!("{round} {}", counted.join(" / ")));
+        }
+        // The function also stores its request counts, after a request, once
+        // the last store is a minute old: these hits came sooner, so that
+        // write is measured apart.
+        proxy.take_records();
+        api_mirror.flush_stats().await.unwrap();
+        let (stats, _) = calls_by_status(proxy.take_records());
+        let mut hubcap_text = format!(
+            "{}; plus {} per instance at most every {} s (request statistics)",
+            text.join(", "),
+            fmt_calls(&stats),
+            hubcap::observe::STATS_FLUSH_EVERY.as_secs()
+        );
+        if !failed.is_empty() {
+            let _ = write!(hubcap_text, "; failed calls, not counted: {}", failed.join(", "));
+        }
+        rows.push(
+            Row::new(
+                "AWS calls per hit through the `api` function (Function URL events, moto): manifest by tag / by digest / blob, a fresh instance, then warm",
+                hubcap_text,
+                "-",
+                "-",
+                1,
+            )
+            // Asserted above, per hit: a row made here met it.
+            .target("1 GetItem each cold, 0 warm", true),
+        );
     }
-    rows.push((
-        "AWS calls per manifest hit / blob hit (cold instance, then warm)".into(),
-        format!("cold {} / {}, warm {} / {}", counts[0].0, counts[0].1, counts[1].0, counts[1].1),
-        "-".into(),
-        "-".into(),
-        "1 / 1 cold, 0 / 0 warm".into(),
-    ));
 
     // 9: a GC sweep over many small images on the embedded backend (made
     // through the storage traits: what a sweep costs does not depend on
@@ -732,19 +901,25 @@ async fn benchmark() {
         let swept = hubcap::lifecycle::run(&index, &store, &o).await.unwrap();
         let sweep_secs = started.elapsed().as_secs_f64();
         assert_eq!(swept.deleted_blobs, 2 * n);
-        rows.push((
+        rows.push(Row::new(
             format!("GC, embedded: expire {n} images, then delete their {} blobs (two sweeps)", 2 * n),
             format!("{expire_secs:.2} s + {sweep_secs:.2} s ({:.0} images/s)", n as f64 / (expire_secs + sweep_secs)),
-            "no sweep (deletes by age since cached)".into(),
-            "-".into(),
-            "-".into(),
+            "no sweep (deletes by age since cached)",
+            "-",
+            1,
         ));
     }
 
     // Report.
     let mut table = String::from("| # | figure | hubcap | registry:2 (proxy) | ratio | target |\n|---|---|---|---|---|---|\n");
-    for (i, (f, h, r, ratio, target)) in rows.iter().enumerate() {
-        let _ = writeln!(table, "| {} | {f} | {h} | {r} | **{ratio}** | {target} |", i + 1);
+    for (i, r) in rows.iter().enumerate() {
+        // A row measured another number of times than "runs per figure" says so.
+        let runs = match r.runs {
+            n if n == mode.runs => String::new(),
+            1 => " (one run)".to_owned(),
+            n => format!(" (median of {n} runs)"),
+        };
+        let _ = writeln!(table, "| {} | {}{runs} | {} | {} | **{}** | {} |", i + 1, r.figure, r.hubcap, r.registry2, r.ratio, r.target);
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -759,12 +934,31 @@ async fn benchmark() {
         "- machine: {cores} cores ({cpu}), {}",
         mem.replace("MemTotal:", "memory").split_whitespace().collect::<Vec<_>>().join(" ")
     );
+    let runs = if mode.runs == 1 { "1 (single measurements)".to_owned() } else { format!("{} (medians)", mode.runs) };
     let _ = writeln!(
         detail,
-        "- runs per figure: {} (medians); GETs: wrk -t2 -c64 -d{}s; HEADs: ab -k -c64 -t{} (wrk cannot do HEAD); everything on loopback, one machine",
-        mode.runs, mode.wrk_secs, mode.wrk_secs
+        "- runs per figure: {runs}, except where a row says otherwise; GETs: wrk -t2 -c64 -d{}s; HEADs: ab -k -c64 -t{} (wrk cannot do HEAD); everything on loopback, one machine",
+        mode.wrk_secs, mode.wrk_secs
     );
-    if notes.is_empty() {
+    let checked: Vec<(usize, &Row)> = rows.iter().enumerate().filter(|(_, r)| r.met.is_some()).map(|(i, r)| (i + 1, r)).collect();
+    let missed: Vec<&(usize, &Row)> = checked.iter().filter(|(_, r)| r.met == Some(false)).collect();
+    let _ = writeln!(detail, "- targets: {} rows have one, {} met", checked.len(), checked.len() - missed.len());
+    let mut notes = String::new();
+    for (n, r) in &missed {
+        let _ = match &r.why_missed {
+            Some(why) => writeln!(notes, "- Row {n}, {why}"),
+            None => {
+                let measured: Vec<String> = [("hubcap", &r.hubcap), ("registry:2", &r.registry2), ("ratio", &r.ratio)]
+                    .iter()
+                    .filter(|(_, v)| v.as_str() != "-")
+                    // A value that names what it is (`trivial: …`, `floor: …`) keeps its own name.
+                    .map(|(k, v)| if v.contains(": ") { v.to_string() } else { format!("{k} {v}") })
+                    .collect();
+                writeln!(notes, "- Row {n}, {} (target {}): {}.", r.figure, r.target, measured.join(", "))
+            }
+        };
+    }
+    if missed.is_empty() {
         notes.push_str("- Every target was met.\n");
     }
     let report = format!(
@@ -774,6 +968,36 @@ async fn benchmark() {
     if mode.full {
         std::fs::write(Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md"), &report).unwrap();
     }
+}
+
+/// A sample Function URL event from `events/`, for `path`, made into the
+/// router's request as the `api` binary's handler makes it.
+fn function_url_request(sample: &str, path: &str) -> lambda_http::Request {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("events").join(sample)).unwrap();
+    let mut event: serde_json::Value = serde_json::from_str(&text).unwrap();
+    event["rawPath"] = path.into();
+    event["requestContext"]["http"]["path"] = path.into();
+    hubcap::lambda::request_from_event(serde_json::from_value(event).unwrap())
+}
+
+/// AWS calls by operation (`DynamoDB.GetItem`, `S3.GET`, ...): those moto
+/// answered with success, and those it did not.
+fn calls_by_status(records: Vec<common::moto::AwsCall>) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let (mut ok, mut failed) = (BTreeMap::new(), BTreeMap::new());
+    for call in records {
+        // S3 operations carry their path (`S3.GET /bucket/key`): counted by method.
+        let op = call.operation.split(' ').next().unwrap_or("").to_owned();
+        *if (200..300).contains(&call.status) { &mut ok } else { &mut failed }.entry(op).or_default() += 1;
+    }
+    (ok, failed)
+}
+
+/// `1 DynamoDB.GetItem + 2 S3.GET`, or `0`.
+fn fmt_calls(calls: &BTreeMap<String, usize>) -> String {
+    if calls.is_empty() {
+        return "0".into();
+    }
+    calls.iter().map(|(op, n)| format!("{n} {op}")).collect::<Vec<_>>().join(" + ")
 }
 
 /// Pushes one lone blob to a registry (monolithic upload).
