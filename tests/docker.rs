@@ -400,6 +400,73 @@ fn docker_pulls_through_the_lambdas_under_cargo_lambda_watch() {
     run_isolated("netns::lambdas");
 }
 
+#[test]
+fn how_long_docker_waits_on_a_mirror_for_a_layer() {
+    run_isolated("netns::patience");
+}
+
+/// What a layer request meets at the `patience` scenario's registry.
+#[derive(Clone, Copy, PartialEq)]
+enum Patience {
+    /// Always a `307` to itself, one hop further.
+    RedirectForever,
+    /// The bytes, after this long.
+    Hold(Duration),
+}
+
+/// The `patience` scenario's registry: no auth, the images' manifests and
+/// blobs, except that requests for `layer` meet `mode`; it records when
+/// each of those came and at which hop.
+struct Patient {
+    manifests: HashMap<String, Image>,
+    blobs: HashMap<String, bytes::Bytes>,
+    layer: String,
+    mode: Patience,
+    seen: Vec<(Instant, u32)>,
+}
+
+async fn patient(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<std::sync::Mutex<Patient>>>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let path = uri.path().trim_start_matches("/v2/").to_owned();
+    if path.is_empty() {
+        return StatusCode::OK.into_response();
+    }
+    let hop: u32 = uri.query().and_then(|q| q.strip_prefix("hop=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (name, kind, reference) = match path.rsplitn(3, '/').collect::<Vec<_>>()[..] {
+        [reference, kind, name] => (name.to_owned(), kind.to_owned(), reference.to_owned()),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let wait = {
+        let mut s = state.lock().unwrap();
+        if kind == "manifests" {
+            let Some(img) = s.manifests.get(&name) else { return StatusCode::NOT_FOUND.into_response() };
+            let headers = [
+                (header::CONTENT_TYPE, img.media_type.clone()),
+                (header::HeaderName::from_static("docker-content-digest"), img.digest.clone()),
+            ];
+            return (headers, img.manifest.clone()).into_response();
+        }
+        let Some(bytes) = s.blobs.get(&reference).cloned() else { return StatusCode::NOT_FOUND.into_response() };
+        if reference != s.layer {
+            return bytes.into_response();
+        }
+        s.seen.push((Instant::now(), hop));
+        match s.mode {
+            Patience::RedirectForever => {
+                let next = format!("/v2/{name}/blobs/{reference}?hop={}", hop + 1);
+                return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, next)]).into_response();
+            }
+            Patience::Hold(d) => (d, bytes),
+        }
+    };
+    tokio::time::sleep(wait.0).await;
+    wait.1.into_response()
+}
+
 mod netns {
     use super::*;
 
@@ -473,6 +540,88 @@ mod netns {
         pull_and_verify(&docker, d, &reference, img).await;
         let log = mirror.log();
         assert!(!log.contains("pa55word") && !log.contains(&auth), "the client's credentials stay out of the log:\n{log}");
+        drop(docker);
+        println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    }
+
+    /// Scenario 3, what any mirror's blob-miss path must fit: how many
+    /// redirects dockerd follows for a layer, how often and when it tries
+    /// the layer again, and how long it waits on one response. dockerd ->
+    /// the fake Docker Hub as the mirror, its blob redirects going to a
+    /// host that plays each part.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn patience() {
+        let Some((t0, dir)) = inner() else { return };
+        let d = dir.path();
+        let (forever, held) = (images::small_image(Format::Docker, "amd64", 320, 1), images::small_image(Format::Docker, "amd64", 321, 1));
+        let blobs: HashMap<String, bytes::Bytes> = forever.blobs().into_iter().chain(held.blobs()).collect();
+        let manifests: HashMap<String, Image> =
+            [("library/forever".to_owned(), forever.clone()), ("library/held".to_owned(), held.clone())].into();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Patient {
+            manifests,
+            blobs,
+            layer: forever.layers[0].0.clone(),
+            mode: Patience::RedirectForever,
+            seen: Vec::new(),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(patient).with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let docker = Dockerd::start(d, &url).await;
+        println!("started in {:.1} s", t0.elapsed().as_secs_f64());
+
+        // Redirected forever: the redirects dockerd follows per try, the
+        // tries, and the pauses between them; then the pull fails.
+        let started = Instant::now();
+        let out = docker.docker().args(["pull", "forever:1"]).output().await.unwrap();
+        let took = started.elapsed();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "a layer that never comes fails the pull");
+        println!("docker pull: {text}\n{}", docker.log_tail());
+        let seen = state.lock().unwrap().seen.clone();
+        let chains: Vec<Instant> = seen.iter().filter(|(_, hop)| *hop == 0).map(|(at, _)| *at).collect();
+        let max_hop = seen.iter().map(|(_, hop)| *hop).max().unwrap_or(0);
+        // A try is the chains that start within a second of each other.
+        let mut tries: Vec<(Instant, usize)> = Vec::new();
+        for at in &chains {
+            match tries.last_mut() {
+                Some((start, n)) if *at - *start < Duration::from_secs(1) => *n += 1,
+                _ => tries.push((*at, 1)),
+            }
+        }
+        let pauses: Vec<f64> = tries.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).collect();
+        let per_try: Vec<usize> = tries.iter().map(|(_, n)| *n).collect();
+        println!(
+            "redirected forever: {} tries of {per_try:?} request chains, each chain {} requests ({max_hop} redirects followed), pauses between tries {pauses:.1?} s, pull failed after {:.1} s",
+            tries.len(),
+            max_hop + 1,
+            took.as_secs_f64()
+        );
+        assert_eq!(max_hop, 9, "Go's client follows 9 redirects (it refuses the 10th)");
+        assert!(per_try.iter().all(|n| *n == 2), "each try asks twice: {per_try:?}");
+        assert_eq!(tries.len(), 6, "dockerd tries a layer 6 times: the first and 5 retries (--max-download-attempts)");
+        for (i, pause) in pauses.iter().enumerate() {
+            let want = 5.0 * (i + 1) as f64;
+            assert!((want..want + 2.0).contains(pause), "pause {i}: {pause:.1} s, want about {want} s");
+        }
+
+        // Held: one response 25 s in coming (more than `--blob-wait`, 20 s)
+        // is waited for.
+        let hold = Duration::from_secs(25);
+        {
+            let mut h = state.lock().unwrap();
+            h.layer = held.layers[0].0.clone();
+            h.mode = Patience::Hold(hold);
+            h.seen.clear();
+        }
+        let started = Instant::now();
+        docker.run(&["pull", "held:1"]).await;
+        let took = started.elapsed();
+        let tries = state.lock().unwrap().seen.len();
+        println!("held {hold:?}: pulled in {:.1} s with {tries} request(s) for the layer", took.as_secs_f64());
+        assert_eq!(tries, 1, "the held response was waited for, not given up and tried again");
+        assert!(took >= hold);
         drop(docker);
         println!("total {:.1} s", t0.elapsed().as_secs_f64());
     }
