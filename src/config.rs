@@ -30,6 +30,14 @@ pub struct MirrorArgs {
     /// Seconds a blob request waits for an in-flight fetch before redirecting back.
     #[arg(long, env = "HUBCAP_BLOB_WAIT", default_value_t = 20.0, value_parser = seconds)]
     pub blob_wait: f64,
+    /// How a request for a large blob (8 MiB or more) still being copied
+    /// waits: `hold` (inside the request, up to --blob-wait, then a
+    /// redirect back) or `retry` (answered at once with 503 and
+    /// Retry-After unless the copy is about to end, so the client waits
+    /// outside: Docker pauses 5 to 25 s between its 6 tries). Default: hold
+    /// for `serve`, retry for the api Lambda (SCALING.md).
+    #[arg(long, env = "HUBCAP_BLOB_WAIT_MODE", value_enum)]
+    pub blob_wait_mode: Option<crate::mirror::BlobWaitMode>,
     /// Seconds a signed blob URL stays valid.
     #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0, value_parser = seconds)]
     pub url_ttl: f64,
@@ -114,6 +122,7 @@ impl MirrorArgs {
             blob_wait: secs(self.blob_wait),
             url_ttl: secs(self.url_ttl),
             revalidate_timeout: secs(self.revalidate_timeout),
+            blob_wait_mode: self.blob_wait_mode.unwrap_or_default(),
             ..MirrorConfig::default()
         }
     }
@@ -286,6 +295,9 @@ impl LambdaSettings {
     pub fn options(&self) -> Result<Options, String> {
         let mut opts = self.mirror.options(self.backend()?, self.access.policy()?);
         opts.memory_cache_entries = self.memory_cache_entries;
+        // A waiting request holds a whole execution: on Lambda, clients
+        // wait outside unless told otherwise.
+        opts.mirror.blob_wait_mode = self.mirror.blob_wait_mode.unwrap_or(crate::mirror::BlobWaitMode::Retry);
         Ok(opts)
     }
 }

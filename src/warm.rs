@@ -66,6 +66,7 @@ pub async fn warm(mirror: &Mirror, image: &str, platforms: &[String]) -> Result<
                 match mirror.blob(&repo, &d).await?.0 {
                     BlobAnswer::Ready(_) => break,
                     BlobAnswer::Pending => continue,
+                    BlobAnswer::Later(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.clamp(1, 5))).await,
                 }
             }
             out.blobs += 1;

@@ -215,11 +215,14 @@ async fn manifests(index: &dyn Index, c: &Checks) {
     c.that(!unknown.linked && unknown.record.is_none(), "manifest(): nothing before put_manifest");
 
     let before = now();
-    let made = index.put_manifest(REPO, &m, &blobs).await.unwrap();
+    let made = index.put_manifest(REPO, &m, &descs(&blobs)).await.unwrap();
     c.eq(set(&made), set(&blobs), "put_manifest: returns the blobs it made pending");
     c.eq(made.len(), blobs.len(), "put_manifest: each pending blob returned once");
-    c.eq(index.put_manifest(REPO, &m, &blobs).await.unwrap(), vec![], "put_manifest again: makes nothing pending");
-    c.eq(index.put_manifest(OTHER, &m, &blobs).await.unwrap(), vec![], "put_manifest from another repository: nothing pending");
+    c.eq(index.put_manifest(REPO, &m, &descs(&blobs)).await.unwrap(), vec![], "put_manifest again: makes nothing pending");
+    c.eq(index.put_manifest(OTHER, &m, &descs(&blobs)).await.unwrap(), vec![], "put_manifest from another repository: nothing pending");
+    let sizes: Vec<Option<u64>> =
+        unfinished_records(index).await.into_iter().filter(|b| blobs.contains(&b.digest)).map(|b| b.size).collect();
+    c.eq(sizes, vec![Some(7), Some(7)], "put_manifest: pending blobs carry the size the manifest declares");
     let after = now();
 
     for repo in [REPO, OTHER] {
@@ -251,7 +254,7 @@ async fn manifests(index: &dyn Index, c: &Checks) {
     // Sharing a layer with a stored manifest: only the new blob is pending.
     let m2 = image("manifests/m2", &[layer.clone(), extra.clone()]);
     c.eq(
-        index.put_manifest(REPO, &m2, &[layer.clone(), extra.clone()]).await.unwrap(),
+        index.put_manifest(REPO, &m2, &descs(&[layer.clone(), extra.clone()])).await.unwrap(),
         vec![extra.clone()],
         "put_manifest: only unknown blobs",
     );
@@ -259,7 +262,7 @@ async fn manifests(index: &dyn Index, c: &Checks) {
     // A failed blob referenced again: returned exactly when it was made pending.
     index.set_blob_state(&extra, BlobState::Failed, None, Some("boom")).await.unwrap();
     let m3 = image("manifests/m3", std::slice::from_ref(&extra));
-    let made = index.put_manifest(REPO, &m3, std::slice::from_ref(&extra)).await.unwrap();
+    let made = index.put_manifest(REPO, &m3, &descs(std::slice::from_ref(&extra))).await.unwrap();
     let now_state = state(index, &extra).await;
     c.that(
         (made == [extra.clone()] && now_state == Some(BlobState::Pending)) || (made.is_empty() && now_state == Some(BlobState::Failed)),
@@ -528,7 +531,7 @@ async fn manifest_expiry(index: &dyn Index, c: &Checks) {
     let b = d("expiry/layer");
     let m = image("expiry/m", std::slice::from_ref(&b));
     for repo in [REPO, OTHER] {
-        index.put_manifest(repo, &m, std::slice::from_ref(&b)).await.unwrap();
+        index.put_manifest(repo, &m, &descs(std::slice::from_ref(&b))).await.unwrap();
     }
     let t = tag(REPO, "exp", "", &m, now());
     index.put_tag(&t, &m).await.unwrap();
@@ -699,7 +702,7 @@ async fn sweeps(index: &dyn Index, c: &Checks) {
     let m = image("sweep/m", &[config.clone(), layer.clone()]);
     let before = now();
     for repo in [REPO, OTHER] {
-        index.put_manifest(repo, &m, &[config.clone(), layer.clone()]).await.unwrap();
+        index.put_manifest(repo, &m, &descs(&[config.clone(), layer.clone()])).await.unwrap();
     }
     let t = tag(REPO, "swept", "v", &m, 4242);
     index.put_tag(&t, &m).await.unwrap();
@@ -786,6 +789,16 @@ async fn stats(index: &dyn Index, c: &Checks) {
     let got = index.stats().await.unwrap();
     c.eq(got.ratelimit_remaining, Some((7, 1_700_000_100)), "add_stats: the newest rate limit replaces the last");
     c.eq(got.counters.get("hit").copied(), Some(8), "stats(): hit after four adds");
+}
+
+/// Descriptors of `digests`, each declared 7 bytes long.
+fn descs(digests: &[Digest]) -> Vec<hubcap::oci::Descriptor> {
+    digests.iter().map(|d| hubcap::oci::Descriptor { digest: d.clone(), size: Some(7) }).collect()
+}
+
+/// The records `unfinished_blobs()` returns.
+async fn unfinished_records(index: &dyn Index) -> Vec<BlobRecord> {
+    index.unfinished_blobs().await.unwrap()
 }
 
 // ---------------------------------------------------------------------------

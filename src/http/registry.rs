@@ -98,6 +98,11 @@ async fn blob_get(state: &AppState, repo: &RepoPath, digest: &Digest, path: &str
     let (answer, cache) = state.mirror.blob(repo, digest).await?;
     let location = match answer {
         BlobAnswer::Ready(url) => url,
+        // The client waits outside, in its own retry pause.
+        BlobAnswer::Later(secs) => {
+            return Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched from upstream"))
+                .with_retry_after(Some(secs)));
+        }
         BlobAnswer::Pending => {
             let waited: u32 = query_param(query, WAIT_PARAM).and_then(|w| w.parse().ok()).unwrap_or(0);
             if waited >= MAX_WAIT_REDIRECTS {

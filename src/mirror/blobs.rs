@@ -27,6 +27,9 @@ impl Mirror {
     /// wait) when it is not stored yet.
     pub async fn blob(&self, repo: &RepoPath, digest: &Digest) -> Result<(BlobAnswer, CacheStatus), RegistryError> {
         let key = repo.key();
+        if let Some(secs) = self.recent_later(&key, digest) {
+            return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));
+        }
         let view = self.index.blob(&key, digest).await?;
         let mut size = view.record.as_ref().and_then(|r| r.size);
         if !view.linked {
@@ -45,17 +48,25 @@ impl Mirror {
             self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
         }
         self.start_fetch(repo, digest, size);
+        let (hold, mut poll) = match how_to_wait(self.cfg.blob_wait_mode, view.record.as_ref(), size, self.cfg.blob_wait, now()) {
+            Wait::Later(secs) => {
+                self.remember_later(&key, digest, secs);
+                return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));
+            }
+            Wait::Hold(hold) => (hold, Duration::from_millis(50)),
+            // Near the copy's end: the first look when it should be done.
+            Wait::HoldFor(hold, first) => (hold, first),
+        };
         // Wait, bounded, for the copy: on the in-process queue directly; when
         // the fetch runs elsewhere (another instance, the fetcher Lambda), by
         // polling the index.
-        let deadline = Instant::now() + self.cfg.blob_wait;
-        let mut poll = Duration::from_millis(50);
+        let deadline = Instant::now() + hold;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if self.queue.wait(digest, left).await == WaitOutcome::TimedOut {
                 return Ok((BlobAnswer::Pending, CacheStatus::Miss));
             }
-            let record = self.index.blob(&key, digest).await?.record;
+            let record = self.index.blob_record(digest).await?;
             match record {
                 Some(r) if r.state == BlobState::Ready => {
                     return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Miss));
@@ -75,10 +86,25 @@ impl Mirror {
                 _ if Instant::now() + poll >= deadline => return Ok((BlobAnswer::Pending, CacheStatus::Miss)),
                 _ => {
                     tokio::time::sleep(poll).await;
-                    poll = (poll * 2).min(Duration::from_millis(500));
+                    poll = (poll * 2).clamp(Duration::from_millis(100), Duration::from_millis(500));
                 }
             }
         }
+    }
+
+    /// The "later" answer given for this blob in this repository within
+    /// `LATER_FOR`, if any.
+    fn recent_later(&self, repo: &str, digest: &Digest) -> Option<u64> {
+        let later = self.later.lock().unwrap_or_else(|p| p.into_inner());
+        later.get(&(repo.to_owned(), digest.clone())).filter(|(at, _)| at.elapsed() < LATER_FOR).map(|(_, secs)| *secs)
+    }
+
+    fn remember_later(&self, repo: &str, digest: &Digest, secs: u64) {
+        let mut later = self.later.lock().unwrap_or_else(|p| p.into_inner());
+        if later.len() >= 1024 {
+            later.retain(|_, (at, _)| at.elapsed() < LATER_FOR);
+        }
+        later.insert((repo.to_owned(), digest.clone()), (Instant::now(), secs));
     }
 
     /// A blob `HEAD`: its size, answered directly. A miss starts the fetch,
@@ -117,4 +143,115 @@ impl Mirror {
     }
 
     // -- tags ---------------------------------------------------------------
+}
+
+/// Blobs at least this large get checkpoints, so their copy's progress is
+/// in the index; smaller ones are always held for.
+pub const LARGE_BLOB: u64 = 8 << 20;
+/// A copy expected to end within this is waited for inside the request.
+const HOLD_NEAR_END: u64 = 2;
+/// What a Docker client's retries of a layer cover after its first try:
+/// pauses of 5, 10, 15, 20 and 25 s (measured: `tests/docker.rs`,
+/// `how_long_docker_waits_on_a_mirror_for_a_layer`).
+const CLIENT_COVER: i64 = 75;
+/// Slack for a copy that runs slower than its estimate, and for the time
+/// between the blob's first request and the fetcher's claim.
+const COVER_MARGIN: i64 = 15;
+
+/// How a blob request waits for a copy in progress.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// Inside the request, at most this long.
+    Hold(Duration),
+    /// Inside the request, at most this long, first looking after the
+    /// second (when the copy should have ended): fewer reads of the hot item.
+    HoldFor(Duration, Duration),
+    /// Not here: answered at once, "ask again in this many seconds".
+    Later(u64),
+}
+
+/// Decides how a request for a blob still being copied waits. In `Retry`
+/// mode a large blob's request is answered at once while the client's own
+/// retry pauses are sure to outlast the copy. A client on its k-th try has
+/// been asking since at least the copy began, so at copy age `A` every
+/// waiting client still has at least `CLIENT_COVER - A` seconds of retries
+/// left: the request is answered at once only when the copy's age plus its
+/// expected remaining time (from its checkpoint) and a margin stays within
+/// that; held when the copy is about to end (the client then gets the blob
+/// without another pause), and held as in `Hold` mode otherwise (a copy
+/// too long for the retries, one handed over from another fetcher, or with
+/// no progress to go by).
+pub(super) fn how_to_wait(mode: BlobWaitMode, record: Option<&BlobRecord>, size: Option<u64>, blob_wait: Duration, now: i64) -> Wait {
+    let held = Wait::Hold(blob_wait);
+    let size = size.or(record.and_then(|r| r.size));
+    if mode == BlobWaitMode::Hold || size.is_none_or(|s| s < LARGE_BLOB) {
+        return held;
+    }
+    let size = size.unwrap_or(0);
+    let (age, offset) = match record {
+        // Made pending by this request.
+        None => (0, 0),
+        Some(r) if r.attempts <= 1 && matches!(r.state, BlobState::Pending | BlobState::Fetching) => {
+            let offset = if r.state == BlobState::Fetching { r.checkpoint.as_ref().map_or(0, |c| c.offset) } else { 0 };
+            ((now - r.updated_at).max(0), offset)
+        }
+        _ => return held,
+    };
+    if offset == 0 || age == 0 {
+        // No progress to go by yet: early on, the retries cover it.
+        return if age + COVER_MARGIN + 5 <= CLIENT_COVER / 2 { Wait::Later(5) } else { held };
+    }
+    let left = (size.saturating_sub(offset) as f64 * age as f64 / offset as f64).ceil() as u64;
+    if left <= HOLD_NEAR_END {
+        let within = blob_wait.min(Duration::from_secs(left + HOLD_NEAR_END));
+        return Wait::HoldFor(within, Duration::from_secs(left).clamp(Duration::from_millis(250), within));
+    }
+    if age + left as i64 + COVER_MARGIN <= CLIENT_COVER { Wait::Later(left.min(25)) } else { held }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Checkpoint;
+
+    const MIB: u64 = 1 << 20;
+
+    fn fetching(updated_at: i64, offset: u64, attempts: u32) -> BlobRecord {
+        BlobRecord {
+            digest: Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap(),
+            state: BlobState::Fetching,
+            size: Some(200 * MIB),
+            source: "docker.io/library/x".into(),
+            attempts,
+            last_error: None,
+            updated_at,
+            used_at: 0,
+            lease_until: 0,
+            checkpoint: (offset > 0).then(|| Checkpoint { upload: "u".into(), offset, hash: vec![] }),
+        }
+    }
+
+    #[test]
+    fn large_copies_are_waited_for_outside_while_the_clients_retries_outlast_them() {
+        let (wait, now) = (Duration::from_secs(20), 1_000);
+        let retry = BlobWaitMode::Retry;
+        // Hold mode, and small blobs in any mode: held.
+        assert_eq!(how_to_wait(BlobWaitMode::Hold, None, Some(200 * MIB), wait, now), Wait::Hold(wait));
+        assert_eq!(how_to_wait(retry, None, Some(MIB), wait, now), Wait::Hold(wait));
+        assert_eq!(how_to_wait(retry, None, None, wait, now), Wait::Hold(wait), "size unknown");
+        // Just made pending, or claimed with no part done: ask again in 5 s.
+        assert_eq!(how_to_wait(retry, None, Some(200 * MIB), wait, now), Wait::Later(5));
+        assert_eq!(how_to_wait(retry, Some(&fetching(now - 3, 0, 1)), None, wait, now), Wait::Later(5));
+        // 40 of 200 MiB in 4 s: 16 s left, 20 s in all: answered at once.
+        assert_eq!(how_to_wait(retry, Some(&fetching(now - 4, 40 * MIB, 1)), None, wait, now), Wait::Later(16));
+        // 196 of 200 MiB in 19.6 s: under 2 s left, held that long and a bit.
+        assert_eq!(
+            how_to_wait(retry, Some(&fetching(now - 20, 196 * MIB, 1)), None, wait, now),
+            Wait::HoldFor(Duration::from_secs(3), Duration::from_secs(1))
+        );
+        // 40 of 200 MiB in 20 s: 80 s left, past what the retries cover: held.
+        assert_eq!(how_to_wait(retry, Some(&fetching(now - 20, 40 * MIB, 1)), None, wait, now), Wait::Hold(wait));
+        // A copy another fetcher handed over: its age says nothing of the clients'.
+        assert_eq!(how_to_wait(retry, Some(&fetching(now - 4, 40 * MIB, 2)), None, wait, now), Wait::Hold(wait));
+    }
 }

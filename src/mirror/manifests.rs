@@ -232,8 +232,7 @@ impl Mirror {
     }
 
     async fn store_manifest(&self, repo: &RepoPath, m: &ManifestRecord, info: &ManifestInfo) -> Result<(), RegistryError> {
-        let digests: Vec<Digest> = info.blobs.iter().map(|b| b.digest.clone()).collect();
-        let pending = self.index.put_manifest(&repo.key(), m, &digests).await?;
+        let pending = self.index.put_manifest(&repo.key(), m, &info.blobs).await?;
         // Prefetch: by the time the client asks for the layers, they are on
         // their way into the store.
         for d in pending {

@@ -56,6 +56,25 @@ pub struct MirrorConfig {
     /// Pulls and blob use are written to the index at most this often per
     /// item. GC's grace must exceed it plus `url_ttl`.
     pub touch_every: Duration,
+    /// How a request for a large blob still being copied waits.
+    pub blob_wait_mode: BlobWaitMode,
+}
+
+/// How a request for a large blob still being copied waits (SCALING.md).
+/// Small blobs (under `LARGE_BLOB`: configs, most layers) are always held:
+/// their copies are short, and Docker fetches an image's config once, with
+/// no retry, before failing over to the next endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BlobWaitMode {
+    /// Inside the request, up to `blob_wait`, then a redirect back to itself
+    /// (at most 5): cheap in one process, where waiting costs nothing.
+    #[default]
+    Hold,
+    /// Answered at once (`503` + `Retry-After`: the client waits outside)
+    /// unless the copy's progress says it ends within `HOLD_NEAR_END`, or
+    /// says it takes longer than a client's retries cover; then held. On
+    /// Lambda a waiting request holds a whole execution.
+    Retry,
 }
 
 impl Default for MirrorConfig {
@@ -67,6 +86,7 @@ impl Default for MirrorConfig {
             revalidate_timeout: Duration::from_secs(3),
             upstream_backoff: Duration::from_secs(10),
             touch_every: Duration::from_secs(600),
+            blob_wait_mode: BlobWaitMode::Hold,
         }
     }
 }
@@ -105,6 +125,9 @@ pub enum BlobAnswer {
     Ready(String),
     /// Still being fetched after the bounded wait.
     Pending,
+    /// Still being fetched: ask again in about this many seconds
+    /// (`BlobWaitMode::Retry`).
+    Later(u64),
 }
 
 pub struct Mirror {
@@ -116,7 +139,14 @@ pub struct Mirror {
     flights: Flights,
     /// How requests were answered, and what of it is stored.
     stats: RequestStats,
+    /// Recent "ask again later" answers by (repository, digest): repeated
+    /// within `LATER_FOR`, with no index read (a herd retrying in step reads
+    /// the blob's item once per instance per second at most).
+    later: Mutex<HashMap<(String, Digest), (Instant, u64)>>,
 }
+
+/// How long a "later" answer is repeated without reading the index.
+const LATER_FOR: Duration = Duration::from_secs(1);
 
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
@@ -156,7 +186,7 @@ impl Mirror {
         upstreams: Arc<Upstreams>,
         cfg: MirrorConfig,
     ) -> Mirror {
-        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), stats: RequestStats::default() }
+        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), stats: RequestStats::default(), later: Mutex::default() }
     }
 
     pub fn index(&self) -> &Arc<dyn Index> {

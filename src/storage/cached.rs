@@ -27,7 +27,7 @@ use super::{
     BlobRecord, BlobState, Checkpoint, FetchIndex, Index, Linked, ManifestRecord, Result, ScanPage, ServeIndex, StatsIndex, StoredStats,
     SweepIndex, TagRecord, now,
 };
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest};
 
 /// (repository, tag, Accept variant)
 type TagKey = (String, String, String);
@@ -189,12 +189,16 @@ impl<I: Index> ServeIndex for CachedIndex<I> {
         Ok(found)
     }
 
-    async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>> {
+    async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Descriptor]) -> Result<Vec<Digest>> {
         self.inner.put_manifest(repo, manifest, blobs).await
     }
 
     async fn link(&self, repo: &str, digest: &Digest) -> Result<()> {
         self.inner.link(repo, digest).await
+    }
+
+    async fn blob_record(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        self.inner.blob_record(digest).await
     }
 
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>> {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest};
 
 /// The `last_error` of a blob found `ready` whose stored bytes were gone.
 pub const LOST: &str = "the stored blob was missing; fetching it again";
@@ -259,21 +259,29 @@ pub trait ServeIndex: Send + Sync {
 
     /// Stores a manifest and links it to `repo`. For an image manifest, also
     /// links its config and layers to `repo` and records each blob not yet
-    /// known as `pending` (sourced from `repo`). Returns the blobs this call
-    /// made pending: exactly the ones the caller must enqueue.
+    /// known as `pending` (sourced from `repo`, with the size the manifest
+    /// declares: the fetcher checks it, reads large blobs in ranges and can
+    /// continue a copy cut off). Returns the blobs this call made pending:
+    /// exactly the ones the caller must enqueue.
     ///
     /// SQLite does it in one transaction. DynamoDB does it as ordered writes
     /// (each blob's link and conditional pending write, then the manifest
     /// item, then `repo`'s copy): a crash part-way leaves blobs known (and
     /// maybe pending) without the manifest, never a manifest whose blobs are
     /// unknown, and the next miss of the manifest finishes the job.
-    async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>>;
+    async fn put_manifest(&self, repo: &str, manifest: &ManifestRecord, blobs: &[Descriptor]) -> Result<Vec<Digest>>;
 
     /// Records that `repo` contains `digest` (checked upstream).
     async fn link(&self, repo: &str, digest: &Digest) -> Result<()>;
 
     /// The blob's record, and whether `repo` is linked to it.
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>>;
+
+    /// The blob's record alone, read from the index (no cache): what a
+    /// request waiting on a copy polls, one read each time.
+    async fn blob_record(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        Ok(self.blob("", digest).await?.record)
+    }
 
     /// Records a pull of the tag (if it still exists).
     async fn tag_pulled(&self, repo: &str, tag: &str, variant: &str) -> Result<()>;

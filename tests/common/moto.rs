@@ -109,6 +109,9 @@ pub struct CountingProxy {
     pub url: String,
     pub calls: Arc<Mutex<BTreeMap<String, usize>>>,
     pub records: Arc<Mutex<Vec<AwsCall>>>,
+    /// DynamoDB GetItems by (item key `pk|sk`, Unix second), for the herd
+    /// simulation's reads per key per second.
+    pub reads: Arc<Mutex<HashMap<(String, u64), usize>>>,
 }
 
 /// One AWS call that went through a [`CountingProxy`].
@@ -135,6 +138,7 @@ struct Proxy {
     upstream: String,
     calls: Arc<Mutex<BTreeMap<String, usize>>>,
     records: Arc<Mutex<Vec<AwsCall>>>,
+    reads: Arc<Mutex<HashMap<(String, u64), usize>>>,
     http: reqwest::Client,
     /// DynamoDB Streams shard iterator -> its stream's ARN (GetRecords names only the iterator).
     iterators: Mutex<HashMap<String, String>>,
@@ -144,10 +148,12 @@ impl CountingProxy {
     pub async fn start(upstream: &str) -> CountingProxy {
         let calls: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
         let records: Arc<Mutex<Vec<AwsCall>>> = Arc::default();
+        let reads: Arc<Mutex<HashMap<(String, u64), usize>>> = Arc::default();
         let state = Proxy {
             upstream: upstream.to_owned(),
             calls: calls.clone(),
             records: records.clone(),
+            reads: reads.clone(),
             http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
             iterators: Mutex::default(),
         };
@@ -155,7 +161,7 @@ impl CountingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        CountingProxy { url, calls, records }
+        CountingProxy { url, calls, records, reads }
     }
 
     pub fn take(&self) -> BTreeMap<String, usize> {
@@ -192,6 +198,12 @@ async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response {
         Some(t) => {
             let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let answer: serde_json::Value = serde_json::from_slice(&resp_body).unwrap_or_default();
+            if t.ends_with(".GetItem") {
+                let key =
+                    format!("{}|{}", request["Key"]["pk"]["S"].as_str().unwrap_or(""), request["Key"]["sk"]["S"].as_str().unwrap_or(""));
+                let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                *state.reads.lock().unwrap().entry((key, second)).or_default() += 1;
+            }
             (json_operation(&service, t), json_needs(&state, &service, t, &request, &answer, &region))
         }
         None if service == "s3" || service.is_empty() => {

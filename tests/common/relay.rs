@@ -70,7 +70,8 @@ async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: 
         let _ = server_w.shutdown().await;
     };
     let downward = async move {
-        let started = Instant::now();
+        // The pace is kept from a mark: (when, bytes sent then).
+        let mut mark = (Instant::now(), 0u64);
         let mut sent = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -91,8 +92,14 @@ async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: 
                 break; // cut: the client sees the body end early
             }
             if let Some(rate) = rate {
-                let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-                tokio::time::sleep_until(due).await;
+                let due = mark.0 + Duration::from_secs_f64((sent - mark.1) as f64 / rate as f64);
+                if due + Duration::from_secs(1) < Instant::now() {
+                    // Idle (a kept-alive connection between requests): no
+                    // saved-up allowance, the pace starts again from here.
+                    mark = (Instant::now(), sent);
+                } else {
+                    tokio::time::sleep_until(due).await;
+                }
             }
         }
         let _ = client_w.shutdown().await;

@@ -81,14 +81,14 @@ impl ServeIndex for DynamoIndex {
         }
     }
 
-    async fn put_manifest(&self, repo: &str, m: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>> {
+    async fn put_manifest(&self, repo: &str, m: &ManifestRecord, blobs: &[Descriptor]) -> Result<Vec<Digest>> {
         // Blobs first (links, then the conditional pending writes that
         // enqueue them), the manifest last: a crash part-way never leaves a
         // manifest whose blobs are unknown.
         let mut pending = Vec::new();
-        for b in blobs {
+        for Descriptor { digest: b, size } in blobs {
             self.link(repo, b).await?;
-            if self.create_pending_blob(b, repo, None).await? {
+            if self.create_pending_blob(b, repo, *size).await? {
                 pending.push(b.clone());
             } else {
                 // Known already: referenced now, so GC's grace starts over.
@@ -102,7 +102,7 @@ impl ServeIndex for DynamoIndex {
         global.insert("kind".into(), s("manifest"));
         global.insert("created_at".into(), n(now()));
         // What it references, for lifecycle sweeps.
-        global.insert("blobs".into(), AttributeValue::L(blobs.iter().map(|b| s(b.as_str())).collect()));
+        global.insert("blobs".into(), AttributeValue::L(blobs.iter().map(|b| s(b.digest.as_str())).collect()));
         self.put(global).await?;
         let mut link = attrs;
         link.insert("pk".into(), s(repo_pk(repo)));
@@ -126,6 +126,10 @@ impl ServeIndex for DynamoIndex {
             .await
             .map_err(|e| unavailable("DynamoDB UpdateItem", e))?;
         Ok(())
+    }
+
+    async fn blob_record(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        self.get(blob_pk(digest), "blob".into()).await?.as_ref().map(Self::blob_from).transpose()
     }
 
     async fn blob(&self, repo: &str, digest: &Digest) -> Result<Linked<BlobRecord>> {

@@ -64,7 +64,7 @@ use super::{
     BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage,
     ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest};
 
 /// S3 multipart part size: inside S3's 5 MiB minimum, bounded memory.
 pub const PART_SIZE: usize = 8 * 1024 * 1024;

@@ -24,7 +24,7 @@ use super::{
     BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage,
     ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest};
 
 /// Route prefix of the signed blob URLs this backend hands out.
 pub const BLOB_URL_PREFIX: &str = "/_hubcap/blobs/sha256/";

@@ -193,7 +193,7 @@ impl ServeIndex for SqliteIndex {
         })
     }
 
-    async fn put_manifest(&self, repo: &str, m: &ManifestRecord, blobs: &[Digest]) -> Result<Vec<Digest>> {
+    async fn put_manifest(&self, repo: &str, m: &ManifestRecord, blobs: &[Descriptor]) -> Result<Vec<Digest>> {
         let t = now();
         self.with(|c| {
             let tx = c.transaction()?;
@@ -209,9 +209,9 @@ impl ServeIndex for SqliteIndex {
                 let mut link = tx.prepare_cached("INSERT OR IGNORE INTO links (repo, digest) VALUES (?1, ?2)")?;
                 let mut pend = tx.prepare_cached(PEND_BLOB)?;
                 let mut touch = tx.prepare_cached("UPDATE blobs SET used_at = ?2 WHERE digest = ?1 AND state = 'ready'")?;
-                for b in blobs {
+                for Descriptor { digest: b, size } in blobs {
                     link.execute(params![repo, b.as_str()])?;
-                    if pend.execute(params![b.as_str(), Option::<i64>::None, repo, t])? > 0 {
+                    if pend.execute(params![b.as_str(), size.map(|s| s as i64), repo, t])? > 0 {
                         pending.push(b.clone());
                     } else {
                         touch.execute(params![b.as_str(), t])?;
@@ -543,9 +543,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = SqliteIndex::open(&dir.path().join("index.db")).unwrap();
         let m = ManifestRecord { digest: d('f'), media_type: "x".into(), body: Bytes::from_static(b"{}") };
-        let first = index.put_manifest("docker.io/a", &m, &[d('a'), d('b')]).await.unwrap();
+        let blobs = [d('a'), d('b')].map(|digest| Descriptor { digest, size: Some(5) });
+        let first = index.put_manifest("docker.io/a", &m, &blobs).await.unwrap();
         assert_eq!(first, vec![d('a'), d('b')]);
-        let again = index.put_manifest("docker.io/b", &m, &[d('a'), d('b')]).await.unwrap();
+        let sized = index.unfinished_blobs().await.unwrap().into_iter().map(|b| b.size).collect::<Vec<_>>();
+        assert_eq!(sized, vec![Some(5), Some(5)], "pending with the size the manifest declares");
+        let again = index.put_manifest("docker.io/b", &m, &blobs).await.unwrap();
         assert!(again.is_empty());
         assert!(!index.create_pending_blob(&d('a'), "docker.io/a", None).await.unwrap());
         index.set_blob_state(&d('a'), BlobState::Failed, None, Some("boom")).await.unwrap();
