@@ -273,7 +273,8 @@ impl Fetcher {
                 self.index.save_checkpoint(digest, Some(&cp)).await?;
                 Ok(cp.offset)
             }
-            None => Ok(0),
+            // Nothing past the last checkpoint: that one stands.
+            None => Ok(progress.saved),
         }
     }
 }
