@@ -467,6 +467,65 @@ async fn patient(
     wait.1.into_response()
 }
 
+/// The tries in recorded layer requests: chains per try (a try is the
+/// chains starting within a second of each other), the most redirects any
+/// chain followed, and the pauses between tries in seconds.
+fn tries_of(seen: &[(Instant, u32)]) -> (Vec<usize>, u32, Vec<f64>) {
+    let mut tries: Vec<(Instant, usize)> = Vec::new();
+    for (at, _) in seen.iter().filter(|(_, hop)| *hop == 0) {
+        match tries.last_mut() {
+            Some((start, n)) if *at - *start < Duration::from_secs(1) => *n += 1,
+            _ => tries.push((*at, 1)),
+        }
+    }
+    let max_hop = seen.iter().map(|(_, hop)| *hop).max().unwrap_or(0);
+    let pauses = tries.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).collect();
+    (tries.iter().map(|(_, n)| *n).collect(), max_hop, pauses)
+}
+
+/// `podman pull` or `ctr content fetch` of `forever:1` through `mirror`,
+/// each falling back to a closed loopback port; at most two minutes.
+async fn client_pull(client: &str, d: &Path, mirror: &str) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(client);
+    let _containerd = if client == "podman" {
+        cmd.env("CONTAINERS_REGISTRIES_CONF", common::registries_conf(d, mirror, "patience"));
+        cmd.arg("--root").arg(d.join("podman-root")).arg("--runroot").arg(d.join("podman-run"));
+        cmd.args(["--storage-driver", "vfs", "--events-backend", "none", "--cgroup-manager", "cgroupfs"]);
+        cmd.args(["pull", "--arch", "amd64", "--os", "linux"]).arg("--signature-policy").arg(common::skopeo_policy(d));
+        cmd.arg("docker.io/library/forever:1");
+        None
+    } else {
+        let sock = d.join("ctrd.sock");
+        let config = d.join("containerd.toml");
+        let toml = format!(
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}\"\n",
+            d.join("ctrd-root").display(),
+            d.join("ctrd-state").display(),
+            sock.display(),
+            d.join("ctrd-ttrpc.sock").display()
+        );
+        std::fs::write(&config, toml).unwrap();
+        let containerd = Proc::spawn(Command::new("containerd").arg("--config").arg(&config), d.join("containerd.log"));
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let hosts = d.join("certs.d");
+        std::fs::create_dir_all(hosts.join("docker.io")).unwrap();
+        let host = format!("server = \"http://127.0.0.1:9\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
+        std::fs::write(hosts.join("docker.io/hosts.toml"), host).unwrap();
+        cmd.arg("--address").arg(&sock).args(["content", "fetch", "--hosts-dir"]).arg(&hosts).arg("docker.io/library/forever:1");
+        Some(containerd)
+    };
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{client} still running after 120 s"))
+        .unwrap()
+}
+
 mod netns {
     use super::*;
 
@@ -579,31 +638,39 @@ mod netns {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(!out.status.success(), "a layer that never comes fails the pull");
         println!("docker pull: {text}\n{}", docker.log_tail());
-        let seen = state.lock().unwrap().seen.clone();
-        let chains: Vec<Instant> = seen.iter().filter(|(_, hop)| *hop == 0).map(|(at, _)| *at).collect();
-        let max_hop = seen.iter().map(|(_, hop)| *hop).max().unwrap_or(0);
-        // A try is the chains that start within a second of each other.
-        let mut tries: Vec<(Instant, usize)> = Vec::new();
-        for at in &chains {
-            match tries.last_mut() {
-                Some((start, n)) if *at - *start < Duration::from_secs(1) => *n += 1,
-                _ => tries.push((*at, 1)),
-            }
-        }
-        let pauses: Vec<f64> = tries.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).collect();
-        let per_try: Vec<usize> = tries.iter().map(|(_, n)| *n).collect();
+        let (per_try, max_hop, pauses) = tries_of(&state.lock().unwrap().seen);
         println!(
-            "redirected forever: {} tries of {per_try:?} request chains, each chain {} requests ({max_hop} redirects followed), pauses between tries {pauses:.1?} s, pull failed after {:.1} s",
-            tries.len(),
+            "dockerd, redirected forever: {} tries of {per_try:?} request chains, each chain {} requests ({max_hop} redirects followed), pauses between tries {pauses:.1?} s, pull failed after {:.1} s",
+            per_try.len(),
             max_hop + 1,
             took.as_secs_f64()
         );
         assert_eq!(max_hop, 9, "Go's client follows 9 redirects (it refuses the 10th)");
         assert!(per_try.iter().all(|n| *n == 2), "each try asks twice: {per_try:?}");
-        assert_eq!(tries.len(), 6, "dockerd tries a layer 6 times: the first and 5 retries (--max-download-attempts)");
+        assert_eq!(per_try.len(), 6, "dockerd tries a layer 6 times: the first and 5 retries (--max-download-attempts)");
         for (i, pause) in pauses.iter().enumerate() {
             let want = 5.0 * (i + 1) as f64;
             assert!((want..want + 2.0).contains(pause), "pause {i}: {pause:.1} s, want about {want} s");
+        }
+
+        // podman and containerd's ctr, redirected forever too (their mirror
+        // configuration falls back to a closed loopback port).
+        for client in ["podman", "ctr"] {
+            state.lock().unwrap().seen.clear();
+            let started = Instant::now();
+            let out = client_pull(client, d, &url).await;
+            let took = started.elapsed();
+            let (per_try, max_hop, pauses) = tries_of(&state.lock().unwrap().seen);
+            println!(
+                "{client}, redirected forever: {} tries of {per_try:?} request chains, each chain {} requests ({max_hop} redirects followed), pauses between tries {pauses:.1?} s, pull failed after {:.1} s",
+                per_try.len(),
+                max_hop + 1,
+                took.as_secs_f64()
+            );
+            assert!(!out.status.success(), "{client}: a layer that never comes fails the pull");
+            assert_eq!(max_hop, 9, "{client}: Go's client follows 9 redirects:\n{}", String::from_utf8_lossy(&out.stderr));
+            // Unlike dockerd, one try: a mirror must never tell them to come back later.
+            assert_eq!(per_try, [1], "{client} tries a layer once, one chain");
         }
 
         // Held: one response 25 s in coming (more than `--blob-wait`, 20 s)

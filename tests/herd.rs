@@ -65,8 +65,12 @@ struct Herd {
 #[derive(Debug, Default, Clone)]
 struct Measured {
     pulls: usize,
+    /// Of them, Docker's daemon's.
+    docker_pulls: usize,
     failed: usize,
     instance_secs: f64,
+    /// Instance-seconds spent on Docker's daemon's requests.
+    docker_instance_secs: f64,
     peak_instances: usize,
     instances_made: usize,
     get_items: usize,
@@ -84,6 +88,8 @@ struct Pool {
     peak: AtomicUsize,
     made: AtomicUsize,
     busy_micros: AtomicU64,
+    /// The part of `busy_micros` spent on Docker's daemon's requests.
+    docker_micros: AtomicU64,
     storage: AwsStorage,
     cfg: MirrorConfig,
     hub: String,
@@ -102,6 +108,7 @@ impl Pool {
 }
 
 async fn dispatch(State(pool): State<Arc<Pool>>, req: Request) -> Response {
+    let docker = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).is_some_and(|ua| ua.starts_with("docker/"));
     let router = pool.instance().await;
     let busy = pool.busy.fetch_add(1, Ordering::SeqCst) + 1;
     pool.peak.fetch_max(busy, Ordering::SeqCst);
@@ -111,6 +118,9 @@ async fn dispatch(State(pool): State<Arc<Pool>>, req: Request) -> Response {
     let (parts, body) = resp.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     pool.busy_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+    if docker {
+        pool.docker_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+    }
     pool.busy.fetch_sub(1, Ordering::SeqCst);
     pool.idle.lock().unwrap().push(router);
     Response::from_parts(parts, axum::body::Body::from(body))
@@ -146,9 +156,15 @@ async fn chain(http: &reqwest::Client, base: &str, path: &str) -> Result<(), u16
     Err(310)
 }
 
-/// A layer as dockerd fetches it: 6 tries of two chains, pauses between.
-async fn layer(http: &reqwest::Client, base: &str, path: &str) -> Result<(), String> {
-    for try_ in 0..6u64 {
+/// Docker's daemon (its User-Agent starts `docker/`): 6 tries of a layer.
+const DOCKER_UA: &str = "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/5d6db84 kernel/6.1.0 os/linux arch/amd64 UpstreamClient(Docker-Client/20.10.24+dfsg1 \\(linux\\))";
+/// podman (containers/image): one try of a layer, then the next endpoint.
+const PODMAN_UA: &str = "containers/5.23.1 (github.com/containers/image)";
+
+/// A layer as the client fetches it: `tries` tries of two chains (dockerd:
+/// 6, with pauses of 5, 10, 15, 20, 25 s; podman: 1).
+async fn layer(http: &reqwest::Client, base: &str, path: &str, tries: u64) -> Result<(), String> {
+    for try_ in 0..tries {
         if try_ > 0 {
             tokio::time::sleep(Duration::from_secs(5 * try_)).await;
         }
@@ -158,11 +174,11 @@ async fn layer(http: &reqwest::Client, base: &str, path: &str) -> Result<(), Str
             }
         }
     }
-    Err(format!("{path}: 6 tries failed"))
+    Err(format!("{path}: {tries} tries failed"))
 }
 
 /// One node's pull of `name:tag` (an image of config + layers).
-async fn pull(http: &reqwest::Client, base: &str, name: &str, tag: &str) -> Result<(), String> {
+async fn pull(http: &reqwest::Client, base: &str, name: &str, tag: &str, tries: u64) -> Result<(), String> {
     let resp =
         http.get(format!("{base}/v2/{name}/manifests/{tag}")).header("accept", ALL_MANIFESTS).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
@@ -174,7 +190,7 @@ async fn pull(http: &reqwest::Client, base: &str, name: &str, tag: &str) -> Resu
     chain(http, base, &format!("/v2/{name}/blobs/{config}")).await.map_err(|s| format!("config: {s}"))?;
     let layers: Vec<String> = m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect();
     let results: Vec<Result<(), String>> = futures_util::stream::iter(layers)
-        .map(|d| async move { layer(http, base, &format!("/v2/{name}/blobs/{d}")).await })
+        .map(|d| async move { layer(http, base, &format!("/v2/{name}/blobs/{d}"), tries).await })
         .buffer_unordered(3)
         .collect()
         .await;
@@ -216,8 +232,18 @@ async fn world(hub: &FakeHub, relay: &str, name: &str) -> World {
 }
 
 /// Runs `herd.nodes` pulls spread evenly over `herd.window` against fresh
-/// instances, and measures.
-async fn scenario(w: &World, hub: &FakeHub, relay: &str, mode: BlobWaitMode, herd: Herd, name: &str, blobs: &[String]) -> Measured {
+/// instances, and measures. Every `podman_every`-th node is podman (0: none).
+#[allow(clippy::too_many_arguments)]
+async fn scenario(
+    w: &World,
+    hub: &FakeHub,
+    relay: &str,
+    mode: BlobWaitMode,
+    herd: Herd,
+    name: &str,
+    blobs: &[String],
+    podman_every: usize,
+) -> Measured {
     let cfg = MirrorConfig { blob_wait_mode: mode, ..Default::default() };
     let pool = Arc::new(Pool {
         idle: Mutex::default(),
@@ -225,6 +251,7 @@ async fn scenario(w: &World, hub: &FakeHub, relay: &str, mode: BlobWaitMode, her
         peak: AtomicUsize::new(0),
         made: AtomicUsize::new(0),
         busy_micros: AtomicU64::new(0),
+        docker_micros: AtomicU64::new(0),
         storage: w.through_proxy.clone(),
         cfg,
         hub: hub.url.clone(),
@@ -243,9 +270,11 @@ async fn scenario(w: &World, hub: &FakeHub, relay: &str, mode: BlobWaitMode, her
         let (base, name) = (base.clone(), name.to_owned());
         nodes.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
-            let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+            let podman = podman_every > 0 && i % podman_every == podman_every - 1;
+            let (ua, tries) = if podman { (PODMAN_UA, 1) } else { (DOCKER_UA, 6) };
+            let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).user_agent(ua).build().unwrap();
             let t = Instant::now();
-            let r = pull(&http, &base, &name, "1").await;
+            let r = pull(&http, &base, &name, "1", tries).await;
             (r, t.elapsed().as_secs_f64())
         }));
     }
@@ -262,6 +291,8 @@ async fn scenario(w: &World, hub: &FakeHub, relay: &str, mode: BlobWaitMode, her
     }
     m.wall = started.elapsed().as_secs_f64();
     m.instance_secs = pool.busy_micros.load(Ordering::SeqCst) as f64 / 1e6;
+    m.docker_instance_secs = pool.docker_micros.load(Ordering::SeqCst) as f64 / 1e6;
+    m.docker_pulls = herd.nodes - herd.nodes.checked_div(podman_every).unwrap_or(0);
     m.peak_instances = pool.peak.load(Ordering::SeqCst);
     m.instances_made = pool.made.load(Ordering::SeqCst);
     let reads = w.proxy.reads.lock().unwrap().clone();
@@ -325,8 +356,11 @@ async fn a_herd_pulling_one_new_image_through_single_request_instances() {
     let herd = if full {
         Herd { nodes: 300, window: Duration::from_secs(30), big: 24 * MIB, rate: 1_500_000 }
     } else {
-        Herd { nodes: 20, window: Duration::from_secs(4), big: 12 * MIB, rate: 3_000_000 }
+        Herd { nodes: 20, window: Duration::from_secs(4), big: 24 * MIB, rate: 3_000_000 }
     };
+    // The smoke run mixes in podman nodes (one try per layer: they must be
+    // held, never told to come back); the full run is Docker's daemon only.
+    let podman_every = if full { 0 } else { 4 };
     let designs: &[(BlobWaitMode, &str)] =
         if full { &[(BlobWaitMode::Hold, "hold (today)"), (BlobWaitMode::Retry, "retry")] } else { &[(BlobWaitMode::Retry, "retry")] };
     let hub = FakeHub::start().await;
@@ -338,10 +372,10 @@ async fn a_herd_pulling_one_new_image_through_single_request_instances() {
         let name = "library/herd";
         let blobs = publish(&hub, name, 900 + i as u64, herd.big);
         let w = world(&hub, &relay_addr, &format!("herd{i}")).await;
-        let cold = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs).await;
+        let cold = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs, podman_every).await;
         eprintln!("{label} cold: {cold:?}");
         rows.push(row(label, "cold", herd, &cold));
-        let warm = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs).await;
+        let warm = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs, podman_every).await;
         eprintln!("{label} warm: {warm:?}");
         rows.push(row(label, "warm", herd, &warm));
         for (m, what) in [(&cold, "cold"), (&warm, "warm")] {
@@ -349,9 +383,17 @@ async fn a_herd_pulling_one_new_image_through_single_request_instances() {
         }
         assert_eq!(cold.upstream_gets_per_blob, 1.0, "{label}: one upstream GET per blob, whatever the herd");
         assert_eq!(warm.upstream_gets_per_blob, 0.0, "{label}: nothing upstream when warm");
+        if *mode == BlobWaitMode::Retry && podman_every > 0 {
+            // podman is held through the copy; Docker's daemon waits outside
+            // (same herd, same moment, so load slows both alike).
+            let docker = cold.docker_instance_secs / cold.docker_pulls as f64;
+            let podman = (cold.instance_secs - cold.docker_instance_secs) / (cold.pulls - cold.docker_pulls) as f64;
+            eprintln!("instance-s per pull: Docker {docker:.2}, podman {podman:.2}");
+            assert!(docker * 3.0 < podman, "{label}: Docker's clients wait outside: {docker:.2} instance-s per pull, podman's {podman:.2}");
+        }
         if full {
             forget(&w, blobs.last().unwrap()).await;
-            let half = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs).await;
+            let half = scenario(&w, &hub, &relay_addr, *mode, herd, name, &blobs, podman_every).await;
             eprintln!("{label} half-cold: {half:?}");
             rows.push(row(label, "half-cold", herd, &half));
         }

@@ -26,8 +26,18 @@ impl Mirror {
     /// A blob `GET`: a URL to the stored blob, fetching it first (bounded
     /// wait) when it is not stored yet.
     pub async fn blob(&self, repo: &RepoPath, digest: &Digest) -> Result<(BlobAnswer, CacheStatus), RegistryError> {
+        self.blob_for(repo, digest, false).await
+    }
+
+    /// `blob`, for a client that tries a layer again after a failure
+    /// (`retries`: Docker's daemon): only such a client may be told to come
+    /// back later (`BlobWaitMode::Retry`). podman and containerd try a
+    /// layer once, then fail over to the next endpoint (measured:
+    /// `tests/docker.rs`), so they are always held.
+    pub async fn blob_for(&self, repo: &RepoPath, digest: &Digest, retries: bool) -> Result<(BlobAnswer, CacheStatus), RegistryError> {
         let key = repo.key();
-        if let Some(secs) = self.recent_later(&key, digest) {
+        let mode = if retries { self.cfg.blob_wait_mode } else { BlobWaitMode::Hold };
+        if let Some(secs) = self.recent_later(&key, digest).filter(|_| mode == BlobWaitMode::Retry) {
             return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));
         }
         let view = self.index.blob(&key, digest).await?;
@@ -48,7 +58,7 @@ impl Mirror {
             self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
         }
         self.start_fetch(repo, digest, size);
-        let (hold, mut poll) = match how_to_wait(self.cfg.blob_wait_mode, view.record.as_ref(), size, self.cfg.blob_wait, now()) {
+        let (hold, mut poll) = match how_to_wait(mode, view.record.as_ref(), size, self.cfg.blob_wait, now()) {
             Wait::Later(secs) => {
                 self.remember_later(&key, digest, secs);
                 return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));

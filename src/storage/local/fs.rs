@@ -1,8 +1,11 @@
 //! Blobs as files: `blobs/sha256/<hex>`, written under `tmp/<hex>.<id>` and
 //! renamed into place only once verified; signed, expiring URLs for them.
-//! A copy in progress syncs its file every `SYNC_EVERY` bytes, so a copy
-//! cut off (a crash, a kill) continues from the last synced point: the file
-//! name is the upload id its checkpoint names.
+//! A copy in progress reports a durable point every `PART` bytes written
+//! (the file name is the upload id its checkpoint names), so a copy cut off
+//! (a crash, a kill) continues from there. The bytes are not synced then (a
+//! sync per part would slow every copy): a copy continued re-reads its
+//! file's first `offset` bytes and must hash to the checkpoint's state, so
+//! whatever a power loss did to the file is found and the copy starts over.
 
 use super::*;
 
@@ -12,8 +15,8 @@ pub struct FsBlobStore {
     key: Vec<u8>,
 }
 
-/// A copy in progress is made durable (synced) every this many bytes.
-const SYNC_EVERY: u64 = 8 << 20;
+/// A copy in progress reports a durable point every this many bytes.
+const PART: u64 = 8 << 20;
 
 impl FsBlobStore {
     /// Removes what writes cut off by a crash left in `tmp/` (never
@@ -36,12 +39,29 @@ impl FsBlobStore {
         ok.then(|| self.root.join("tmp").join(id))
     }
 
-    /// Opens upload `cp.upload` to continue at `cp.offset`, when the file
-    /// holds at least that much (anything past it was never synced).
+    /// Opens upload `cp.upload` to continue at `cp.offset`, when the file's
+    /// first `offset` bytes still hash to the checkpoint's sha256 state
+    /// (anything past them is dropped).
     async fn reopen(&self, digest: &Digest, cp: &Checkpoint) -> Option<FsBlobWriter> {
+        use sha2::Digest as _;
+        use sha2::digest::common::hazmat::SerializableState;
+        use tokio::io::AsyncReadExt;
         let path = self.upload_path(digest, &cp.upload)?;
-        let file = tokio::fs::OpenOptions::new().write(true).open(&path).await.ok()?;
+        let mut file = tokio::fs::OpenOptions::new().read(true).write(true).open(&path).await.ok()?;
         if file.metadata().await.ok()?.len() < cp.offset {
+            return None;
+        }
+        let (mut hasher, mut left, mut buf) = (Sha256::new(), cp.offset, vec![0u8; 1 << 20]);
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if hasher.serialize().as_slice() != cp.hash.as_slice() {
+            tracing::warn!(%digest, upload = %cp.upload, "the checkpointed file no longer hashes to its checkpoint; copying from the start");
             return None;
         }
         file.set_len(cp.offset).await.ok()?;
@@ -169,8 +189,8 @@ struct FsBlobWriter {
     dest: PathBuf,
     start: u64,
     written: u64,
-    /// Bytes from the blob's start known synced.
-    synced: u64,
+    /// Bytes from the blob's start handed to the system.
+    flushed: u64,
     /// A durable point was reported: a checkpoint may name this file, so
     /// a dropped writer leaves it for the next copy.
     reported: bool,
@@ -178,7 +198,7 @@ struct FsBlobWriter {
 
 impl FsBlobWriter {
     fn new(file: tokio::fs::File, tmp: PathBuf, id: String, dest: PathBuf, start: u64) -> FsBlobWriter {
-        FsBlobWriter { file: Some(file), tmp, id, dest, start, written: start, synced: start, reported: false }
+        FsBlobWriter { file: Some(file), tmp, id, dest, start, written: start, flushed: start, reported: false }
     }
 
     fn file(&mut self) -> Result<&mut tokio::fs::File> {
@@ -193,21 +213,24 @@ impl BlobWriter for FsBlobWriter {
     }
 
     fn part_size(&self) -> u64 {
-        SYNC_EVERY
+        PART
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         self.file()?.write_all(&chunk).await?;
+        let before = self.written;
         self.written += chunk.len() as u64;
-        if self.written / SYNC_EVERY > self.synced / SYNC_EVERY {
-            self.file()?.sync_data().await?;
-            self.synced = self.written;
+        if self.written / PART > before / PART {
+            // Handed to the system (not synced): a process killed now
+            // leaves them in the file; `reopen` checks them.
+            self.file()?.flush().await?;
+            self.flushed = self.written;
         }
         Ok(())
     }
 
     fn durable(&mut self) -> Result<Option<Durable>> {
-        let offset = self.synced / SYNC_EVERY * SYNC_EVERY;
+        let offset = self.flushed / PART * PART;
         if offset == 0 {
             return Ok(None);
         }
@@ -218,8 +241,7 @@ impl BlobWriter for FsBlobWriter {
     async fn suspend(mut self: Box<Self>) -> Result<Option<Durable>> {
         let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
         file.flush().await?;
-        file.sync_data().await?;
-        self.synced = self.written;
+        self.flushed = self.written;
         let durable = self.durable()?;
         if durable.is_none() {
             let _ = tokio::fs::remove_file(&self.tmp).await;
