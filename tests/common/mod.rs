@@ -157,9 +157,28 @@ pub async fn get_manifest(http: &reqwest::Client, base: &str, name: &str, refere
     (mt, digest, body)
 }
 
-/// GETs a blob through the 307 and checks its bytes hash to `digest`.
+/// GETs a blob through the 307 and checks its bytes hash to `digest`. A
+/// copy still running is waited for as a client does: the mirror's
+/// redirects back to itself are followed, and a 503 asked again a second
+/// later, for up to a minute (a loaded machine can outlast a test's short
+/// `blob_wait`).
 pub async fn get_blob(http: &reqwest::Client, base: &str, name: &str, digest: &str) -> bytes::Bytes {
-    let resp = http.get(format!("{base}/v2/{name}/blobs/{digest}")).send().await.unwrap();
+    let first = format!("{base}/v2/{name}/blobs/{digest}");
+    let (started, mut next) = (std::time::Instant::now(), first.clone());
+    let resp = loop {
+        let resp = http.get(&next).send().await.unwrap();
+        let waiting = resp.headers().get("location").is_some_and(|l| l.to_str().unwrap_or("").contains("hubcap-wait="));
+        let retry = resp.status() == 503;
+        if !(waiting || retry) || started.elapsed() > Duration::from_secs(60) {
+            break resp;
+        }
+        if waiting {
+            next = format!("{base}{}", resp.headers()["location"].to_str().unwrap());
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            next = first.clone();
+        }
+    };
     assert_eq!(resp.status(), 307, "blob {digest}: {:?}", resp.text().await);
     let location = resp.headers()["location"].to_str().unwrap().to_owned();
     let url = if location.starts_with('/') { format!("{base}{location}") } else { location };
