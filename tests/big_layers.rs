@@ -1,5 +1,7 @@
 //! Big layers: a blob of at least 32 MiB is copied in ranges of at most
-//! 8 MiB (balanced: 40 MiB is 8 × 5 MiB), four in flight, hashed in order, on the embedded backend and on S3 (moto_server).
+//! 8 MiB (balanced: 40 MiB is 8 × 5 MiB), four in flight, hashed in order,
+//! on the embedded backend (each part written at its offset of one temp
+//! file as it arrives) and on S3 (moto_server).
 //! Against an upstream that honours `Range`, one that ignores it (one
 //! stream), one that answers the wrong range (the next try reads it whole),
 //! one that corrupts a part (nothing stored) and one that cuts parts off
@@ -118,6 +120,69 @@ async fn large_blobs_come_in_parallel_ranges_to_s3() {
     let moto = Moto::start().await;
     let storage = moto.setup("big-bucket", "big").await;
     ranged_cases(|_| Backend::Aws(Box::new(storage.clone()))).await;
+}
+
+/// An upstream fast enough for one connection (its first MiB shows it) is
+/// read as one stream: the first part, then the rest in one request asked
+/// for at once. Two ranged requests, every byte once, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_upstream_is_read_as_one_stream_after_its_first_part() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start().await;
+    let storage = moto.setup("fast-bucket", "fast").await;
+    // Generous, so that a loaded machine still counts as fast (the default
+    // is half a second for the whole blob).
+    let limits = hubcap::mirror::upstream::UpstreamLimits { one_stream_within: Duration::from_secs(60), ..common::upstream_limits() };
+    for (seed, backend) in [(7, Backend::Local(dir.path().join("data"))), (8, Backend::Aws(Box::new(storage.clone())))] {
+        let mut opts = common::options(backend, vec![format!("docker.io={}", hub.url)], common::config());
+        opts.upstream_limits = limits.clone();
+        let m = Hubcap::start_opts(opts).await;
+        let digest = hub.put_synthetic_blob("library/big", SIZE, seed);
+        let before = (hub.count(|c| &c.cdn_ranged), body_bytes(&hub));
+        assert_eq!(fetch(&m, &digest).await.0, 307);
+        assert_eq!(hub.count(|c| &c.cdn_ranged) - before.0, 2, "the first part, then the rest");
+        assert_eq!(body_bytes(&hub) - before.1, SIZE, "no byte asked twice");
+        served_intact(&m, &digest).await;
+    }
+}
+
+/// On the embedded backend every part writes its bytes at their offsets of
+/// the one temp file as they arrive: with the first part held back
+/// upstream, the later parts of the first round are already in the file
+/// (the right bytes, where they belong) before byte 0 comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_are_written_at_their_offsets_as_they_arrive_on_the_embedded_backend() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let digest = hub.put_synthetic_blob("library/big", SIZE, 6);
+    let pause = Duration::from_secs(4);
+    hub.set_fault(Fault::SlowFirstRange(pause));
+    let m = mirror(&hub, Backend::Local(dir.path().join("data"))).await;
+    let started = Instant::now();
+    let head = client().head(format!("{}/v2/big/blobs/{digest}", m.url)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    // 8 parts of 5 MiB, four at a time: parts 1-3 end at 20 MiB.
+    let (part, round) = (5 * MIB, 20 * MIB);
+    let tmp = dir.path().join("data/tmp");
+    let mut file = None;
+    while file.is_none() && started.elapsed() < pause - Duration::from_millis(500) {
+        file = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.path()).find(|p| p.metadata().is_ok_and(|m| m.len() >= round));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file = file.unwrap_or_else(|| panic!("no temp file reached {round} bytes while the first part was held back"));
+    let on_file = std::fs::read(&file).unwrap();
+    assert!(started.elapsed() < pause, "read before the first part came");
+    let mut want = common::images::Noise::range(6, part, round - part);
+    let mut at = part as usize;
+    while let Some(chunk) = want.next_chunk(1 << 20) {
+        assert!(on_file[at..at + chunk.len()] == chunk[..], "bytes at offset {at} are the blob's");
+        at += chunk.len();
+    }
+    assert!(on_file[..part as usize].iter().all(|b| *b == 0), "the first part is not there yet");
+    assert_eq!(fetch(&m, &digest).await.0, 307);
+    assert!(started.elapsed() >= pause);
+    served_intact(&m, &digest).await;
 }
 
 // ---------------------------------------------------------------------------

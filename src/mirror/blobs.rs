@@ -167,6 +167,10 @@ const CLIENT_COVER: i64 = 75;
 /// Slack for a copy that runs slower than its estimate, and for the time
 /// between the blob's first request and the fetcher's claim.
 const COVER_MARGIN: i64 = 15;
+/// Of the client's retries, what a copy with no progress to go by yet may
+/// use: half, since its length is unknown (the other half is left for the
+/// copy once its rate shows).
+const COVER_UNKNOWN: i64 = CLIENT_COVER / 2;
 
 /// How a blob request waits for a copy in progress.
 #[derive(Debug, PartialEq, Eq)]
@@ -209,7 +213,7 @@ pub(super) fn how_to_wait(mode: BlobWaitMode, record: Option<&BlobRecord>, size:
     };
     if offset == 0 || age == 0 {
         // No progress to go by yet: early on, the retries cover it.
-        return if age + COVER_MARGIN + 5 <= CLIENT_COVER / 2 { Wait::Later(5) } else { held };
+        return if age + COVER_MARGIN + 5 <= COVER_UNKNOWN { Wait::Later(5) } else { held };
     }
     let left = (size.saturating_sub(offset) as f64 * age as f64 / offset as f64).ceil() as u64;
     if left <= HOLD_NEAR_END {

@@ -149,10 +149,8 @@ impl Fetcher {
     async fn copy(&self, job: &FetchJob, slot: &mut Slot, ranges: bool, deadline: Option<Instant>) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let limits = upstream.limits();
-        let too_large =
-            |n: u64| FetchError::Rejected(format!("{n} bytes is more than the largest blob copied ({} bytes)", limits.max_blob));
         if let Some(size) = job.size.filter(|s| *s > limits.max_blob) {
-            return Err(too_large(size));
+            return Err(too_large(size, limits.max_blob));
         }
         // Only a copy of known size can continue: it asks for the rest.
         let saved = match job.size {
@@ -173,9 +171,10 @@ impl Fetcher {
         let from = progress.at;
         let opened = match job.size {
             Some(size) if ranges && size - from >= limits.ranged_from && limits.parallel_ranges > 1 => {
-                Parts::start(upstream, &job.source, &job.digest, size, from).await.map(|(b, at)| (b, at, None))
+                let sink = writer.at_offsets();
+                Parts::start(upstream, &job.source, &job.digest, size, from, sink).await.map(|(b, at)| (b, at, None))
             }
-            Some(size) if from > 0 => Parts::rest(upstream, &job.source, &job.digest, size, from).await.map(|(b, at)| (b, at, None)),
+            Some(size) if from > 0 => Body::rest(upstream, &job.source, &job.digest, size, from).await.map(|(b, at)| (b, at, None)),
             _ => self.whole(upstream, job).await.map(|(b, declared)| (b, 0, declared)),
         };
         let (mut body, starts_at, declared) = match opened {
@@ -235,7 +234,7 @@ impl Fetcher {
             return Err(FetchError::Rejected(format!("upstream declared {got} bytes, the manifest {want}")));
         }
         if let Some(size) = declared.filter(|s| *s > limits.max_blob) {
-            return Err(FetchError::Rejected(format!("{size} bytes is more than the largest blob copied ({} bytes)", limits.max_blob)));
+            return Err(too_large(size, limits.max_blob));
         }
         Ok((Body::stream(resp, limits), declared))
     }
@@ -277,6 +276,11 @@ impl Fetcher {
             None => Ok(progress.saved),
         }
     }
+}
+
+/// The refusal of a blob of `size` bytes, over `max_blob`.
+fn too_large(size: u64, max_blob: u64) -> FetchError {
+    FetchError::Rejected(format!("{size} bytes is more than the largest blob copied ({max_blob} bytes)"))
 }
 
 /// The hash over the bytes copied so far, and its state at each part
@@ -395,7 +399,10 @@ async fn read_into(
         }
         let crossed = (progress.at + chunk.len() as u64) / part > progress.at / part;
         progress.update(&chunk, part);
-        writer.write(chunk).await?;
+        match body.placed() {
+            true => writer.placed(chunk.len() as u64).await?,
+            false => writer.write(chunk).await?,
+        }
         if !crossed {
             continue;
         }

@@ -3,7 +3,11 @@
 //! requested several at once and handed back in order, so the copy hashes
 //! every byte in sequence while the parts arrive in parallel. At most
 //! `parallel_ranges` parts are in flight or waiting, so memory stays at
-//! that many parts whatever the blob's size.
+//! that many parts whatever the blob's size. When the store can write at
+//! offsets (a file), each part writes its bytes there as they arrive, and
+//! the reader only hashes them. A link fast enough for one connection (the
+//! first part's first MiB shows it) gets the rest as one stream instead:
+//! there parallel parts would only cost.
 //!
 //! Every body keeps to the minimum rate (`Pace`): each window must bring
 //! `min_rate` × window bytes or the read fails; a quarter window below the
@@ -13,9 +17,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::Bytes;
 use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -23,12 +27,49 @@ use tokio::time::Instant;
 use super::fetch::FetchError;
 use super::upstream::{Retry, Upstream, UpstreamError, UpstreamLimits};
 use crate::oci::{Digest, RepoPath};
+use crate::storage::OffsetWriter;
 
 /// Tries of one part before the copy fails.
 const PART_ATTEMPTS: u32 = 3;
 
 /// Bytes of parts in flight or waiting for the reader, at most.
 const RANGE_BUFFERS: u64 = 32 << 20;
+
+/// A part's bytes gathered before they are written at their offset.
+const PLACE_BATCH: u64 = 1 << 20;
+
+/// Bytes of the first part that show how fast one connection runs.
+const PROBE: u64 = 1 << 20;
+
+/// A body's bytes as they come.
+type Bytestream = BoxStream<'static, Result<Bytes, FetchError>>;
+
+fn bytes_of(resp: reqwest::Response) -> Bytestream {
+    resp.bytes_stream().map(|r| r.map_err(|e| FetchError::Upstream(UpstreamError::Transport(e.to_string())))).boxed()
+}
+
+/// `body`, which must bring exactly `len` bytes (of the range from `start`):
+/// fewer is a transport failure, more a wrong range.
+fn exactly(body: Bytestream, start: u64, len: u64) -> Bytestream {
+    futures_util::stream::unfold(Some((body, 0u64)), move |state| async move {
+        let (mut body, got) = state?;
+        match body.next().await {
+            Some(Ok(chunk)) if got + chunk.len() as u64 > len => {
+                Some((Err(FetchError::BadRange(format!("upstream sent more than the {len} bytes from {start}"))), None))
+            }
+            Some(Ok(chunk)) => {
+                let got = got + chunk.len() as u64;
+                Some((Ok(chunk), Some((body, got))))
+            }
+            Some(Err(e)) => Some((Err(e), None)),
+            None if got == len => None,
+            None => {
+                Some((Err(FetchError::Upstream(UpstreamError::Transport(format!("{len} bytes from {start} cut off after {got}")))), None))
+            }
+        }
+    })
+    .boxed()
+}
 
 /// The minimum-rate rule over one body.
 pub(super) struct Pace {
@@ -56,18 +97,19 @@ impl Pace {
     /// The next chunk of `body` (`None` at its end). Fails when a window
     /// brought less than the minimum; sets `stalled` when a quarter window
     /// fell below the rate (returning an empty chunk if nothing came).
-    async fn next(
-        &mut self,
-        body: &mut BoxStream<'static, reqwest::Result<Bytes>>,
-        stalled: &mut bool,
-    ) -> Result<Option<Bytes>, FetchError> {
+    async fn next(&mut self, body: &mut Bytestream, stalled: &mut bool) -> Result<Option<Bytes>, FetchError> {
         loop {
             let (window_end, quarter_end) = (self.window_start.0 + self.window, self.quarter_start.0 + self.window / 4);
             let next = tokio::time::timeout_at(window_end.min(quarter_end), body.next()).await;
             let chunk = match next {
                 Ok(None) => return Ok(None),
                 Ok(Some(chunk)) => {
-                    let chunk = chunk.map_err(|e| UpstreamError::Transport(format!("blob body cut off after {} bytes: {e}", self.got)))?;
+                    let chunk = chunk.map_err(|e| match e {
+                        FetchError::Upstream(UpstreamError::Transport(why)) => {
+                            FetchError::Upstream(UpstreamError::Transport(format!("blob body cut off after {} bytes: {why}", self.got)))
+                        }
+                        other => other,
+                    })?;
                     self.got += chunk.len() as u64;
                     Some(chunk)
                 }
@@ -105,13 +147,37 @@ impl Pace {
 
 /// A blob's bytes, in order.
 pub(super) enum Body {
-    Stream { body: BoxStream<'static, reqwest::Result<Bytes>>, pace: Pace },
+    Stream { body: Bytestream, pace: Pace },
     Parts(Parts),
 }
 
 impl Body {
     pub(super) fn stream(resp: reqwest::Response, limits: &UpstreamLimits) -> Body {
-        Body::Stream { body: resp.bytes_stream().boxed(), pace: Pace::new(limits) }
+        Body::Stream { body: bytes_of(resp), pace: Pace::new(limits) }
+    }
+
+    /// The rest of a blob of `size` bytes from `from` as one stream (a
+    /// `Range: bytes=from-` request): a `200` is the whole blob, from 0.
+    /// Returns the body and the offset it starts at.
+    pub(super) async fn rest(
+        upstream: &Arc<Upstream>,
+        repo: &RepoPath,
+        digest: &Digest,
+        size: u64,
+        from: u64,
+    ) -> Result<(Body, u64), FetchError> {
+        let resp = upstream.get_blob_range(repo, digest, from, size - 1, Retry::FETCH).await?;
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Ok((Body::stream(resp, upstream.limits()), 0));
+        }
+        check_range(&resp, from, size - 1, size)?;
+        Ok((Body::stream(resp, upstream.limits()), from))
+    }
+
+    /// Whether the bytes `next` hands over are already written (at their
+    /// offsets): the reader then only hashes them.
+    pub(super) fn placed(&self) -> bool {
+        matches!(self, Body::Parts(p) if p.source.sink.is_some())
     }
 
     /// The next bytes in order (`None` at the end); `stalled` as `Pace`.
@@ -158,6 +224,8 @@ struct Source {
     repo: RepoPath,
     digest: Digest,
     size: u64,
+    /// Where each part writes its bytes as they arrive, if anywhere.
+    sink: Option<Arc<dyn OffsetWriter>>,
 }
 
 /// A blob in ranged parts, at most `parallel` requested ahead of the one the
@@ -171,7 +239,9 @@ pub(super) struct Parts {
     parallel: usize,
     /// Index of the next part to request.
     next: u64,
-    running: VecDeque<JoinHandle<Result<Bytes, FetchError>>>,
+    running: VecDeque<JoinHandle<Result<Vec<Bytes>, FetchError>>>,
+    /// What is left of the part being handed over.
+    current: VecDeque<Bytes>,
 }
 
 impl Drop for Parts {
@@ -186,13 +256,15 @@ impl Parts {
     /// Asks for the first part of bytes `from..size` of a blob of `size`
     /// bytes with a `Range`: a `206` answer means upstream honours ranges
     /// (the parts follow); a `200` is the whole blob, to read as one stream
-    /// from byte 0. Returns the body and the offset it starts at.
+    /// from byte 0. Returns the body and the offset it starts at. With a
+    /// `sink`, every part writes its bytes there, at their offsets.
     pub(super) async fn start(
         upstream: &Arc<Upstream>,
         repo: &RepoPath,
         digest: &Digest,
         size: u64,
         from: u64,
+        sink: Option<Arc<dyn OffsetWriter>>,
     ) -> Result<(Body, u64), FetchError> {
         let limits = upstream.limits();
         let parallel = limits.parallel_ranges.max(1);
@@ -206,36 +278,40 @@ impl Parts {
         let rounds = left.div_ceil(largest * parallel as u64).max(1);
         let part = left.div_ceil(rounds * parallel as u64).max(1 << 20);
         let first_end = (from + part).min(size) - 1;
+        let asked = Instant::now();
         let resp = upstream.get_blob_range(repo, digest, from, first_end, Retry::FETCH).await?;
         if resp.status() != StatusCode::PARTIAL_CONTENT {
             return Ok((Body::stream(resp, limits), 0));
         }
-        let source = Source { upstream: upstream.clone(), repo: repo.clone(), digest: digest.clone(), size };
-        let mut parts = Parts { source, from, part, count: left.div_ceil(part), parallel, next: 1, running: VecDeque::new() };
-        let first = parts.source.clone();
-        parts.running.push_back(tokio::spawn(async move { read_part(&first, from, first_end, Some(resp)).await }));
+        check_range(&resp, from, first_end, size)?;
+        let (head, first, fast) = probe(bytes_of(resp), asked, left, limits.one_stream_within).await?;
+        let first = futures_util::stream::iter(head.into_iter().map(Ok)).chain(first).boxed();
+        if fast && first_end + 1 < size {
+            // One connection is fast enough: the first part, then the rest
+            // as one stream, asked for now so it is under way meanwhile.
+            let (upstream, repo, digest, rest) = (upstream.clone(), repo.clone(), digest.clone(), first_end + 1);
+            let asking = tokio::spawn(async move { upstream.get_blob_range(&repo, &digest, rest, size - 1, Retry::FETCH).await });
+            let rest = futures_util::stream::once(async move {
+                let resp = asking.await.map_err(|e| FetchError::Rejected(format!("the request for the rest ended: {e}")))??;
+                check_range(&resp, rest, size - 1, size)?;
+                Ok::<_, FetchError>(exactly(bytes_of(resp), rest, size - rest))
+            })
+            .try_flatten();
+            let body = exactly(first, from, first_end + 1 - from).chain(rest).boxed();
+            return Ok((Body::Stream { body, pace: Pace::new(limits) }, from));
+        }
+        let source = Source { upstream: upstream.clone(), repo: repo.clone(), digest: digest.clone(), size, sink };
+        let count = left.div_ceil(part);
+        let mut parts = Parts { source, from, part, count, parallel, next: 1, running: VecDeque::new(), current: VecDeque::new() };
+        let source = parts.source.clone();
+        parts.running.push_back(tokio::spawn(async move { read_part(&source, from, first_end, Some(first)).await }));
         Ok((Body::Parts(parts), from))
     }
 
-    /// The rest of a blob of `size` bytes from `from` as one stream (a
-    /// `Range: bytes=from-` request): a `200` is the whole blob, from 0.
-    /// Returns the body and the offset it starts at.
-    pub(super) async fn rest(
-        upstream: &Arc<Upstream>,
-        repo: &RepoPath,
-        digest: &Digest,
-        size: u64,
-        from: u64,
-    ) -> Result<(Body, u64), FetchError> {
-        let resp = upstream.get_blob_range(repo, digest, from, size - 1, Retry::FETCH).await?;
-        if resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Ok((Body::stream(resp, upstream.limits()), 0));
-        }
-        check_range(&resp, from, size - 1, size)?;
-        Ok((Body::stream(resp, upstream.limits()), from))
-    }
-
     async fn next(&mut self) -> Result<Option<Bytes>, FetchError> {
+        if let Some(chunk) = self.current.pop_front() {
+            return Ok(Some(chunk));
+        }
         while self.next < self.count && self.running.len() < self.parallel {
             let (start, source) = (self.from + self.next * self.part, self.source.clone());
             let end = (start + self.part).min(self.source.size) - 1;
@@ -245,11 +321,45 @@ impl Parts {
         match self.running.pop_front() {
             None => Ok(None),
             Some(task) => match task.await {
-                Ok(part) => part.map(Some),
+                Ok(part) => {
+                    self.current = part?.into();
+                    Ok(Some(self.current.pop_front().unwrap_or_default()))
+                }
                 Err(e) => Err(FetchError::Rejected(format!("a part download ended: {e}"))),
             },
         }
     }
+}
+
+/// Reads the start of a first part, asked for at `asked`, to see whether
+/// one connection would bring all `left` bytes within `one_stream_within`:
+/// it must bring `PROBE` bytes (or its end) within that share of the time
+/// (zero: never). Returns what it read, the rest of the body, and whether
+/// it was that fast.
+async fn probe(
+    mut body: Bytestream,
+    asked: Instant,
+    left: u64,
+    one_stream_within: Duration,
+) -> Result<(Vec<Bytes>, Bytestream, bool), FetchError> {
+    let (mut head, mut got) = (Vec::new(), 0u64);
+    if one_stream_within.is_zero() {
+        return Ok((head, body, false));
+    }
+    let by = asked + one_stream_within.mul_f64(PROBE as f64 / left.max(PROBE) as f64);
+    while got < PROBE {
+        match tokio::time::timeout_at(by, body.next()).await {
+            Ok(Some(chunk)) => {
+                let chunk = chunk?;
+                got += chunk.len() as u64;
+                head.push(chunk);
+            }
+            Ok(None) => break,
+            // Too slow for one stream: what came is the part's start.
+            Err(_) => return Ok((head, body, false)),
+        }
+    }
+    Ok((head, body, Instant::now() <= by))
 }
 
 /// Upstream answered exactly bytes `start..=end` of `size`.
@@ -265,37 +375,50 @@ fn check_range(resp: &reqwest::Response, start: u64, end: u64, size: u64) -> Res
     Ok(())
 }
 
-/// Reads bytes `start..=end` (from `resp` when given, the first try),
-/// checking upstream answered exactly that range; each part is tried
-/// `PART_ATTEMPTS` times.
-async fn read_part(s: &Source, start: u64, end: u64, mut resp: Option<reqwest::Response>) -> Result<Bytes, FetchError> {
+/// Reads bytes `start..=end` (from `first` when given, the first try: an
+/// answer already checked), checking upstream answered exactly that range, and writes them to the
+/// source's sink as they come; each part is tried `PART_ATTEMPTS` times
+/// (a later try writes the whole range again).
+async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestream>) -> Result<Vec<Bytes>, FetchError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let result = async {
-            let resp = match resp.take() {
-                Some(r) => r,
-                None => s.upstream.get_blob_range(&s.repo, &s.digest, start, end, Retry::FETCH).await?,
+            let mut body = match first.take() {
+                Some(body) => body,
+                None => {
+                    let resp = s.upstream.get_blob_range(&s.repo, &s.digest, start, end, Retry::FETCH).await?;
+                    check_range(&resp, start, end, s.size)?;
+                    bytes_of(resp)
+                }
             };
-            check_range(&resp, start, end, s.size)?;
             let len = end - start + 1;
             let mut pace = Pace::new(s.upstream.limits());
-            let mut body = resp.bytes_stream().boxed();
-            let mut buf = BytesMut::with_capacity(len as usize);
+            let (mut chunks, mut got) = (Vec::new(), 0u64);
+            // Bytes not yet written to the sink: `written..got`.
+            let (mut unplaced, mut written) = (Vec::new(), 0u64);
             let mut stalled = false;
             while let Some(chunk) = pace.next(&mut body, &mut stalled).await? {
-                if buf.len() as u64 + chunk.len() as u64 > len {
+                if got + chunk.len() as u64 > len {
                     return Err(FetchError::BadRange(format!("upstream sent more than the {len} bytes of range {start}-{end}")));
                 }
-                buf.extend_from_slice(&chunk);
+                got += chunk.len() as u64;
+                if let Some(sink) = &s.sink {
+                    unplaced.push(chunk.clone());
+                    if got - written >= PLACE_BATCH {
+                        sink.write_at(start + written, std::mem::take(&mut unplaced)).await?;
+                        written = got;
+                    }
+                }
+                chunks.push(chunk);
             }
-            if buf.len() as u64 != len {
-                return Err(FetchError::Upstream(UpstreamError::Transport(format!(
-                    "range {start}-{end} cut off after {} bytes",
-                    buf.len()
-                ))));
+            if got != len {
+                return Err(FetchError::Upstream(UpstreamError::Transport(format!("range {start}-{end} cut off after {got} bytes"))));
             }
-            Ok(buf.freeze())
+            if let Some(sink) = s.sink.as_ref().filter(|_| !unplaced.is_empty()) {
+                sink.write_at(start + written, unplaced).await?;
+            }
+            Ok(chunks)
         }
         .await;
         match result {

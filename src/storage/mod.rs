@@ -440,6 +440,17 @@ pub trait BlobWriter: Send {
     /// Progress becomes durable only at multiples of this many bytes.
     fn part_size(&self) -> u64;
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
+    /// Where parts may be written at their offsets as they arrive, in any
+    /// order, when this store can (a file; not S3's numbered parts).
+    fn at_offsets(&self) -> Option<std::sync::Arc<dyn OffsetWriter>> {
+        None
+    }
+    /// The next `len` bytes in order were written through `at_offsets`
+    /// (all of them, and already hashed by the caller): counted as written.
+    async fn placed(&mut self, len: u64) -> Result<()> {
+        let _ = len;
+        Err(StorageError::Index("this store writes in order only".into()))
+    }
     /// The furthest durable point so far (`None`: none yet). Errors of
     /// work the writer runs in the background surface here or at `write`.
     fn durable(&mut self) -> Result<Option<Durable>>;
@@ -449,4 +460,14 @@ pub trait BlobWriter: Send {
     /// `begin` to continue: waits for what is in flight and returns the
     /// final durable point.
     async fn suspend(self: Box<Self>) -> Result<Option<Durable>>;
+}
+
+/// Writes an upload's bytes at their offsets (`BlobWriter::at_offsets`).
+/// Once the writer is committed, aborted or suspended, writes fail and
+/// change nothing: a part still running then cannot touch the file the
+/// next copy continues.
+#[async_trait]
+pub trait OffsetWriter: Send + Sync {
+    /// Writes `chunks`, one after another, from `offset`.
+    async fn write_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<()>;
 }

@@ -61,6 +61,9 @@ pub enum Fault {
     WrongRange,
     /// One byte of every ranged answer is flipped.
     CorruptRange,
+    /// A ranged answer from byte 0 sends its headers, then waits this long
+    /// before its body (the later parts come at once).
+    SlowFirstRange(Duration),
     /// A range stops half-way (the connection drops) the first time it is
     /// asked: the part must be asked again.
     CutRanges,
@@ -637,7 +640,19 @@ async fn cdn_blob(
                 std::task::Poll::Ready(chunk.map(Ok::<_, std::io::Error>))
             });
             let tail = futures_util::stream::iter(cut.then(|| Err(std::io::Error::other("connection cut"))));
-            Body::from_stream(futures_util::StreamExt::chain(stream, tail))
+            let pause = match (&fault, range) {
+                (Fault::SlowFirstRange(pause), Some((0, _))) => Some(*pause),
+                _ => None,
+            };
+            let wait = futures_util::StreamExt::filter_map(
+                futures_util::stream::once(async move {
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
+                    }
+                }),
+                |()| async { None::<Result<Bytes, std::io::Error>> },
+            );
+            Body::from_stream(futures_util::StreamExt::chain(futures_util::StreamExt::chain(wait, stream), tail))
         }
         (None, Some(bytes)) if range.is_some() => {
             let mut part = bytes.slice(from as usize..=to as usize).to_vec();

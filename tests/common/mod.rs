@@ -45,9 +45,15 @@ pub fn config() -> MirrorConfig {
 /// The options the tests serve with: `backend`, `upstreams`, no upstream
 /// credentials, open access.
 /// Upstream limits for tests: the defaults, with the fake hubs' CDNs
-/// allowed as redirect targets.
+/// allowed as redirect targets, and large blobs always in parallel parts
+/// (a loopback upstream is fast enough for one stream, and a loaded
+/// machine might make it look otherwise: each test picks its path).
 pub fn upstream_limits() -> hubcap::mirror::upstream::UpstreamLimits {
-    hubcap::mirror::upstream::UpstreamLimits { redirect_allow: fakehub::cdns(), ..Default::default() }
+    hubcap::mirror::upstream::UpstreamLimits {
+        redirect_allow: fakehub::cdns(),
+        one_stream_within: std::time::Duration::ZERO,
+        ..Default::default()
+    }
 }
 
 pub fn options(backend: Backend, upstreams: Vec<String>, mirror: MirrorConfig) -> Options {

@@ -34,6 +34,10 @@ pub struct UpstreamLimits {
     pub parallel_ranges: usize,
     pub ranged_from: u64,
     pub range_part: u64,
+    /// A ranged copy whose first connection would bring the whole blob
+    /// within this (judged by its first MiB) reads it as one stream
+    /// instead: on a fast link parallel parts only cost (zero: never).
+    pub one_stream_within: Duration,
 }
 
 impl Default for UpstreamLimits {
@@ -46,6 +50,7 @@ impl Default for UpstreamLimits {
             parallel_ranges: 4,
             ranged_from: 32 << 20,
             range_part: 8 << 20,
+            one_stream_within: Duration::from_millis(500),
         }
     }
 }

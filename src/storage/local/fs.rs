@@ -1,9 +1,12 @@
 //! Blobs as files: `blobs/sha256/<hex>`, written under `tmp/<hex>.<id>` and
 //! renamed into place only once verified; signed, expiring URLs for them.
-//! A copy in progress reports a durable point every `PART` bytes written
-//! (the file name is the upload id its checkpoint names), so a copy cut off
-//! (a crash, a kill) continues from there. The bytes are not synced then (a
-//! sync per part would slow every copy): a copy continued re-reads its
+//! Ranged parts are written at their offsets of the one temp file as they
+//! arrive (`OffsetWriter`), in any order; the caller hashes them in order.
+//! A copy in progress reports a durable point every `PART` bytes written in
+//! order (the file name is the upload id its checkpoint names), so a copy
+//! cut off (a crash, a kill) continues from there. The bytes are not synced
+//! then (a sync per part would slow every copy; writeback is only started,
+//! so the final sync has little left to do): a copy continued re-reads its
 //! file's first `offset` bytes and must hash to the checkpoint's state, so
 //! whatever a power loss did to the file is found and the copy starts over.
 
@@ -43,31 +46,13 @@ impl FsBlobStore {
     /// first `offset` bytes still hash to the checkpoint's sha256 state
     /// (anything past them is dropped).
     async fn reopen(&self, digest: &Digest, cp: &Checkpoint) -> Option<FsBlobWriter> {
-        use sha2::Digest as _;
-        use sha2::digest::common::hazmat::SerializableState;
-        use tokio::io::AsyncReadExt;
         let path = self.upload_path(digest, &cp.upload)?;
-        let mut file = tokio::fs::OpenOptions::new().read(true).write(true).open(&path).await.ok()?;
-        if file.metadata().await.ok()?.len() < cp.offset {
-            return None;
-        }
-        let (mut hasher, mut left, mut buf) = (Sha256::new(), cp.offset, vec![0u8; 1 << 20]);
-        while left > 0 {
-            let n = file.read(&mut buf[..left.min(1 << 20) as usize]).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        if hasher.serialize().as_slice() != cp.hash.as_slice() {
+        let (at, want) = (path.clone(), cp.clone());
+        let file = tokio::task::spawn_blocking(move || prefix_matches(&at, &want)).await.ok()??;
+        if file.is_none() {
             tracing::warn!(%digest, upload = %cp.upload, "the checkpointed file no longer hashes to its checkpoint; copying from the start");
-            return None;
         }
-        file.set_len(cp.offset).await.ok()?;
-        let mut file = file;
-        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(cp.offset)).await.ok()?;
-        Some(FsBlobWriter::new(file, path, cp.upload.clone(), self.path(digest), cp.offset))
+        Some(FsBlobWriter::new(file?, path, cp.upload.clone(), self.path(digest), cp.offset))
     }
 
     pub fn open(data_dir: &Path) -> Result<FsBlobStore> {
@@ -131,7 +116,7 @@ impl BlobStore for FsBlobStore {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}.{}.{}.{n}", digest.hex(), std::process::id(), now());
         let tmp = self.root.join("tmp").join(&id);
-        let file = tokio::fs::File::create(&tmp).await?;
+        let file = tokio::fs::File::create(&tmp).await?.into_std().await;
         Ok(Box::new(FsBlobWriter::new(file, tmp, id, self.path(digest), 0)))
     }
 
@@ -181,28 +166,202 @@ impl BlobStore for FsBlobStore {
     }
 }
 
+/// Opens `path` for writing when its first `cp.offset` bytes hash to
+/// `cp`'s state, cut to that length: `Some(None)` when they do not, `None`
+/// when the file is gone or short.
+fn prefix_matches(path: &Path, cp: &Checkpoint) -> Option<Option<std::fs::File>> {
+    use sha2::Digest as _;
+    use sha2::digest::common::hazmat::SerializableState;
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
+    if file.metadata().ok()?.len() < cp.offset {
+        return None;
+    }
+    let (mut hasher, mut left, mut buf) = (Sha256::new(), cp.offset, vec![0u8; 1 << 20]);
+    while left > 0 {
+        let n = file.read(&mut buf[..left.min(1 << 20) as usize]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    if hasher.serialize().as_slice() != cp.hash.as_slice() {
+        return Some(None);
+    }
+    file.set_len(cp.offset).ok()?;
+    Some(Some(file))
+}
+
+/// In-order bytes gathered before they are written in one go.
+const BATCH: u64 = 1 << 20;
+
+/// The temp file, shared with the parts writing at their offsets. Closed
+/// (under the write lock, so after any write in progress) when the writer
+/// ends: later writes fail without touching the file.
+struct Shared {
+    file: std::fs::File,
+    closed: std::sync::RwLock<bool>,
+}
+
+impl Shared {
+    fn write_at(&self, mut offset: u64, chunks: &[Bytes]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let closed = self.closed.read().unwrap_or_else(|p| p.into_inner());
+        if *closed {
+            return Err(std::io::Error::other("the upload was closed"));
+        }
+        for chunk in chunks {
+            self.file.write_all_at(chunk, offset)?;
+            offset += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        *self.closed.write().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Starts writing back `len` bytes from `offset` (Linux; elsewhere a
+    /// no-op): the data is not durable after it, but the final `fsync` has
+    /// less left to do.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid descriptor (the file lives as long as `self`);
+            // the call reads no memory of ours.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+    }
+}
+
+/// The `OffsetWriter` of an upload's temp file.
+struct FsOffsets(Arc<Shared>);
+
+#[async_trait]
+impl OffsetWriter for FsOffsets {
+    async fn write_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<()> {
+        let shared = self.0.clone();
+        Ok(tokio::task::spawn_blocking(move || shared.write_at(offset, &chunks)).await.map_err(std::io::Error::other)??)
+    }
+}
+
 struct FsBlobWriter {
-    file: Option<tokio::fs::File>,
+    /// `None` once closed.
+    shared: Option<Arc<Shared>>,
     tmp: PathBuf,
     /// The upload id: the file's name under `tmp/`.
     id: String,
     dest: PathBuf,
     start: u64,
+    /// Bytes from the blob's start given to `write` or `placed`.
     written: u64,
-    /// Bytes from the blob's start handed to the system.
+    /// In-order bytes not yet handed to a write: `written - batch_len..written`.
+    batch: Vec<Bytes>,
+    batch_len: u64,
+    /// The write of the previous batch, at most one at a time (the next
+    /// batch gathers meanwhile).
+    in_flight: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Bytes from the blob's start on the file (their writes completed).
     flushed: u64,
+    /// Writeback started up to here.
+    kicked: u64,
     /// A durable point was reported: a checkpoint may name this file, so
     /// a dropped writer leaves it for the next copy.
     reported: bool,
+    /// A write failed: `flushed` stays where it was.
+    failed: bool,
 }
 
 impl FsBlobWriter {
-    fn new(file: tokio::fs::File, tmp: PathBuf, id: String, dest: PathBuf, start: u64) -> FsBlobWriter {
-        FsBlobWriter { file: Some(file), tmp, id, dest, start, written: start, flushed: start, reported: false }
+    fn new(file: std::fs::File, tmp: PathBuf, id: String, dest: PathBuf, start: u64) -> FsBlobWriter {
+        let shared = Arc::new(Shared { file, closed: std::sync::RwLock::new(false) });
+        FsBlobWriter {
+            shared: Some(shared),
+            tmp,
+            id,
+            dest,
+            start,
+            written: start,
+            batch: Vec::new(),
+            batch_len: 0,
+            in_flight: None,
+            flushed: start,
+            kicked: start,
+            reported: false,
+            failed: false,
+        }
     }
 
-    fn file(&mut self) -> Result<&mut tokio::fs::File> {
-        self.file.as_mut().ok_or_else(|| StorageError::Index("writer already closed".into()))
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared.clone().ok_or_else(|| std::io::Error::other("writer already closed").into())
+    }
+
+    /// Waits for the write in flight. After a failed write nothing more
+    /// counts as on the file.
+    async fn settle(&mut self) -> Result<()> {
+        if self.failed {
+            return Err(std::io::Error::other("an earlier write to the upload failed").into());
+        }
+        if let Some(write) = self.in_flight.take() {
+            let done = write.await.map_err(std::io::Error::other).and_then(|r| r);
+            if let Err(e) = done {
+                self.failed = true;
+                return Err(e.into());
+            }
+        }
+        self.flushed = self.written - self.batch_len;
+        Ok(())
+    }
+
+    /// Hands the gathered batch to a write of its own, once the previous
+    /// one is done.
+    async fn send(&mut self) -> Result<()> {
+        self.settle().await?;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let (shared, chunks, at) = (self.shared()?, std::mem::take(&mut self.batch), self.flushed);
+        self.batch_len = 0;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || shared.write_at(at, &chunks)));
+        Ok(())
+    }
+
+    /// Every byte given so far is on the file.
+    async fn drain(&mut self) -> Result<()> {
+        self.send().await?;
+        self.settle().await
+    }
+
+    /// After `written` moved from `before`: at a part boundary, everything
+    /// is put on the file and its writeback started.
+    async fn advanced(&mut self, before: u64) -> Result<()> {
+        if self.written / PART > before / PART {
+            self.drain().await?;
+            let (shared, from, to) = (self.shared()?, self.kicked, self.flushed);
+            self.kicked = to;
+            tokio::task::spawn_blocking(move || shared.start_writeback(from, to - from));
+        } else if self.batch_len >= BATCH {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the writer: no write, here or through `at_offsets`, touches the
+    /// file after this (the lock waits for a write under way). Returns the
+    /// file, if still open. Cut off midway, it leaves `Drop` to close.
+    async fn close(&mut self) -> Option<Arc<Shared>> {
+        let shared = self.shared.clone()?;
+        let closing = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+        self.in_flight = None;
+        self.shared = None;
+        Some(shared)
     }
 }
 
@@ -217,16 +376,24 @@ impl BlobWriter for FsBlobWriter {
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.file()?.write_all(&chunk).await?;
+        self.shared()?;
         let before = self.written;
         self.written += chunk.len() as u64;
-        if self.written / PART > before / PART {
-            // Handed to the system (not synced): a process killed now
-            // leaves them in the file; `reopen` checks them.
-            self.file()?.flush().await?;
-            self.flushed = self.written;
-        }
-        Ok(())
+        self.batch_len += chunk.len() as u64;
+        self.batch.push(chunk);
+        self.advanced(before).await
+    }
+
+    fn at_offsets(&self) -> Option<Arc<dyn OffsetWriter>> {
+        Some(Arc::new(FsOffsets(self.shared.clone()?)))
+    }
+
+    async fn placed(&mut self, len: u64) -> Result<()> {
+        self.drain().await?;
+        let before = self.written;
+        self.written += len;
+        self.flushed = self.written;
+        self.advanced(before).await
     }
 
     fn durable(&mut self) -> Result<Option<Durable>> {
@@ -239,9 +406,9 @@ impl BlobWriter for FsBlobWriter {
     }
 
     async fn suspend(mut self: Box<Self>) -> Result<Option<Durable>> {
-        let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
-        file.flush().await?;
-        self.flushed = self.written;
+        let drained = self.drain().await;
+        self.close().await;
+        drained?;
         let durable = self.durable()?;
         if durable.is_none() {
             let _ = tokio::fs::remove_file(&self.tmp).await;
@@ -250,10 +417,9 @@ impl BlobWriter for FsBlobWriter {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        let mut file = self.file.take().ok_or_else(|| StorageError::Index("writer already closed".into()))?;
-        file.flush().await?;
-        file.sync_all().await?;
-        drop(file);
+        self.drain().await?;
+        let shared = self.close().await.ok_or_else(|| std::io::Error::other("writer already closed"))?;
+        tokio::task::spawn_blocking(move || shared.file.sync_all()).await.map_err(std::io::Error::other)??;
         tokio::fs::rename(&self.tmp, &self.dest).await?;
         // The rename itself is durable only once its directory is synced.
         if let Some(dir) = self.dest.parent() {
@@ -263,7 +429,7 @@ impl BlobWriter for FsBlobWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
-        self.file.take();
+        self.close().await;
         let _ = tokio::fs::remove_file(&self.tmp).await;
         Ok(())
     }
@@ -271,10 +437,14 @@ impl BlobWriter for FsBlobWriter {
 
 impl Drop for FsBlobWriter {
     fn drop(&mut self) {
-        // Cut off (a cancelled task): what a checkpoint may name stays for
-        // the next copy (GC removes it once nothing names it).
-        if self.file.take().is_some() && !self.reported {
-            let _ = std::fs::remove_file(&self.tmp);
+        // Cut off (a cancelled task): parts still running must not write
+        // any more; what a checkpoint may name stays for the next copy
+        // (GC removes it once nothing names it).
+        if let Some(shared) = self.shared.take() {
+            shared.close();
+            if !self.reported {
+                let _ = std::fs::remove_file(&self.tmp);
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ pub use fs::FsBlobStore;
 pub use sqlite::SqliteIndex;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,11 +18,10 @@ use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::Sha256;
-use tokio::io::AsyncWriteExt;
 
 use super::{
-    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, Result, ScanPage,
-    ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
+    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, OffsetWriter, Result,
+    ScanPage, ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
 use crate::oci::{Descriptor, Digest};
 
