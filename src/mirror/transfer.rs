@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
@@ -394,30 +394,34 @@ async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestrea
             };
             let len = end - start + 1;
             let mut pace = Pace::new(s.upstream.limits());
-            let (mut chunks, mut got) = (Vec::new(), 0u64);
-            // Bytes not yet written to the sink: `written..got`.
-            let (mut unplaced, mut written) = (Vec::new(), 0u64);
+            // The part's bytes in one allocation of its size (network chunks
+            // kept as they come could each pin a larger buffer), cut into
+            // pieces of `PLACE_BATCH` as they are written to the sink.
+            let (mut buf, mut chunks, mut placed) = (BytesMut::with_capacity(len as usize), Vec::new(), 0u64);
             let mut stalled = false;
             while let Some(chunk) = pace.next(&mut body, &mut stalled).await? {
-                if got + chunk.len() as u64 > len {
+                if placed + buf.len() as u64 + chunk.len() as u64 > len {
                     return Err(FetchError::BadRange(format!("upstream sent more than the {len} bytes of range {start}-{end}")));
                 }
-                got += chunk.len() as u64;
-                if let Some(sink) = &s.sink {
-                    unplaced.push(chunk.clone());
-                    if got - written >= PLACE_BATCH {
-                        sink.write_at(start + written, std::mem::take(&mut unplaced)).await?;
-                        written = got;
-                    }
+                buf.extend_from_slice(&chunk);
+                if let Some(sink) = s.sink.as_ref().filter(|_| buf.len() as u64 >= PLACE_BATCH) {
+                    let piece = buf.split().freeze();
+                    sink.write_at(start + placed, vec![piece.clone()]).await?;
+                    placed += piece.len() as u64;
+                    chunks.push(piece);
                 }
-                chunks.push(chunk);
             }
-            if got != len {
-                return Err(FetchError::Upstream(UpstreamError::Transport(format!("range {start}-{end} cut off after {got} bytes"))));
+            if placed + buf.len() as u64 != len {
+                return Err(FetchError::Upstream(UpstreamError::Transport(format!(
+                    "range {start}-{end} cut off after {} bytes",
+                    placed + buf.len() as u64
+                ))));
             }
-            if let Some(sink) = s.sink.as_ref().filter(|_| !unplaced.is_empty()) {
-                sink.write_at(start + written, unplaced).await?;
+            let piece = buf.freeze();
+            if let Some(sink) = s.sink.as_ref().filter(|_| !piece.is_empty()) {
+                sink.write_at(start + placed, vec![piece.clone()]).await?;
             }
+            chunks.push(piece);
             Ok(chunks)
         }
         .await;
