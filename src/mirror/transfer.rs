@@ -6,8 +6,8 @@
 //! that many parts whatever the blob's size. When the store can write at
 //! offsets (a file), each part writes its bytes there as they arrive, and
 //! the reader only hashes them. A link fast enough for one connection (the
-//! first part's first MiB shows it) gets the rest as one stream instead:
-//! there parallel parts would only cost.
+//! first part's latency and first MiB show it) gets the rest as one stream
+//! instead: there parallel parts would only cost.
 //!
 //! Every body keeps to the minimum rate (`Pace`): each window must bring
 //! `min_rate` × window bytes or the read fails; a quarter window below the
@@ -332,10 +332,11 @@ impl Parts {
 }
 
 /// Reads the start of a first part, asked for at `asked`, to see whether
-/// one connection would bring all `left` bytes within `one_stream_within`:
-/// it must bring `PROBE` bytes (or its end) within that share of the time
-/// (zero: never). Returns what it read, the rest of the body, and whether
-/// it was that fast.
+/// one connection would bring all `left` bytes within `one_stream_within`
+/// (zero: never): the answer's first bytes must come within it, and then
+/// `PROBE` bytes (or the end) within the share of the time left that
+/// `PROBE` is of `left` (the latency counts once, not per MiB). Returns
+/// what it read, the rest of the body, and whether it was that fast.
 async fn probe(
     mut body: Bytestream,
     asked: Instant,
@@ -346,11 +347,15 @@ async fn probe(
     if one_stream_within.is_zero() {
         return Ok((head, body, false));
     }
-    let by = asked + one_stream_within.mul_f64(PROBE as f64 / left.max(PROBE) as f64);
+    let mut by = asked + one_stream_within;
     while got < PROBE {
         match tokio::time::timeout_at(by, body.next()).await {
             Ok(Some(chunk)) => {
                 let chunk = chunk?;
+                if head.is_empty() {
+                    let now = Instant::now();
+                    by = now + (asked + one_stream_within).saturating_duration_since(now).mul_f64(PROBE as f64 / left.max(PROBE) as f64);
+                }
                 got += chunk.len() as u64;
                 head.push(chunk);
             }

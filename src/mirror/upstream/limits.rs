@@ -35,7 +35,7 @@ pub struct UpstreamLimits {
     pub ranged_from: u64,
     pub range_part: u64,
     /// A ranged copy whose first connection would bring the whole blob
-    /// within this (judged by its first MiB) reads it as one stream
+    /// within this (judged by its latency and first MiB) reads it as one stream
     /// instead: on a fast link parallel parts only cost (zero: never).
     pub one_stream_within: Duration,
 }
