@@ -381,15 +381,16 @@ fn check_range(resp: &reqwest::Response, start: u64, end: u64, size: u64) -> Res
 }
 
 /// Reads bytes `start..=end` (from `first` when given, the first try: an
-/// answer already checked), checking upstream answered exactly that range, and writes them to the
-/// source's sink as they come; each part is tried `PART_ATTEMPTS` times
+/// answer already checked), checking upstream answered exactly that range
+/// and sent exactly its bytes, and writes them to the source's sink as they
+/// come; each part is tried `PART_ATTEMPTS` times
 /// (a later try writes the whole range again).
 async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestream>) -> Result<Vec<Bytes>, FetchError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let result = async {
-            let mut body = match first.take() {
+            let body = match first.take() {
                 Some(body) => body,
                 None => {
                     let resp = s.upstream.get_blob_range(&s.repo, &s.digest, start, end, Retry::FETCH).await?;
@@ -398,36 +399,28 @@ async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestrea
                 }
             };
             let len = end - start + 1;
+            let mut body = exactly(body, start, len);
             let mut pace = Pace::new(s.upstream.limits());
             // The part's bytes in one allocation of its size (network chunks
             // kept as they come could each pin a larger buffer), cut into
-            // pieces of `PLACE_BATCH` as they are written to the sink.
-            let (mut buf, mut chunks, mut placed) = (BytesMut::with_capacity(len as usize), Vec::new(), 0u64);
+            // pieces of `PLACE_BATCH` (and the last) as they are written to
+            // the sink.
+            let (mut buf, mut pieces, mut placed) = (BytesMut::with_capacity(len as usize), Vec::new(), 0u64);
             let mut stalled = false;
             while let Some(chunk) = pace.next(&mut body, &mut stalled).await? {
-                if placed + buf.len() as u64 + chunk.len() as u64 > len {
-                    return Err(FetchError::BadRange(format!("upstream sent more than the {len} bytes of range {start}-{end}")));
-                }
                 buf.extend_from_slice(&chunk);
-                if let Some(sink) = s.sink.as_ref().filter(|_| buf.len() as u64 >= PLACE_BATCH) {
+                let last = placed + buf.len() as u64 == len;
+                if let Some(sink) = s.sink.as_ref().filter(|_| !buf.is_empty() && (last || buf.len() as u64 >= PLACE_BATCH)) {
                     let piece = buf.split().freeze();
-                    sink.write_at(start + placed, vec![piece.clone()]).await?;
+                    sink.write_at(start + placed, piece.clone()).await?;
                     placed += piece.len() as u64;
-                    chunks.push(piece);
+                    pieces.push(piece);
                 }
             }
-            if placed + buf.len() as u64 != len {
-                return Err(FetchError::Upstream(UpstreamError::Transport(format!(
-                    "range {start}-{end} cut off after {} bytes",
-                    placed + buf.len() as u64
-                ))));
+            if !buf.is_empty() {
+                pieces.push(buf.freeze());
             }
-            let piece = buf.freeze();
-            if let Some(sink) = s.sink.as_ref().filter(|_| !piece.is_empty()) {
-                sink.write_at(start + placed, vec![piece.clone()]).await?;
-            }
-            chunks.push(piece);
-            Ok(chunks)
+            Ok(pieces)
         }
         .await;
         match result {

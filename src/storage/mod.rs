@@ -468,6 +468,6 @@ pub trait BlobWriter: Send {
 /// next copy continues.
 #[async_trait]
 pub trait OffsetWriter: Send + Sync {
-    /// Writes `chunks`, one after another, from `offset`.
-    async fn write_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<()>;
+    /// Writes `bytes` from `offset`.
+    async fn write_at(&self, offset: u64, bytes: Bytes) -> Result<()>;
 }

@@ -245,9 +245,9 @@ struct FsOffsets(Arc<Shared>);
 
 #[async_trait]
 impl OffsetWriter for FsOffsets {
-    async fn write_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<()> {
+    async fn write_at(&self, offset: u64, bytes: Bytes) -> Result<()> {
         let shared = self.0.clone();
-        Ok(tokio::task::spawn_blocking(move || shared.write_at(offset, &chunks)).await.map_err(std::io::Error::other)??)
+        Ok(tokio::task::spawn_blocking(move || shared.write_at(offset, &[bytes])).await.map_err(std::io::Error::other)??)
     }
 }
 
