@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -26,39 +25,45 @@ impl Drop for Moto {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// moto_server with S3's XML roots for the multipart listings
 /// (tests/tools/moto_server.py says why).
 pub fn launcher() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/moto_server.py")
 }
 
+/// The port the launcher, started with `-p 0`, bound and wrote on its first
+/// line of stdout: listening by then. A port picked here and freed before
+/// moto's second of start-up could be taken by any other test meanwhile.
+pub fn announced_port(stdout: impl std::io::Read) -> Result<u16, String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    line.trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("moto_server did not start (pip install 'moto[server]'; tests/run.sh does): it said {line:?}"))
+}
+
 impl Moto {
     pub async fn start() -> Moto {
-        let port = free_port();
-        let child = std::process::Command::new("python3")
+        let mut child = std::process::Command::new("python3")
             .arg(launcher())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server (pip install 'moto[server]'; tests/run.sh does)");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        for _ in 0..300 {
-            if http.get(format!("{url}/moto-api/")).send().await.is_ok() {
-                return Moto { url, child };
+            .expect("python3 (tests/run.sh installs it)");
+        let stdout = child.stdout.take().unwrap();
+        let port = match tokio::task::spawn_blocking(move || announced_port(stdout)).await.unwrap() {
+            Ok(port) => port,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e}")
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("moto_server did not start");
+        };
+        Moto { url: format!("http://127.0.0.1:{port}"), child }
     }
 
     /// Environment for child processes that use the AWS SDK against moto.

@@ -35,7 +35,24 @@ impl Proc {
     }
 }
 
+/// A free loopback port for a child process that binds it itself, picked
+/// below the kernel's ephemeral range: the kernel hands ports in that range
+/// to every `bind(0)` and outgoing connection of the tests running beside
+/// this one, so a port freed there could be taken before the child binds
+/// it (and the test would then talk to another test's server).
 pub fn free_port() -> u16 {
+    use std::hash::BuildHasher;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let low: u16 = ephemeral.and_then(|r| r.split_whitespace().next()?.parse().ok()).unwrap_or(32768);
+    const FLOOR: u16 = 10_000;
+    if low > FLOOR + 1000 {
+        for attempt in 0..1000u64 {
+            let port = FLOOR + (std::collections::hash_map::RandomState::new().hash_one(attempt) % u64::from(low - FLOOR)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
