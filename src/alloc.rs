@@ -5,13 +5,22 @@
 //! 1 GiB copy to S3 peaked at 147 MiB RSS that way and at 91 MiB with the
 //! threshold fixed. Fixing it sends every buffer of 1 MiB or more to its own
 //! mapping, returned to the system when freed.
+//!
+//! Fixing it also fixes the trim threshold, at 128 KiB: each heap then gave
+//! back the HTTP client's freed read buffers (a few hundred KiB) at once and
+//! faulted in zeroed pages for the next ones, a tenth of a copy's CPU
+//! (`perf`). At 4 MiB a 40 MiB copy from a loopback upstream took 12 % less
+//! CPU and time (59 → 51 ticks, 90 → 79 ms, medians of 3 × 8 copies) and
+//! peak RSS rose 2 MiB.
 
-/// Fixes the mmap threshold at 1 MiB (glibc only; elsewhere nothing).
+/// Fixes the mmap threshold at 1 MiB and the trim threshold at 4 MiB
+/// (glibc only; elsewhere nothing).
 pub fn return_large_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tunable of glibc's allocator; it is
+    // SAFETY: mallopt only sets tunables of glibc's allocator; it is
     // called first thing in `main`, before any copy allocates.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }

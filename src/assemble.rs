@@ -148,6 +148,7 @@ pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetchin
     let owner = fetching == Fetching::Owner;
     let Storage { index, store, local_blobs } = open_as(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries, owner).await?;
     let upstreams = Arc::new(upstreams);
+    upstreams.prepare();
     let queue: Arc<dyn FetchQueue> = match fetching {
         Fetching::InProcess | Fetching::Owner => {
             let fetcher = Arc::new(Fetcher::new(index.clone(), store.clone(), upstreams.clone()));
@@ -170,6 +171,8 @@ pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetchin
 /// The `fetcher` Lambda's worker: the verified copy on a backend, writing
 /// to the index itself (a fetch's state changes must be seen at once).
 pub async fn fetcher(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
+    let upstreams = Arc::new(upstreams);
+    upstreams.prepare();
     let (store, index) = aws::connect(storage).await;
-    Fetcher::new(Arc::new(index), Arc::new(store), Arc::new(upstreams))
+    Fetcher::new(Arc::new(index), Arc::new(store), upstreams)
 }

@@ -164,6 +164,14 @@ impl Upstream {
             .redirect(redirect)
     }
 
+    /// Builds both HTTP clients now rather than on first use: each build
+    /// loads the system's root certificates, tens of milliseconds that a
+    /// cold pull's first requests would otherwise wait for.
+    pub fn prepare(&self) {
+        self.http();
+        self.blob_http();
+    }
+
     /// For tokens, manifests, tag lists and `HEAD`s: no redirect is followed.
     fn http(&self) -> &reqwest::Client {
         self.http.get_or_init(|| {

@@ -29,6 +29,13 @@ impl Upstreams {
         Upstreams { by_registry: list.into_iter().map(|u| (u.registry.clone(), Arc::new(u))).collect(), backoff: Mutex::default() }
     }
 
+    /// [`Upstream::prepare`] for each, on the blocking pool: called at
+    /// start, off the first request's path.
+    pub fn prepare(self: &Arc<Self>) {
+        let all = self.clone();
+        tokio::task::spawn_blocking(move || all.by_registry.values().for_each(|u| u.prepare()));
+    }
+
     pub fn get(&self, registry: &str) -> Result<&Arc<Upstream>, RegistryError> {
         self.by_registry
             .get(registry)
