@@ -124,7 +124,8 @@ async fn large_blobs_come_in_parallel_ranges_to_s3() {
 
 /// An upstream fast enough for one connection (its first MiB shows it) is
 /// read as one stream: the first part, then the rest in one request asked
-/// for at once. Two ranged requests, every byte once, on both backends.
+/// for at once. Two ranged requests, every byte once, on both backends; a
+/// wrong range or wrong bytes in that stream are caught as in parts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fast_upstream_is_read_as_one_stream_after_its_first_part() {
     let hub = FakeHub::start().await;
@@ -144,6 +145,28 @@ async fn a_fast_upstream_is_read_as_one_stream_after_its_first_part() {
         assert_eq!(hub.count(|c| &c.cdn_ranged) - before.0, 2, "the first part, then the rest");
         assert_eq!(body_bytes(&hub) - before.1, SIZE, "no byte asked twice");
         served_intact(&m, &digest).await;
+
+        // The rest answered with another range (the first part, from byte
+        // 0, is right): that copy fails, the next reads the blob whole.
+        let digest = hub.put_synthetic_blob("library/big", SIZE, seed + 10);
+        hub.set_fault(Fault::WrongRange);
+        let before = (hub.count(|c| &c.cdn_ranged), hub.count(|c| &c.cdn_get));
+        assert_eq!(fetch(&m, &digest).await.0, 307);
+        hub.set_fault(Fault::None);
+        let asked = (hub.count(|c| &c.cdn_ranged) - before.0, hub.count(|c| &c.cdn_get) - before.1);
+        assert_eq!(asked, (2, 3), "(ranged, all) GETs: the first part, the rest (refused), then the whole blob");
+        served_intact(&m, &digest).await;
+
+        // A byte of each ranged answer flipped: nothing stored, no upload
+        // left, the client told.
+        let digest = hub.put_synthetic_blob("library/big", SIZE, seed + 20);
+        hub.set_fault(Fault::CorruptRange);
+        assert_eq!(fetch(&m, &digest).await.0, 503);
+        hub.set_fault(Fault::None);
+        let d = hubcap::oci::Digest::parse(&digest).unwrap();
+        assert_eq!(m.mirror.store().size(&d).await.unwrap(), None, "nothing stored");
+        assert!(m.mirror.store().uploads().await.unwrap().iter().all(|u| u.digest != d), "the upload of wrong bytes is aborted");
+        assert_eq!(m.mirror.index().blob_checkpoint(&d).await.unwrap(), None, "and no checkpoint names it");
     }
 }
 
