@@ -290,6 +290,34 @@ async fn upstream_redirects_are_followed_only_for_blobs_and_never_into_the_host(
     assert_eq!(hits.load(Ordering::SeqCst), before, "the internal service was never asked for a token");
 }
 
+/// The same in ranged parts: every blob copied in parts, eight layers whose
+/// ranges trickle take every fetch slot; a part below the rate marks its
+/// copy stalled while the copy waits on it, so the slots come back and a
+/// healthy image is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranged_copies_that_stall_give_their_fetch_slots_back() {
+    let hub = FakeHub::start().await;
+    let big = images::image(Format::Oci, "amd64", (0..8).map(|i| vec![(format!("f{i}"), images::noise(20_000, 3000 + i))]).collect());
+    hub.publish("library/big", "1", &Published::Image(big.clone()));
+    let small = images::small_image(Format::Oci, "amd64", 83, 2);
+    hub.publish("library/small", "1", &Published::Image(small.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_secs(4);
+    let limits = UpstreamLimits { window, min_rate: 1024, ranged_from: 1, ..common::upstream_limits() };
+    let m = mirror_with_limits(dir.path(), &hub, limits, Duration::from_secs(3)).await;
+    let http = common::client();
+
+    hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 10_000 });
+    let ranged = hub.count(|c| &c.cdn_ranged);
+    common::get_manifest(&http, &m.url, "big", "1", common::ALL_MANIFESTS).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hub.count(|c| &c.cdn_ranged) - ranged >= 8, "the layers are asked for in ranges");
+    let started = Instant::now();
+    common::pull(&http, &m.url, "small", "1").await;
+    let took = started.elapsed();
+    assert!(took < window / 2 + Duration::from_millis(500), "a healthy pull behind stalled ranged copies took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dripping_upstream_transfers_are_cut_off_and_cannot_starve_healthy_ones() {
     let hub = FakeHub::start().await;

@@ -11,7 +11,9 @@
 //!
 //! Every body keeps to the minimum rate (`Pace`): each window must bring
 //! `min_rate` × window bytes or the read fails; a quarter window below the
-//! rate marks the copy stalled (its fetch slot then goes to another).
+//! rate marks the copy stalled (its fetch slot then goes to another). In
+//! parts, each part keeps to the rate on its connection, and any part below
+//! it marks the copy stalled, even while the reader waits for another.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -184,7 +186,7 @@ impl Body {
     pub(super) async fn next(&mut self, stalled: &mut bool) -> Result<Option<Bytes>, FetchError> {
         match self {
             Body::Stream { body, pace } => pace.next(body, stalled).await,
-            Body::Parts(parts) => parts.next().await,
+            Body::Parts(parts) => parts.next(stalled).await,
         }
     }
 
@@ -226,6 +228,8 @@ struct Source {
     size: u64,
     /// Where each part writes its bytes as they arrive, if anywhere.
     sink: Option<Arc<dyn OffsetWriter>>,
+    /// Told when a part falls below the minimum rate.
+    stalls: Arc<tokio::sync::Notify>,
 }
 
 /// A blob in ranged parts, at most `parallel` requested ahead of the one the
@@ -300,7 +304,8 @@ impl Parts {
             let body = exactly(first, from, first_end + 1 - from).chain(rest).boxed();
             return Ok((Body::Stream { body, pace: Pace::new(limits) }, from));
         }
-        let source = Source { upstream: upstream.clone(), repo: repo.clone(), digest: digest.clone(), size, sink };
+        let stalls = Arc::default();
+        let source = Source { upstream: upstream.clone(), repo: repo.clone(), digest: digest.clone(), size, sink, stalls };
         let count = left.div_ceil(part);
         let mut parts = Parts { source, from, part, count, parallel, next: 1, running: VecDeque::new(), current: VecDeque::new() };
         let source = parts.source.clone();
@@ -308,7 +313,9 @@ impl Parts {
         Ok((Body::Parts(parts), from))
     }
 
-    async fn next(&mut self) -> Result<Option<Bytes>, FetchError> {
+    /// The next bytes in order; an empty chunk when a part has fallen below
+    /// the rate while the reader waits (then `stalled` is set).
+    async fn next(&mut self, stalled: &mut bool) -> Result<Option<Bytes>, FetchError> {
         if let Some(chunk) = self.current.pop_front() {
             return Ok(Some(chunk));
         }
@@ -318,15 +325,21 @@ impl Parts {
             self.running.push_back(tokio::spawn(async move { read_part(&source, start, end, None).await }));
             self.next += 1;
         }
-        match self.running.pop_front() {
-            None => Ok(None),
-            Some(task) => match task.await {
-                Ok(part) => {
-                    self.current = part?.into();
-                    Ok(Some(self.current.pop_front().unwrap_or_default()))
-                }
-                Err(e) => Err(FetchError::Rejected(format!("a part download ended: {e}"))),
-            },
+        let Some(task) = self.running.front_mut() else { return Ok(None) };
+        let joined = tokio::select! {
+            joined = task => joined,
+            () = self.source.stalls.notified(), if !*stalled => {
+                *stalled = true;
+                return Ok(Some(Bytes::new()));
+            }
+        };
+        self.running.pop_front();
+        match joined {
+            Ok(part) => {
+                self.current = part?.into();
+                Ok(Some(self.current.pop_front().unwrap_or_default()))
+            }
+            Err(e) => Err(FetchError::Rejected(format!("a part download ended: {e}"))),
         }
     }
 }
@@ -386,7 +399,7 @@ fn check_range(resp: &reqwest::Response, start: u64, end: u64, size: u64) -> Res
 /// come; each part is tried `PART_ATTEMPTS` times
 /// (a later try writes the whole range again).
 async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestream>) -> Result<Vec<Bytes>, FetchError> {
-    let mut attempt = 0;
+    let (mut attempt, mut told) = (0, false);
     loop {
         attempt += 1;
         let result = async {
@@ -408,6 +421,9 @@ async fn read_part(s: &Source, start: u64, end: u64, mut first: Option<Bytestrea
             let (mut buf, mut pieces, mut placed) = (BytesMut::with_capacity(len as usize), Vec::new(), 0u64);
             let mut stalled = false;
             while let Some(chunk) = pace.next(&mut body, &mut stalled).await? {
+                if stalled && !std::mem::replace(&mut told, true) {
+                    s.stalls.notify_one();
+                }
                 buf.extend_from_slice(&chunk);
                 let last = placed + buf.len() as u64 == len;
                 if let Some(sink) = s.sink.as_ref().filter(|_| !buf.is_empty() && (last || buf.len() as u64 >= PLACE_BATCH)) {

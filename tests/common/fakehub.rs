@@ -40,8 +40,8 @@ pub enum Fault {
     HugeTagList,
     /// CDN blob bodies send half, pause this long, then the rest.
     DripBody(Duration),
-    /// Manifest and CDN blob bodies of at least `min_len` bytes come one
-    /// byte every `every` (smaller ones as usual).
+    /// Manifest and CDN blob bodies (whole or ranged) of at least `min_len`
+    /// bytes come one byte every `every` (smaller ones as usual).
     Trickle {
         every: Duration,
         min_len: usize,
@@ -666,7 +666,10 @@ async fn cdn_blob(
                     Err(std::io::Error::other("connection cut")),
                 ]))
             } else {
-                Body::from(part)
+                match fault {
+                    Fault::Trickle { every, min_len } if part.len() >= min_len => trickle(Bytes::from(part), every),
+                    _ => Body::from(part),
+                }
             }
         }
         (None, Some(bytes)) => return whole_blob(bytes, fault),
