@@ -290,32 +290,50 @@ async fn upstream_redirects_are_followed_only_for_blobs_and_never_into_the_host(
     assert_eq!(hits.load(Ordering::SeqCst), before, "the internal service was never asked for a token");
 }
 
-/// The same in ranged parts: every blob copied in parts, eight layers whose
-/// ranges trickle take every fetch slot; a part below the rate marks its
-/// copy stalled while the copy waits on it, so the slots come back and a
-/// healthy image is served at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ranged_copies_that_stall_give_their_fetch_slots_back() {
-    let hub = FakeHub::start().await;
-    let big = images::image(Format::Oci, "amd64", (0..8).map(|i| vec![(format!("f{i}"), images::noise(20_000, 3000 + i))]).collect());
-    hub.publish("library/big", "1", &Published::Image(big.clone()));
-    let small = images::small_image(Format::Oci, "amd64", 83, 2);
-    hub.publish("library/small", "1", &Published::Image(small.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let window = Duration::from_secs(4);
-    let limits = UpstreamLimits { window, min_rate: 1024, ranged_from: 1, ..common::upstream_limits() };
-    let m = mirror_with_limits(dir.path(), &hub, limits, Duration::from_secs(3)).await;
-    let http = common::client();
+/// How long a copy in the trickling tests may take to bring 1 KiB a second.
+const TRICKLE_WINDOW: Duration = Duration::from_secs(4);
 
+/// `library/big` (eight 20 KB layers) and `library/small` (a healthy image)
+/// on the fake hub, and a mirror whose copies must bring 1 KiB/s in every
+/// `TRICKLE_WINDOW` (the rest of `limits` as given). Returns the mirror and
+/// big.
+async fn trickle_setup(hub: &FakeHub, dir: &std::path::Path, limits: UpstreamLimits) -> (Hubcap, images::Image) {
+    let big = images::image(Format::Oci, "amd64", (0..8).map(|i| vec![(format!("f{i}"), images::noise(20_000, 2000 + i))]).collect());
+    hub.publish("library/big", "1", &Published::Image(big.clone()));
+    let small = images::small_image(Format::Oci, "amd64", 82, 2);
+    hub.publish("library/small", "1", &Published::Image(small));
+    let limits = UpstreamLimits { window: TRICKLE_WINDOW, min_rate: 1024, ..limits };
+    (mirror_with_limits(dir, hub, limits, Duration::from_secs(3)).await, big)
+}
+
+/// Eight layers of `library/big` whose bodies trickle take every fetch slot
+/// (the test mirror has 8); a healthy image is still served at once, since
+/// stalled copies give their slots back after a quarter window. Returns how
+/// many ranged requests the trickling copies made before the healthy pull.
+async fn trickling_layers_leave_room_for_a_healthy_pull(hub: &FakeHub, m: &Hubcap) -> usize {
+    let http = common::client();
     hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 10_000 });
     let ranged = hub.count(|c| &c.cdn_ranged);
     common::get_manifest(&http, &m.url, "big", "1", common::ALL_MANIFESTS).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(hub.count(|c| &c.cdn_ranged) - ranged >= 8, "the layers are asked for in ranges");
+    let ranged = hub.count(|c| &c.cdn_ranged) - ranged;
     let started = Instant::now();
     common::pull(&http, &m.url, "small", "1").await;
     let took = started.elapsed();
-    assert!(took < window / 2 + Duration::from_millis(500), "a healthy pull behind stalled ranged copies took {took:?}");
+    assert!(took < TRICKLE_WINDOW / 2 + Duration::from_millis(500), "a healthy pull behind stalled copies took {took:?}");
+    ranged
+}
+
+/// The same in ranged parts (every blob copied in parts): a part below the
+/// rate marks its copy stalled while the copy waits on it, so the slots
+/// come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranged_copies_that_stall_give_their_fetch_slots_back() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = trickle_setup(&hub, dir.path(), UpstreamLimits { ranged_from: 1, ..common::upstream_limits() }).await;
+    let ranged = trickling_layers_leave_room_for_a_healthy_pull(&hub, &m).await;
+    assert!(ranged >= 8, "the layers are asked for in ranges: {ranged} ranged requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -325,15 +343,9 @@ async fn dripping_upstream_transfers_are_cut_off_and_cannot_starve_healthy_ones(
     // layers, and a small healthy image.
     let wide = images::image(Format::Oci, "amd64", (0..40).map(|i| vec![(format!("f{i}"), images::noise(100, 1000 + i))]).collect());
     hub.publish("library/wide", "1", &Published::Image(wide.clone()));
-    let big = images::image(Format::Oci, "amd64", (0..8).map(|i| vec![(format!("f{i}"), images::noise(20_000, 2000 + i))]).collect());
-    hub.publish("library/big", "1", &Published::Image(big.clone()));
-    let small = images::small_image(Format::Oci, "amd64", 82, 2);
-    hub.publish("library/small", "1", &Published::Image(small.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let window = Duration::from_secs(4);
-    let limits = UpstreamLimits { window, min_rate: 1024, ..common::upstream_limits() };
-    let m = mirror_with_limits(dir.path(), &hub, limits, Duration::from_secs(3)).await;
-    let http = common::client();
+    let (m, big) = trickle_setup(&hub, dir.path(), common::upstream_limits()).await;
+    let (http, window) = (common::client(), TRICKLE_WINDOW);
 
     // A manifest that comes a byte at a time fails within the window.
     hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 5_000 });
@@ -343,16 +355,7 @@ async fn dripping_upstream_transfers_are_cut_off_and_cannot_starve_healthy_ones(
     let took = started.elapsed();
     assert!(took < window + Duration::from_secs(2), "a trickling manifest held the request {took:?}");
 
-    // Eight trickling layers take every fetch slot (the test mirror has 8).
-    hub.set_fault(Fault::Trickle { every: Duration::from_millis(300), min_len: 10_000 });
-    common::get_manifest(&http, &m.url, "big", "1", common::ALL_MANIFESTS).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // A healthy image is still served at once: stalled copies gave their
-    // slots back after a quarter window.
-    let started = Instant::now();
-    common::pull(&http, &m.url, "small", "1").await;
-    let took = started.elapsed();
-    assert!(took < window / 2 + Duration::from_millis(500), "a healthy pull behind stalled copies took {took:?}");
+    trickling_layers_leave_room_for_a_healthy_pull(&hub, &m).await;
     // The trickling copies are cut off (three tries, a window each).
     let layers: Vec<String> = big.blobs().into_iter().skip(1).map(|(d, _)| d).collect();
     let deadline = Instant::now() + window * 3 + Duration::from_secs(10);
