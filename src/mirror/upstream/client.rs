@@ -167,7 +167,7 @@ impl Upstream {
     /// Builds both HTTP clients now rather than on first use: each build
     /// loads the system's root certificates, tens of milliseconds that a
     /// cold pull's first requests would otherwise wait for.
-    pub fn prepare(&self) {
+    pub(super) fn prepare(&self) {
         self.http();
         self.blob_http();
     }
