@@ -8,10 +8,9 @@
 //!
 //! Fixing it also fixes the trim threshold, at 128 KiB: each heap then gave
 //! back the HTTP client's freed read buffers (a few hundred KiB) at once and
-//! faulted in zeroed pages for the next ones, a tenth of a copy's CPU
-//! (`perf`). At 4 MiB a 40 MiB copy from a loopback upstream took 12 % less
-//! CPU and time (59 → 51 ticks, 90 → 79 ms, medians of 3 × 8 copies) and
-//! peak RSS rose 2 MiB.
+//! faulted in zeroed pages for the next ones, about a tenth of a copy's CPU
+//! under `perf`. At 4 MiB those buffers are reused (BENCHMARKS.md rows 15–19
+//! give the copies' speed and peak RSS with it).
 
 /// Fixes the mmap threshold at 1 MiB and the trim threshold at 4 MiB
 /// (glibc only; elsewhere nothing).
