@@ -280,6 +280,17 @@ pub struct LambdaSettings {
     /// Platforms those images are warmed for (os/arch, comma-separated; default all).
     #[arg(long, env = "HUBCAP_WARM_PLATFORMS", value_delimiter = ',')]
     pub warm_platforms: Vec<String>,
+    /// What the `api`'s `HEAD` of a manifest or blob carries: without
+    /// `Docker-Content-Digest` (default: Lambda's front ends rewrite a HEAD
+    /// answer's Content-Length, and containerd trusts it only with a
+    /// digest), or `full` where `hubcap check` found the size kept.
+    #[arg(long, env = "HUBCAP_HEAD_ANSWERS", value_enum, default_value_t = crate::lambda::HeadAnswers::WithoutDigest)]
+    pub head_answers: crate::lambda::HeadAnswers,
+    /// Seconds the front end waits for the `api` (API Gateway: 29 for a REST
+    /// API, 30 for an HTTP API); it answers 2 s before that, or before the
+    /// invocation's deadline when sooner. Unset: the invocation's deadline.
+    #[arg(long, env = "HUBCAP_REQUEST_TIMEOUT", value_parser = seconds)]
+    pub request_timeout: Option<f64>,
 }
 
 impl LambdaSettings {
@@ -289,6 +300,11 @@ impl LambdaSettings {
 
     pub fn backend(&self) -> Result<Backend, String> {
         self.storage.backend(&self.data, &self.aws)
+    }
+
+    /// How the `api` fits its front end.
+    pub fn front_end(&self) -> crate::lambda::FrontEndFit {
+        crate::lambda::FrontEndFit { head: self.head_answers, timeout: self.request_timeout.filter(|t| *t > 0.0).map(secs) }
     }
 
     /// What the function's mirror is assembled from.

@@ -43,9 +43,10 @@ enum Command {
     /// upstream requests saved, the last ratelimit-remaining, the oldest and
     /// least recently pulled images.
     Stats(Box<StatsArgs>),
-    /// Development: complete a `cargo lambda watch` setup on moto. Forwards
-    /// clients to the `api` function with repeated headers joined, as a
-    /// Function URL does, and feeds the table's stream to the `fetcher`.
+    /// Development: complete a `cargo lambda watch` setup on moto. Plays the
+    /// `api` function's front end (a Function URL's, an HTTP API's or a REST
+    /// API's events and rewrites of answers) and feeds the table's stream to
+    /// the `fetcher`.
     LambdaDev(LambdaDevArgs),
 }
 
@@ -54,9 +55,18 @@ struct LambdaDevArgs {
     /// Where clients (daemon.json's registry-mirrors) connect.
     #[arg(long, default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
-    /// The api function's URL under `cargo lambda watch`.
-    #[arg(long, default_value = "http://127.0.0.1:9000/lambda-url/api")]
+    /// The api function's invoke URL under `cargo lambda watch`.
+    #[arg(long, default_value = "http://127.0.0.1:9000/2015-03-31/functions/api/invocations")]
     api_url: String,
+    /// The front end to play: its events, its rewrites of the function's
+    /// answers (a HEAD's Content-Length, a renamed WWW-Authenticate) and its
+    /// time limit.
+    #[arg(long, value_enum, default_value_t = hubcap::lambda::dev::FrontEnd::FunctionUrl)]
+    front_end: hubcap::lambda::dev::FrontEnd,
+    /// The api function's timeout in seconds (the template's: 30), after
+    /// which a Function URL gives up.
+    #[arg(long, default_value_t = 30)]
+    function_timeout: u64,
     /// The table whose stream feeds the fetcher (AWS_ENDPOINT_URL: moto).
     #[arg(long, env = "HUBCAP_TABLE")]
     table: Option<String>,
@@ -181,6 +191,8 @@ async fn main() -> std::process::ExitCode {
             let opts = hubcap::lambda::dev::LambdaDevOptions {
                 listen: args.listen,
                 api_url: args.api_url,
+                front_end: args.front_end,
+                function_timeout: std::time::Duration::from_secs(args.function_timeout),
                 table: args.table,
                 fetcher_url: args.fetcher_url,
                 poll_every: std::time::Duration::from_millis(args.poll_ms),

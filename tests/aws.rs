@@ -126,7 +126,8 @@ async fn stream_world(hub: &FakeHub, table: &str) -> StreamWorld {
     let storage = moto.setup(&format!("{table}-bucket"), table).await;
     let mut cfg = config();
     cfg.blob_wait = Duration::from_millis(200);
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(hub), cfg, 100, Default::default()).await.unwrap();
+    let (router, _) =
+        hubcap::lambda::api_router_with(&storage, upstreams(hub), cfg, 100, Default::default(), Default::default()).await.unwrap();
     let api = serve(router).await;
     let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(hub)).await;
     let pump = StreamPump::new(&moto.url, table);
@@ -325,7 +326,8 @@ async fn the_sample_events_run_through_the_handlers() {
     let sample = hub.put_blob("library/hello", b"hubcap sample blob\n");
     let moto = Moto::start().await;
     let storage = moto.setup("events-bucket", "events").await;
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default()).await.unwrap();
+    let (router, _) =
+        hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default(), Default::default()).await.unwrap();
     let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
 
     // The sample stream record drives a real copy: its blob is pending in
@@ -356,7 +358,15 @@ async fn the_sample_events_run_through_the_handlers() {
             if name.starts_with("manifest-") {
                 // Docker's own header set, as this front end delivers it.
                 assert_eq!(resp.headers()["content-type"], "application/vnd.oci.image.index.v1+json", "{file}: the index");
+            }
+            if name == "manifest-get" {
                 assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), hello.digest(), "{file}");
+            }
+            if name.ends_with("-head") {
+                // A front end writes its own Content-Length (0 for a HEAD):
+                // without a digest, containerd and Docker GET instead of
+                // trusting it.
+                assert!(!resp.headers().contains_key("docker-content-digest"), "{file}: a HEAD carries no digest on Lambda");
             }
             if name == "blob-get" {
                 assert!(resp.headers()["location"].to_str().unwrap().contains("events-bucket"), "{file}: redirected to S3");
@@ -642,7 +652,8 @@ async fn a_blob_lost_from_the_bucket_is_found_by_gc_and_fetched_again() {
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(hub.cdn_gets(&layer), 2, "copied again once");
     // A new instance (cold cache) serves the blob again.
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default()).await.unwrap();
+    let (router, _) =
+        hubcap::lambda::api_router_with(&storage, upstreams(&hub), config(), 100, Default::default(), Default::default()).await.unwrap();
     let fresh = serve(router).await;
     assert_eq!(get_blob(&http, &fresh, "lost", &layer).await, bytes);
 }

@@ -804,10 +804,16 @@ async fn benchmark() {
         common::pull(&http, &filler.url, "small", "1").await;
         filler.stop().await;
         let built = hubcap::mirror::upstream::build_upstreams(&upstreams, &common::upstream_limits(), &HashMap::new()).unwrap();
-        let (api, api_mirror) =
-            hubcap::lambda::api_router_with(&storage, built, common::config(), hubcap::assemble::MEMORY_CACHE_ENTRIES, Default::default())
-                .await
-                .unwrap();
+        let (api, api_mirror) = hubcap::lambda::api_router_with(
+            &storage,
+            built,
+            common::config(),
+            hubcap::assemble::MEMORY_CACHE_ENTRIES,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
         let hits = [
             ("function-url-manifest-get.json", "manifests/1".to_owned(), 200),
             ("function-url-manifest-get.json", format!("manifests/{}", small_img.digest), 200),

@@ -103,7 +103,7 @@ impl Pool {
         }
         self.made.fetch_add(1, Ordering::SeqCst);
         let upstreams = upstreams(&self.hub, &self.also_allowed);
-        api_router_with(&self.storage, upstreams, self.cfg.clone(), 10_000, Default::default()).await.unwrap().0
+        api_router_with(&self.storage, upstreams, self.cfg.clone(), 10_000, Default::default(), Default::default()).await.unwrap().0
     }
 }
 

@@ -121,7 +121,8 @@ async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies()
     let api_upstreams = cold_start_upstreams(&proxy, API, &hub, &stack.secret_arn).await;
     let fetcher_upstreams = cold_start_upstreams(&proxy, FETCHER, &hub, &stack.secret_arn).await;
     let api_storage = storage_as(&proxy, &stack, API).await;
-    let (router, _) = hubcap::lambda::api_router_with(&api_storage, api_upstreams, config(), 100, Default::default()).await.unwrap();
+    let (router, _) =
+        hubcap::lambda::api_router_with(&api_storage, api_upstreams, config(), 100, Default::default(), Default::default()).await.unwrap();
     let api = serve(router).await;
     let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage_as(&proxy, &stack, FETCHER).await, fetcher_upstreams).await);
     let esm = EventSourceMapping::start(&proxy.url, &stack.stream_arn, fetcher, &stack.queue_url);
@@ -134,7 +135,8 @@ async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies()
     // A second api instance: nothing in memory, everything from DynamoDB
     // and S3 (the large index is stored under manifests/).
     let again = cold_start_upstreams(&proxy, API, &hub, &stack.secret_arn).await;
-    let (router, mirror) = hubcap::lambda::api_router_with(&api_storage, again, config(), 100, Default::default()).await.unwrap();
+    let (router, mirror) =
+        hubcap::lambda::api_router_with(&api_storage, again, config(), 100, Default::default(), Default::default()).await.unwrap();
     let api2 = serve(router).await;
     pull(&http, &api2, "iam-app", "1").await;
     let resp = http.get(format!("{api2}/_hubcap/stats")).send().await.unwrap();

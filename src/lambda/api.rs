@@ -1,9 +1,24 @@
 //! The `api` function: Lambda's HTTP events (Function URL, HTTP API, REST
 //! API) through the registry router, one EMF record per request.
+//!
+//! What the front ends do to a function's answers is not the router's
+//! business, so it is handled here (`FrontEndFit`), for the worst case
+//! reported, since none of it can be checked from outside AWS:
+//! - a `HEAD` answer's `Content-Length` is the front end's (the length of the
+//!   body it carries: 0), not the function's: a `HEAD` of a manifest or blob
+//!   carries no `Docker-Content-Digest` by default, so that the clients that
+//!   trust a `HEAD`'s size (containerd) `GET` instead (`HeadAnswers`);
+//! - the front end gives up after its own limit (API Gateway: 29 or 30 s) or
+//!   at the invocation's deadline: every wait is cut to that less a margin
+//!   (`mirror::deadline`), and a request still running then gets `503` with
+//!   `Retry-After` instead of the front end's 502/504 and a lost instance.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::http::{Method, header};
+use axum::response::IntoResponse;
 use lambda_http::request::LambdaRequest;
 
 use crate::assemble::{self, Assembled, Backend, BoxError, Fetching, Options};
@@ -11,9 +26,10 @@ use crate::config::{LambdaSettings, StorageKind};
 use crate::http::ClientAddr;
 use crate::http::access::AccessPolicy;
 use crate::mirror::upstream::Upstreams;
-use crate::mirror::{Mirror, MirrorConfig};
+use crate::mirror::{Mirror, MirrorConfig, deadline};
 use crate::observe::emf::{UpstreamDeltas, emf_line};
 use crate::observe::{CacheStatus, STATS_FLUSH_EVERY};
+use crate::oci::{ErrorCode, RegistryError};
 use crate::storage::aws::AwsStorage;
 
 /// The `api` function's router: the mirror on S3 + DynamoDB, whose blob
@@ -24,7 +40,7 @@ use crate::storage::aws::AwsStorage;
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
     let fetching = if settings.storage == StorageKind::Local { Fetching::Owner } else { Fetching::ByStream };
     let Assembled { mirror, router } = assemble::mirror(&settings.options()?, fetching).await?;
-    Ok((with_metrics(router, mirror.clone()), mirror))
+    Ok((with_metrics(settings.front_end().fit(router), mirror.clone()), mirror))
 }
 
 /// The `api` function on S3 + DynamoDB with upstreams already built (tests).
@@ -34,6 +50,7 @@ pub async fn api_router_with(
     cfg: MirrorConfig,
     memory_cache_entries: usize,
     access: AccessPolicy,
+    front_end: FrontEndFit,
 ) -> Result<(Router, Arc<Mirror>), BoxError> {
     let opts = Options {
         backend: Backend::Aws(Box::new(storage.clone())),
@@ -47,7 +64,84 @@ pub async fn api_router_with(
         upstream_limits: Default::default(),
     };
     let Assembled { mirror, router } = assemble::mirror_with(&opts, upstreams, Fetching::ByStream).await?;
-    Ok((with_metrics(router, mirror.clone()), mirror))
+    Ok((with_metrics(front_end.fit(router), mirror.clone()), mirror))
+}
+
+/// What a `HEAD` of a manifest or a blob carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeadAnswers {
+    /// No `Docker-Content-Digest`. containerd resolves a tag or digest with a
+    /// `HEAD` and, when the answer has a digest, trusts its `Content-Length`:
+    /// behind a front end that writes 0 there, every pull fails ("reports
+    /// content size of zero") and Docker falls back to Docker Hub. Without a
+    /// digest containerd (and Docker's resolver) `GET`s the manifest instead:
+    /// one more request per pull, a right size always.
+    #[default]
+    WithoutDigest,
+    /// Size and digest, as `hubcap serve` answers: only behind a front end
+    /// `hubcap check` found to keep a `HEAD`'s `Content-Length`.
+    Full,
+}
+
+/// How the api fits the front end in front of it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FrontEndFit {
+    pub head: HeadAnswers,
+    /// The longest the front end waits for an answer (API Gateway: 29 s for
+    /// a REST API, 30 s for an HTTP API); `None`: the invocation's deadline
+    /// (a Function URL waits as long as the function runs).
+    pub timeout: Option<Duration>,
+}
+
+/// Kept free before the front end's or the invocation's end, for the answer
+/// to reach the client (and a cold start's initialisation, which counts
+/// against API Gateway's limit but not against the handler's clock).
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+
+impl FrontEndFit {
+    /// `router` answering as this front end needs.
+    pub fn fit(self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self, fit_answer))
+    }
+}
+
+/// Manifest and blob routes (`/v2/<name>/manifests/<ref>`, `.../blobs/<digest>`).
+fn is_content_route(path: &str) -> bool {
+    path.starts_with("/v2/") && (path.contains("/manifests/") || path.contains("/blobs/"))
+}
+
+async fn fit_answer(
+    axum::extract::State(fit): axum::extract::State<FrontEndFit>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let arrived = Instant::now();
+    let head = req.method() == Method::HEAD && is_content_route(req.uri().path());
+    let invocation = req.extensions().get::<lambda_http::Context>().and_then(|c| super::instant_of(c.deadline));
+    let end = [invocation, fit.timeout.map(|t| arrived + t)].into_iter().flatten().min();
+    let mut resp = match end {
+        None => next.run(req).await,
+        Some(end) => {
+            // Waits end a margin before the front end gives up; the whole
+            // request, half a margin before (what no wait covers).
+            let waits_end = end.checked_sub(DEADLINE_MARGIN).unwrap_or(arrived).max(arrived);
+            let hard = end.checked_sub(DEADLINE_MARGIN / 2).unwrap_or(arrived).max(arrived);
+            match tokio::time::timeout_at(hard.into(), deadline::within(waits_end, next.run(req))).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::warn!(after_ms = arrived.elapsed().as_millis() as u64, "no answer before the front end's deadline; 503");
+                    RegistryError::new(ErrorCode::Unavailable, "the mirror could not answer in time; try again")
+                        .with_retry_after(Some(5))
+                        .into_response()
+                }
+            }
+        }
+    };
+    if head && fit.head == HeadAnswers::WithoutDigest {
+        resp.headers_mut().remove("docker-content-digest");
+        resp.headers_mut().remove(header::ETAG);
+    }
+    resp
 }
 
 /// Adds one EMF record per request to a router: requests, cache results,

@@ -70,7 +70,8 @@ impl Mirror {
         // Wait, bounded, for the copy: on the in-process queue directly; when
         // the fetch runs elsewhere (another instance, the fetcher Lambda), by
         // polling the index.
-        let deadline = Instant::now() + hold;
+        // Never past the request's own deadline (a Lambda front end's limit).
+        let deadline = deadline::by(hold);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if self.queue.wait(digest, left).await == WaitOutcome::TimedOut {

@@ -133,7 +133,10 @@ impl Mirror {
             if self.upstreams.backing_off(&repo.registry) {
                 return Ok((m, CacheStatus::Stale));
             }
-            let head = tokio::time::timeout(self.cfg.revalidate_timeout, upstream.head_manifest(repo, tag, &types, Retry::ONCE)).await;
+            // Within the request's deadline too: a stale answer in time beats a
+            // fresh one the front end has given up on.
+            let within = deadline::cap(self.cfg.revalidate_timeout);
+            let head = tokio::time::timeout(within, upstream.head_manifest(repo, tag, &types, Retry::ONCE)).await;
             let failure = match head {
                 Ok(Ok(Some((digest, _)))) if digest == t.digest => {
                     self.index.touch_tag(&key, tag, &variant, now()).await?;
@@ -164,7 +167,7 @@ impl Mirror {
                 }
                 Err(_) => {
                     self.upstreams.back_off(&repo.registry, self.cfg.upstream_backoff);
-                    format!("no answer within {:?}", self.cfg.revalidate_timeout)
+                    format!("no answer within {within:.1?}")
                 }
             };
             tracing::warn!(repo = %repo, tag, error = %failure, "tag re-validation failed; serving the cached manifest");

@@ -18,13 +18,15 @@
 //! - `manifests`: the manifest path; `blobs`: the blob path;
 //! - `fetch`: the verified copy and the queues that run it; `transfer`: a
 //!   blob's bytes read in order, in one stream or in parallel ranges;
-//! - `upstream`: the registry client, the configured registries, credentials.
+//! - `upstream`: the registry client, the configured registries, credentials;
+//! - `deadline`: the request's deadline every wait on its path is cut to.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 mod blobs;
+pub mod deadline;
 pub mod fetch;
 mod manifests;
 mod transfer;

@@ -63,21 +63,29 @@ pub fn default_api(dir: &Path, port: u16, env: &[(&str, String)]) -> Proc {
     Proc::spawn(&mut cmd, dir.join("api.log"))
 }
 
+/// The front end the tests put before the `api` function unless they say
+/// otherwise: every rewrite reported of AWS's front ends at once.
+pub const WORST_CASE: &str = "worst-case";
+
 /// `hubcap lambda-dev` on a free loopback port in front of the emulator on
-/// `port`: the `api` function's URL (with a Function URL's header joining)
-/// and the table's stream fed to the `fetcher` function. Returns it and its
-/// URL once `/v2/` answers.
-pub async fn lambda_dev(dir: &Path, port: u16, table: &str, env: &[(&str, String)]) -> (Proc, String) {
+/// `port`, playing `front_end` (`function-url`, `http-api`, `rest-api`,
+/// `worst-case`, `passthrough`) for the `api` function; with a table, the
+/// table's stream fed to the `fetcher` function. Returns it and its URL
+/// once `/v2/` answers.
+pub async fn lambda_dev(dir: &Path, port: u16, table: Option<&str>, front_end: &str, env: &[(&str, String)]) -> (Proc, String) {
     let front_port = free_port();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
-    dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--table", table])
-        .args(["--api-url", &format!("http://127.0.0.1:{port}/lambda-url/api")])
-        .args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")])
+    dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--front-end", front_end])
+        .args(["--api-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/api/invocations")])
         .env("NO_COLOR", "1");
+    if let Some(table) = table {
+        dev.args(["--table", table]);
+        dev.args(["--fetcher-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/fetcher/invocations")]);
+    }
     for (k, v) in env {
         dev.env(k, v);
     }
-    let dev = Proc::spawn(&mut dev, dir.join("lambda-dev.log"));
+    let dev = Proc::spawn(&mut dev, dir.join(format!("lambda-dev-{front_end}-{front_port}.log")));
     let front = format!("http://127.0.0.1:{front_port}");
     wait_ready(&format!("{front}/v2/"), &dev).await;
     (dev, front)
@@ -86,7 +94,7 @@ pub async fn lambda_dev(dir: &Path, port: u16, table: &str, env: &[(&str, String
 /// moto with the bucket `<table>-bucket` and the table `table`, `cargo
 /// lambda watch` running the `api` and `fetcher` binaries on them (upstream
 /// `docker.io=<upstream>`, plus `extra` settings), and `hubcap lambda-dev`
-/// in front (the Function URL's header joining, and the table's stream fed
+/// in front (the worst case of AWS's front ends, and the table's stream fed
 /// to the fetcher as the event source mapping).
 pub struct LambdaStack {
     /// `hubcap lambda-dev`'s URL: where clients pull.
@@ -119,7 +127,7 @@ impl LambdaStack {
         env.extend(moto.env());
         let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
         let fetcher = function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
-        let (dev, front) = lambda_dev(dir, port, table, &moto.env()).await;
+        let (dev, front) = lambda_dev(dir, port, Some(table), WORST_CASE, &moto.env()).await;
         LambdaStack { front, port, dev, api, fetcher, watch, storage, moto, env }
     }
 
@@ -127,6 +135,13 @@ impl LambdaStack {
     /// the function `name`, on the stack's settings and `extra` (which win).
     pub fn function(&self, dir: &Path, name: &str, bin: &str, extra: &[(&str, String)]) -> Proc {
         function(dir, name, bin, self.port, &[&self.env[..], extra].concat())
+    }
+
+    /// Another `hubcap lambda-dev` in front of the same `api` function,
+    /// playing `front_end`, without a stream pump (the stack's own feeds the
+    /// fetcher).
+    pub async fn another_front(&self, dir: &Path, front_end: &str) -> (Proc, String) {
+        lambda_dev(dir, self.port, None, front_end, &self.moto.env()).await
     }
 
     /// The functions' and lambda-dev's logs, for a failure message.

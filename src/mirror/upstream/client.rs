@@ -21,6 +21,7 @@ use reqwest::{Method, StatusCode};
 
 use super::Credentials;
 use super::limits::{Destinations, PublicResolver, UpstreamLimits};
+use crate::mirror::deadline;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
 /// Most upstream tokens kept (one per repository scope).
@@ -308,8 +309,11 @@ impl Upstream {
         kind: Kind,
     ) -> Result<reqwest::Response> {
         let scope = format!("repository:{}:pull", repo.name);
-        let window = self.limits.window;
-        let deadline = Instant::now() + window;
+        // The window, or less when the client's request must be answered
+        // sooner (a Lambda front end's limit: `deadline`).
+        let deadline = deadline::by(self.limits.window);
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let late = || UpstreamError::Transport(format!("no complete answer within {limit:.1?}"));
         let mut authenticated = false;
         let mut attempt = 0;
         loop {
@@ -319,7 +323,7 @@ impl Upstream {
             if let Kind::Small(_) = kind {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(UpstreamError::Transport(format!("no complete answer within {window:?}")));
+                    return Err(late());
                 }
                 req = req.timeout(left);
             }
@@ -327,11 +331,9 @@ impl Upstream {
                 req = req.header(AUTHORIZATION, auth);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = match tokio::time::timeout(window, req.send()).await {
+            let sent = match tokio::time::timeout_at(deadline.into(), req.send()).await {
                 Ok(sent) => sent,
-                Err(_) => {
-                    return Err(UpstreamError::Transport(format!("no answer within {window:?}")));
-                }
+                Err(_) => return Err(late()),
             };
             let failure = match sent {
                 Ok(resp) => {
@@ -344,7 +346,10 @@ impl Upstream {
                         StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
                         StatusCode::UNAUTHORIZED if !authenticated => {
                             let challenge = header_str(resp.headers(), WWW_AUTHENTICATE.as_str()).unwrap_or_default();
-                            self.authenticate(&challenge, &scope, repo).await?;
+                            match tokio::time::timeout_at(deadline.into(), self.authenticate(&challenge, &scope, repo)).await {
+                                Ok(done) => done?,
+                                Err(_) => return Err(late()),
+                            }
                             authenticated = true;
                             attempt -= 1; // the challenge round-trip is not a failure
                             continue;
@@ -356,7 +361,11 @@ impl Upstream {
                             self.rate_limited.fetch_add(1, Ordering::Relaxed);
                             let after = retry_after(resp.headers());
                             let wait = Duration::from_secs(after.unwrap_or(1));
-                            if !retry.wait_rate_limit || attempt >= retry.attempts || wait > MAX_RETRY_AFTER {
+                            if !retry.wait_rate_limit
+                                || attempt >= retry.attempts
+                                || wait > MAX_RETRY_AFTER
+                                || Instant::now() + wait >= deadline
+                            {
                                 return Err(UpstreamError::RateLimited { retry_after: after });
                             }
                             tokio::time::sleep(wait).await;
@@ -379,10 +388,11 @@ impl Upstream {
                 Err(e) if e.is_redirect() => return Err(UpstreamError::Invalid(error_chain(&e))),
                 Err(e) => UpstreamError::Transport(error_chain(&e)),
             };
-            if attempt >= retry.attempts {
+            let pause = Duration::from_millis(200 << (attempt - 1).min(4));
+            if attempt >= retry.attempts || Instant::now() + pause >= deadline {
                 return Err(failure);
             }
-            tokio::time::sleep(Duration::from_millis(200 << (attempt - 1).min(4))).await;
+            tokio::time::sleep(pause).await;
         }
     }
 

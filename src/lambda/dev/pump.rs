@@ -1,31 +1,12 @@
-//! `hubcap lambda-dev`: the two parts of AWS that a local Lambda setup
-//! (`cargo lambda watch` + moto) lacks, so a real client can pull through
-//! the `api` and `fetcher` binaries on a laptop. Development only: on AWS the
-//! Function URL and the event source mapping do this.
-//!
-//! - A front that forwards each client request to the `api` function's URL
-//!   with repeated headers joined by commas, as a Function URL or an HTTP API
-//!   delivers them. `cargo lambda watch` passes on only the first of them,
-//!   and Docker sends one `Accept` header per media type: without the join an
-//!   OCI image (most of Docker Hub's official images) is not negotiated.
-//! - A pump that reads the table's DynamoDB Stream and invokes the `fetcher`
-//!   function with batches of the records the template's filter lets through
-//!   (blob items left `pending`), retrying those it reports failed, as the
-//!   event source mapping does.
-//!
-//! It knows HTTP and the stream's wire format; nothing of the mirror itself.
+//! The event source mapping of the table's stream, played for `cargo lambda
+//! watch`: the stream read with the DynamoDB Streams API (signed with the
+//! SDK's credentials), the template's filter applied, the `fetcher` invoked
+//! with batches, the records it reports failed delivered again.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use aws_credential_types::provider::ProvideCredentials;
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::assemble::BoxError;
@@ -35,109 +16,6 @@ const BATCH_SIZE: usize = 10;
 /// Deliveries of a record the fetcher keeps failing before it is dropped
 /// (the template's `StreamMaximumRetryAttempts` default, plus the first).
 const DELIVERIES: u32 = 4;
-/// Largest request body forwarded (a pull sends none).
-const MAX_REQUEST_BODY: usize = 1 << 20;
-
-pub struct LambdaDevOptions {
-    /// Where clients connect (the mirror URL for daemon.json).
-    pub listen: SocketAddr,
-    /// The `api` function's URL under `cargo lambda watch`.
-    pub api_url: String,
-    /// The table whose stream feeds the fetcher; `None`: no pump.
-    pub table: Option<String>,
-    /// The `fetcher` function's invoke URL under `cargo lambda watch`.
-    pub fetcher_url: Option<String>,
-    /// How often the stream is read.
-    pub poll_every: Duration,
-}
-
-/// Runs the front and, with a table and a fetcher URL, the pump, until
-/// `shutdown` resolves.
-pub async fn run(opts: LambdaDevOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), BoxError> {
-    let listener = tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let pump = match (&opts.table, &opts.fetcher_url) {
-        (Some(table), Some(fetcher)) => {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let mut pump = Pump::new(&sdk, table, fetcher).await?;
-            let every = opts.poll_every;
-            tracing::info!(table, fetcher, stream = %pump.stream.arn, "pumping the table's stream into the fetcher");
-            Some(tokio::spawn(async move {
-                loop {
-                    if let Err(e) = pump.step().await {
-                        tracing::warn!(error = %e, "stream pump");
-                    }
-                    tokio::time::sleep(every).await;
-                }
-            }))
-        }
-        (None, None) => None,
-        _ => return Err("--table and --fetcher-url go together".into()),
-    };
-    tracing::info!(listen = %listener.local_addr()?, api = %opts.api_url, "forwarding clients to the api function");
-    let result = axum::serve(listener, front(&opts.api_url)).with_graceful_shutdown(shutdown).await;
-    if let Some(p) = pump {
-        p.abort();
-    }
-    Ok(result?)
-}
-
-/// The front: every request forwarded to `api_url`, repeated headers joined.
-pub fn front(api_url: &str) -> Router {
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("an HTTP client");
-    Router::new().fallback(forward).with_state(Arc::new((api_url.trim_end_matches('/').to_owned(), http)))
-}
-
-/// Headers that belong to one connection, not to the request.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(name.as_str(), "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade" | "proxy-connection")
-}
-
-/// One value per header name, repeated values joined with commas (RFC 9110
-/// allows it for every list-valued field), as AWS's HTTP front ends deliver
-/// them in payload 2.0.
-pub fn join_repeated(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for name in headers.keys() {
-        if hop_by_hop(name) {
-            continue;
-        }
-        let values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
-        if let Ok(v) = HeaderValue::from_bytes(&values.join(&b","[..])) {
-            out.insert(name.clone(), v);
-        }
-    }
-    out
-}
-
-async fn forward(State(state): State<Arc<(String, reqwest::Client)>>, req: Request) -> Response {
-    let (api, http) = &*state;
-    let (parts, body) = req.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BODY).await else {
-        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
-    };
-    let target = format!("{api}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-    let sent = http.request(parts.method.clone(), target).headers(join_repeated(&parts.headers)).body(body).send().await;
-    let resp = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "the api function did not answer");
-            return (StatusCode::BAD_GATEWAY, format!("the api function did not answer: {e}\n")).into_response();
-        }
-    };
-    let status = resp.status();
-    let mut headers = HeaderMap::new();
-    for (name, value) in resp.headers() {
-        if !hop_by_hop(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    let bytes = resp.bytes().await.unwrap_or_default();
-    let mut out = Response::new(Body::from(bytes));
-    *out.status_mut() = status;
-    // A HEAD answer keeps the function's Content-Length with no body.
-    *out.headers_mut() = headers;
-    out
-}
 
 /// The table's stream and where its shards were read up to.
 struct StreamCursor {
@@ -146,7 +24,7 @@ struct StreamCursor {
 }
 
 /// Reads the stream and invokes the fetcher, as the event source mapping.
-struct Pump {
+pub struct Pump {
     stream: StreamCursor,
     client: StreamsClient,
     http: reqwest::Client,
@@ -156,7 +34,12 @@ struct Pump {
 }
 
 impl Pump {
-    async fn new(sdk: &aws_config::SdkConfig, table: &str, fetcher_url: &str) -> Result<Pump, BoxError> {
+    /// The stream it reads.
+    pub fn stream_arn(&self) -> &str {
+        &self.stream.arn
+    }
+
+    pub async fn new(sdk: &aws_config::SdkConfig, table: &str, fetcher_url: &str) -> Result<Pump, BoxError> {
         let described = aws_sdk_dynamodb::Client::new(sdk).describe_table().table_name(table).send().await?;
         let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or_else(|| format!("table {table} has no stream"))?;
         Ok(Pump {
@@ -170,7 +53,7 @@ impl Pump {
 
     /// Reads what the stream has, then delivers it (and earlier failures)
     /// to the fetcher in batches.
-    async fn step(&mut self) -> Result<(), BoxError> {
+    pub async fn step(&mut self) -> Result<(), BoxError> {
         let mut records: Vec<(Value, u32)> = std::mem::take(&mut self.retry);
         records.extend(self.read().await?.into_iter().filter(passes_filter).map(|r| (r, 0)));
         let mut failed = Vec::new();
@@ -254,7 +137,7 @@ impl Pump {
 }
 
 /// The template's stream filter: records that leave a blob item `pending`.
-fn passes_filter(record: &Value) -> bool {
+pub fn passes_filter(record: &Value) -> bool {
     let image = &record["dynamodb"]["NewImage"];
     matches!(record["eventName"].as_str(), Some("INSERT" | "MODIFY")) && image["sk"]["S"] == "blob" && image["state"]["S"] == "pending"
 }
@@ -310,21 +193,6 @@ impl StreamsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::header;
-
-    #[test]
-    fn repeated_headers_are_joined_and_connection_headers_dropped() {
-        let mut h = HeaderMap::new();
-        h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
-        h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"));
-        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        h.append(header::HOST, HeaderValue::from_static("127.0.0.1:5000"));
-        let joined = join_repeated(&h);
-        let accept: Vec<&HeaderValue> = joined.get_all(header::ACCEPT).iter().collect();
-        assert_eq!(accept, ["application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.v2+json"]);
-        assert!(!joined.contains_key(header::CONNECTION));
-        assert_eq!(joined[header::HOST], "127.0.0.1:5000");
-    }
 
     #[test]
     fn the_pump_passes_what_the_templates_filter_passes() {
