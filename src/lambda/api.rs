@@ -137,6 +137,10 @@ async fn fit_answer(
             }
         }
     };
+    // A client told "unavailable" on Lambda is told when to come back.
+    if resp.status().is_server_error() && !resp.headers().contains_key(header::RETRY_AFTER) {
+        resp.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+    }
     if head && fit.head == HeadAnswers::WithoutDigest {
         resp.headers_mut().remove("docker-content-digest");
         resp.headers_mut().remove(header::ETAG);

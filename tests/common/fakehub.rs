@@ -166,6 +166,8 @@ pub struct HubState {
     tokens: Mutex<HashMap<String, Option<i64>>>,
     /// `expires_in` of new tokens, enforced (`None`: 300 s said, never enforced).
     token_ttl: Mutex<Option<u64>>,
+    /// How long the token endpoint takes to answer.
+    token_delay: Mutex<Duration>,
     ratelimit_remaining: AtomicI64,
     /// While true, CDN blob GETs are counted, then wait (`hold_cdn`).
     cdn_held: tokio::sync::watch::Sender<bool>,
@@ -224,6 +226,7 @@ impl FakeHub {
             basic,
             tokens: Mutex::default(),
             token_ttl: Mutex::default(),
+            token_delay: Mutex::default(),
             ratelimit_remaining: AtomicI64::new(100),
             cdn_held: tokio::sync::watch::Sender::new(false),
         });
@@ -269,6 +272,11 @@ impl FakeHub {
     /// on this process's `storage::clock` (tests `advance` it).
     pub fn set_token_ttl(&self, ttl: Duration) {
         *self.state.token_ttl.lock().unwrap() = Some(ttl.as_secs());
+    }
+
+    /// The token endpoint answers only after `delay` from now on.
+    pub fn set_token_delay(&self, delay: Duration) {
+        *self.state.token_delay.lock().unwrap() = delay;
     }
 
     /// Every token issued so far is refused from now on, whatever it said.
@@ -375,6 +383,8 @@ async fn base() -> &'static str {
 
 async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request) -> Response {
     s.counters.token.fetch_add(1, Ordering::SeqCst);
+    let delay = *s.token_delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
     if let Some(credentials) = &s.credentials {
         let want = basic_header(credentials);
         if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(want.as_str()) {

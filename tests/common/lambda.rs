@@ -69,14 +69,15 @@ pub const WORST_CASE: &str = "worst-case";
 
 /// `hubcap lambda-dev` on a free loopback port in front of the emulator on
 /// `port`, playing `front_end` (`function-url`, `http-api`, `rest-api`,
-/// `worst-case`, `passthrough`) for the `api` function; with a table, the
+/// `worst-case`, `passthrough`) for the function named `function`; with a
+/// table, the
 /// table's stream fed to the `fetcher` function. Returns it and its URL
 /// once `/v2/` answers.
-pub async fn lambda_dev(dir: &Path, port: u16, table: Option<&str>, front_end: &str, env: &[(&str, String)]) -> (Proc, String) {
+pub async fn lambda_dev(dir: &Path, port: u16, table: Option<&str>, front_end: &str, function: &str, env: &[(&str, String)]) -> (Proc, String) {
     let front_port = free_port();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
     dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--front-end", front_end])
-        .args(["--api-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/api/invocations")])
+        .args(["--api-url", &format!("http://127.0.0.1:{port}/2015-03-31/functions/{function}/invocations")])
         .env("NO_COLOR", "1");
     if let Some(table) = table {
         dev.args(["--table", table]);
@@ -127,7 +128,7 @@ impl LambdaStack {
         env.extend(moto.env());
         let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &env);
         let fetcher = function(dir, "fetcher", env!("CARGO_BIN_EXE_fetcher"), port, &env);
-        let (dev, front) = lambda_dev(dir, port, Some(table), WORST_CASE, &moto.env()).await;
+        let (dev, front) = lambda_dev(dir, port, Some(table), WORST_CASE, "api", &moto.env()).await;
         LambdaStack { front, port, dev, api, fetcher, watch, storage, moto, env }
     }
 
@@ -137,15 +138,41 @@ impl LambdaStack {
         function(dir, name, bin, self.port, &[&self.env[..], extra].concat())
     }
 
-    /// Another `hubcap lambda-dev` in front of the same `api` function,
-    /// playing `front_end`, without a stream pump (the stack's own feeds the
-    /// fetcher).
-    pub async fn another_front(&self, dir: &Path, front_end: &str) -> (Proc, String) {
-        lambda_dev(dir, self.port, None, front_end, &self.moto.env()).await
+    /// Another `hubcap lambda-dev` in front of the function `function` (the
+    /// stack's `api`, or one started with `function`), playing `front_end`,
+    /// without a stream pump (the stack's own feeds the fetcher).
+    pub async fn another_front(&self, dir: &Path, front_end: &str, function: &str) -> (Proc, String) {
+        lambda_dev(dir, self.port, None, front_end, function, &self.moto.env()).await
+    }
+
+    /// The `api` binary again, on the stack's settings and `extra` (which
+    /// win), under an emulator of its own (`cargo lambda watch` runs only
+    /// functions named after the project's binaries), logging in `dir`.
+    pub async fn variant(&self, dir: &Path, extra: &[(&str, String)]) -> ApiVariant {
+        std::fs::create_dir_all(dir).unwrap();
+        let (watch, port) = watch(dir).await;
+        let api = function(dir, "api", env!("CARGO_BIN_EXE_api"), port, &[&self.env[..], extra].concat());
+        ApiVariant { watch, api, port, moto_env: self.moto.env() }
     }
 
     /// The functions' and lambda-dev's logs, for a failure message.
     pub fn logs(&self) -> String {
         format!("--- api ---\n{}\n--- fetcher ---\n{}\n--- lambda-dev ---\n{}", self.api.log(), self.fetcher.log(), self.dev.log())
+    }
+}
+
+/// An `api` function with settings of its own beside a `LambdaStack`'s, on
+/// the same table and bucket.
+pub struct ApiVariant {
+    pub watch: Proc,
+    pub api: Proc,
+    pub port: u16,
+    moto_env: Vec<(&'static str, String)>,
+}
+
+impl ApiVariant {
+    /// `hubcap lambda-dev` playing `front_end` in front of it.
+    pub async fn front(&self, dir: &Path, front_end: &str) -> (Proc, String) {
+        lambda_dev(dir, self.port, None, front_end, "api", &self.moto_env).await
     }
 }

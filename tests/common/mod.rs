@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 pub mod fakehub;
+pub mod containerd;
 pub mod iam;
 pub mod images;
 pub mod lambda;
 pub mod moto;
+pub mod netns;
 pub mod procs;
 pub mod registries;
 pub mod relay;
