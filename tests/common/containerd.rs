@@ -65,9 +65,19 @@ impl Containerd {
         cmd
     }
 
-    /// Whether the content store holds `digest` (containerd checks a
-    /// blob's digest before it commits it).
-    pub fn has(&self, digest: &str) -> bool {
-        self.blobs.join(digest.trim_start_matches("sha256:")).exists()
+    /// The digests the content store lists (containerd checks a blob's
+    /// digest before it commits it; a removed one is unlisted at once, its
+    /// file gone at the next garbage collection).
+    pub async fn listed(&self) -> Vec<String> {
+        let out = tokio::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args(["content", "ls", "-q"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "ctr content ls: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
     }
 }
