@@ -155,7 +155,9 @@ impl Checker {
         if resp.status() == 401 {
             let renamed = resp.headers().contains_key(remapped("www-authenticate").as_str());
             return Err(match renamed {
-                true => format!("/v2/ answered 401 and the front end renamed its challenge (x-amzn-Remapped-WWW-Authenticate)\n      fix: {FIX_CHALLENGE}"),
+                true => format!(
+                    "/v2/ answered 401 and the front end renamed its challenge (x-amzn-Remapped-WWW-Authenticate)\n      fix: {FIX_CHALLENGE}"
+                ),
                 false => "/v2/ answered 401: the mirror requires client credentials (--credentials USER:PASSWORD)".to_owned(),
             });
         }
@@ -182,7 +184,9 @@ impl Checker {
             (401, None, Some(_)) => self.fail(format!(
                 "the front end renames the credentials challenge to x-amzn-Remapped-WWW-Authenticate\n      fix: {FIX_CHALLENGE}"
             )),
-            (401, None, None) => self.fail("an anonymous /v2/ is refused without a WWW-Authenticate challenge: clients never send credentials".into()),
+            (401, None, None) => {
+                self.fail("an anonymous /v2/ is refused without a WWW-Authenticate challenge: clients never send credentials".into())
+            }
             (status, _, _) => println!("info  the mirror answers /v2/ without credentials ({status}): it does not require them"),
         }
         Ok(())
@@ -247,7 +251,9 @@ impl Checker {
         let length = h.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let renamed = h.get(remapped("content-length").as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let said = match (&length, &renamed) {
-            (Some(l), Some(r)) => format!("Content-Length {l}, the mirror's {r} renamed to x-amzn-Remapped-Content-Length by the front end"),
+            (Some(l), Some(r)) => {
+                format!("Content-Length {l}, the mirror's {r} renamed to x-amzn-Remapped-Content-Length by the front end")
+            }
             (Some(l), None) => format!("Content-Length {l}"),
             (None, _) => "no Content-Length".to_owned(),
         };

@@ -179,18 +179,62 @@ pub struct AccessArgs {
     /// Static bearer tokens clients may send instead.
     #[arg(long = "client-token", env = "HUBCAP_CLIENT_TOKENS", value_delimiter = ',', hide_env_values = true)]
     pub client_tokens: Vec<String>,
+    /// An AWS Secrets Manager secret (name or ARN) with more client
+    /// credentials, read once at start-up: {"users": ["USER:PASSWORD", ...]}
+    /// or {"username": "...", "password": "..."}. The api Lambda's way
+    /// (template parameter ClientCredentialsSecretArn): no secret in its
+    /// environment.
+    #[arg(long = "client-users-secret", env = "HUBCAP_CLIENT_USERS_SECRET")]
+    pub client_users_secret: Option<String>,
 }
 
 impl AccessArgs {
+    /// The policy from flags and variables alone.
     pub fn policy(&self) -> Result<crate::http::access::AccessPolicy, String> {
+        self.policy_with(&[])
+    }
+
+    /// The policy, with the client credentials `--client-users-secret`
+    /// holds (one Secrets Manager call when it is set).
+    pub async fn resolve(&self) -> Result<crate::http::access::AccessPolicy, String> {
+        let users = match self.client_users_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(id) => client_users_from(&crate::secrets::secret_string(id).await?).map_err(|e| format!("secret {id}: {e}"))?,
+            None => Vec::new(),
+        };
+        self.policy_with(&users)
+    }
+
+    fn policy_with(&self, more_users: &[String]) -> Result<crate::http::access::AccessPolicy, String> {
         crate::http::access::AccessPolicy::new(
             &self.allow_cidrs,
             &self.allow_repos,
             &self.deny_repos,
-            &self.client_users,
+            &[&self.client_users[..], more_users].concat(),
             &self.client_tokens,
         )
     }
+}
+
+/// Client credentials from a secret's value: `{"users": ["USER:PASSWORD",
+/// ...]}` or `{"username": "...", "password": "..."}`. The error never
+/// quotes the value.
+pub fn client_users_from(value: &str) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Secret {
+        users: Option<Vec<String>>,
+        username: Option<String>,
+        password: Option<String>,
+    }
+    let secret: Secret = serde_json::from_str(value)
+        .map_err(|_| "not JSON of the form {\"users\": [\"USER:PASSWORD\", ...]} or {\"username\": ..., \"password\": ...}".to_owned())?;
+    let mut users = secret.users.unwrap_or_default();
+    if let (Some(u), Some(p)) = (secret.username, secret.password) {
+        users.push(format!("{u}:{p}"));
+    }
+    if users.is_empty() || users.iter().any(|u| !u.contains(':') || u.starts_with(':')) {
+        return Err("no client credentials of the form USER:PASSWORD in it".into());
+    }
+    Ok(users)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,6 +370,16 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         mirror: super::MirrorArgs,
+    }
+
+    #[test]
+    fn client_credentials_come_from_a_secret_in_either_shape_and_errors_never_quote_it() {
+        assert_eq!(super::client_users_from(r#"{"users": ["ci:pw", "b:x:y"]}"#).unwrap(), ["ci:pw", "b:x:y"]);
+        assert_eq!(super::client_users_from(r#"{"username": "ci", "password": "s3cret,with,commas"}"#).unwrap(), ["ci:s3cret,with,commas"]);
+        for bad in ["ci:s3cret", r#"{"users": ["nocolon"]}"#, r#"{"users": []}"#, r#"{"username": "ci"}"#] {
+            let e = super::client_users_from(bad).unwrap_err();
+            assert!(!e.contains("s3cret") && !e.contains("nocolon"), "{e}");
+        }
     }
 
     #[test]

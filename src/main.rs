@@ -223,7 +223,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
-    let opts = args.mirror.options(args.storage.backend()?, args.access.policy()?);
+    let opts = args.mirror.options(args.storage.backend()?, args.access.resolve().await?);
     let gc = args.gc.options()?;
     let Assembled { mirror, router } = assemble::mirror(&opts, Fetching::Owner).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -20,7 +20,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::containerd::Containerd;
-use common::fakehub::{Fault, FakeHub};
+use common::fakehub::{FakeHub, Fault};
 use common::images::{self, Format, Published, sha256};
 use common::lambda::LambdaStack;
 use common::netns::{Dockerd, access_lines, amd64, field, inner, pull_and_verify, run_isolated};
@@ -35,7 +35,10 @@ const CLIENTS: [&str; 4] = ["docker", "ctr", "podman", "skopeo"];
 fn images_for(seed: u64) -> Vec<(&'static str, Published)> {
     let small = images::small_image;
     vec![
-        ("library/oci-index", images::index(Format::Oci, vec![small(Format::Oci, "amd64", seed, 2), small(Format::Oci, "arm64", seed + 1, 1)])),
+        (
+            "library/oci-index",
+            images::index(Format::Oci, vec![small(Format::Oci, "amd64", seed, 2), small(Format::Oci, "arm64", seed + 1, 1)]),
+        ),
         ("library/oci-image", Published::Image(small(Format::Oci, "amd64", seed + 2, 2))),
         (
             "library/docker-list",
@@ -99,7 +102,8 @@ impl Clients {
                 let mut pull = self.podman(&["pull", "--arch", "amd64", "--os", "linux", "--signature-policy"]);
                 pull.arg(&self.policy).arg(format!("docker.io/{reference}")).env("CONTAINERS_REGISTRIES_CONF", conf);
                 run(&mut pull).await;
-                let digest = run(&mut self.podman(&["image", "inspect", "--format", "{{.Digest}}", &format!("docker.io/{reference}")])).await;
+                let digest =
+                    run(&mut self.podman(&["image", "inspect", "--format", "{{.Digest}}", &format!("docker.io/{reference}")])).await;
                 assert_eq!(digest.trim(), img.digest(), "podman {reference}: the digest it recorded");
             }
             "skopeo" => {
@@ -231,12 +235,7 @@ mod netns {
             // is the front end's (0 for all but passthrough), and no digest
             // asks the client to trust it.
             let (name, img) = &images_for(1000 + 100 * fi as u64)[0];
-            let head = http
-                .head(format!("{url}/v2/{name}/manifests/t{fi}0"))
-                .header("accept", images::ALL_MANIFESTS)
-                .send()
-                .await
-                .unwrap();
+            let head = http.head(format!("{url}/v2/{name}/manifests/t{fi}0")).header("accept", images::ALL_MANIFESTS).send().await.unwrap();
             assert_eq!(head.status(), 200);
             let len = img.top().1.len().to_string();
             if baseline {

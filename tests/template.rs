@@ -288,6 +288,8 @@ impl<'a> Stack<'a> {
             "Fn::And" => args.as_array().unwrap().iter().all(|a| self.eval(a)),
             "Fn::Or" => args.as_array().unwrap().iter().any(|a| self.eval(a)),
             "Condition" => self.condition(args.as_str().unwrap()),
+            // (Rules only.) A list parameter holds a value.
+            "Fn::Contains" => self.value(&args[0]).as_array().unwrap().contains(&self.value(&args[1])),
             _ => panic!("condition function {f}"),
         }
     }
@@ -353,6 +355,23 @@ impl<'a> Stack<'a> {
         } else {
             serde_json::json!({ "Fn::Sub": [text, rest] })
         }
+    }
+
+    /// What CloudFormation's `Rules` refuse of this deployment: the
+    /// description of every assertion that fails.
+    fn refused(&self) -> Vec<String> {
+        let mut refused = Vec::new();
+        for (name, rule) in self.t["Rules"].as_object().unwrap() {
+            if rule.get("RuleCondition").is_some_and(|c| !self.eval(c)) {
+                continue;
+            }
+            for a in rule["Assertions"].as_array().unwrap() {
+                if !self.eval(&a["Assert"]) {
+                    refused.push(format!("{name}: {}", scalar(&a["AssertDescription"])));
+                }
+            }
+        }
+        refused
     }
 
     /// The resources this deployment creates, resolved.
@@ -813,4 +832,272 @@ fn the_templates_pass_checkov() {
             assert!(skip["comment"].as_str().is_some_and(|c| c.len() > 40), "{name}: {} needs a real reason", skip["id"]);
         }
     }
+}
+
+#[test]
+fn the_template_refuses_what_cannot_work_and_says_why() {
+    let t = template("template.yaml");
+    assert!(Stack::with(&t, &[]).refused().is_empty(), "the defaults deploy: {:?}", Stack::with(&t, &[]).refused());
+    let secret = ("ClientCredentialsSecretArn", "arn:aws:secretsmanager:us-east-1:123456789012:secret:hubcap-clients-AbCdEf");
+    let endpoint = [("VpcId", "vpc-0123456789abcdef0"), ("RouteTableIds", "rtb-0123456789abcdef0")];
+    let private = [
+        ("EndpointType", "PrivateRestApi"),
+        ("PrivateApiVpcEndpointId", "vpce-0123456789abcdef0"),
+        ("VpcId", "vpc-0123456789abcdef0"),
+        ("RouteTableIds", "rtb-0123456789abcdef0"),
+    ];
+    // Client credentials only where the challenge reaches clients.
+    let refused = Stack::with(&t, &[secret]).refused();
+    assert!(
+        refused.len() == 1 && refused[0].contains("needs EndpointType=HttpApi") && refused[0].contains("x-amzn-Remapped"),
+        "{refused:?}"
+    );
+    let refused = Stack::with(&t, &[&private[..], &[secret]].concat()).refused();
+    assert!(refused.len() == 1 && refused[0].contains("needs EndpointType=HttpApi"), "{refused:?}");
+    assert!(Stack::with(&t, &[secret, ("EndpointType", "HttpApi")]).refused().is_empty());
+    // A private REST API's clients (no NAT) need an S3 gateway endpoint for every layer.
+    let refused = Stack::with(&t, &[private[0], private[1]]).refused();
+    assert!(refused.len() == 1 && refused[0].contains("every layer download fails"), "{refused:?}");
+    for way in
+        [&endpoint[..], &[("S3GatewayEndpointId", "vpce-0a1b2c3d4e5f60718")], &[("ConsumerVpcEndpointIds", "vpce-0a1b2c3d4e5f60719")]]
+    {
+        let given = [&[private[0], private[1]][..], way].concat();
+        assert!(Stack::with(&t, &given).refused().is_empty(), "{given:?}: {:?}", Stack::with(&t, &given).refused());
+    }
+    // Restricted downloads need an endpoint to come through.
+    let refused = Stack::with(&t, &[("RestrictBlobReadsToVpcEndpoints", "true")]).refused();
+    assert!(refused.len() == 1 && refused[0].contains("refuse every layer download"), "{refused:?}");
+    assert!(Stack::with(&t, &[&endpoint[..], &[("RestrictBlobReadsToVpcEndpoints", "true")]].concat()).refused().is_empty());
+}
+
+/// The `vpce-` ids and endpoint resources (`Ref`s) a resolved value names.
+fn endpoints_in(v: &Value) -> Vec<Value> {
+    match v {
+        Value::String(s) => s.split(',').filter(|e| e.starts_with("vpce-")).map(Value::from).collect(),
+        Value::Object(o) if o.len() == 1 && o.get("Ref").is_some_and(|r| r.as_str().unwrap().contains("Endpoint")) => vec![v.clone()],
+        Value::Object(o) => o.values().flat_map(endpoints_in).collect(),
+        Value::Array(a) => a.iter().flat_map(endpoints_in).collect(),
+        _ => vec![],
+    }
+}
+
+#[test]
+fn an_s3_gateway_endpoint_is_created_or_named_and_admitted_in_one_deploy() {
+    let t = transformed();
+    let deny = |stack: &Stack| {
+        let policy = stack.resources()["BlobBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"].clone();
+        let deny = policy.as_array().unwrap().iter().find(|s| s["Sid"] == "BlobReadsOnlyThroughConsumerVpcEndpoints").cloned();
+        deny.map(|d| endpoints_in(&d["Condition"]["StringNotEquals"]["aws:SourceVpce"]))
+    };
+    let net = [("VpcId", "vpc-0123456789abcdef0"), ("RouteTableIds", "rtb-0123456789abcdef0,rtb-0123456789abcdef1")];
+    let restrict = ("RestrictBlobReadsToVpcEndpoints", "true");
+
+    // Created: in the outputs, and admitted by the bucket in the same deploy.
+    let created = Stack::with(&t, &[net[0], net[1], restrict]);
+    let ep = &created.resources()["S3GatewayEndpoint"]["Properties"];
+    assert_eq!(ep["VpcEndpointType"], "Gateway");
+    let made = serde_json::json!({ "Ref": "S3GatewayEndpoint" });
+    assert_eq!(created.outputs()["S3GatewayEndpointInUse"], made);
+    assert_eq!(deny(&created), Some(vec![made.clone()]), "the created endpoint is the one admitted");
+
+    // Named (the route tables have one already: creating another fails with
+    // RouteAlreadyExists): nothing created, the named one admitted.
+    let named = Stack::with(&t, &[net[0], net[1], restrict, ("S3GatewayEndpointId", "vpce-0a1b2c3d4e5f60718")]);
+    assert!(!named.resources().contains_key("S3GatewayEndpoint"), "no second endpoint on the same route tables");
+    assert_eq!(named.outputs()["S3GatewayEndpointInUse"], "vpce-0a1b2c3d4e5f60718");
+    assert_eq!(deny(&named), Some(vec![Value::from("vpce-0a1b2c3d4e5f60718")]));
+
+    // Consumer endpoints (other VPCs) with the created one.
+    let both = Stack::with(&t, &[net[0], net[1], ("ConsumerVpcEndpointIds", "vpce-0a1b2c3d4e5f60719,vpce-0a1b2c3d4e5f6071a")]);
+    let admitted = deny(&both).expect("consumer endpoints turn the restriction on");
+    assert_eq!(admitted, vec![Value::from("vpce-0a1b2c3d4e5f60719"), Value::from("vpce-0a1b2c3d4e5f6071a"), made]);
+
+    // Without a restriction, nothing is denied; without a VPC, nothing created.
+    assert_eq!(deny(&Stack::with(&t, &net)), None);
+    let none = Stack::with(&t, &[]);
+    assert!(!none.resources().contains_key("S3GatewayEndpoint") && !none.outputs().contains_key("S3GatewayEndpointInUse"));
+}
+
+#[test]
+fn customer_managed_keys_come_with_the_kms_permissions_they_need() {
+    let t = transformed();
+    let key = "arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-0000-4000-8000-0123456789ab";
+    let secrets_key = "arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-0000-4000-8000-0123456789ac";
+    let upstream = "arn:aws:secretsmanager:us-east-1:123456789012:secret:hubcap-upstream-AbCdEf";
+    let stack = Stack::with(&t, &[("BlobKmsKeyArn", key), ("SecretsKmsKeyArn", secrets_key), ("UpstreamCredentialsSecretArn", upstream)]);
+    let enc = &stack.resources()["BlobBucket"]["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"][0];
+    assert_eq!(enc["ServerSideEncryptionByDefault"]["SSEAlgorithm"], "aws:kms");
+    assert_eq!(enc["ServerSideEncryptionByDefault"]["KMSMasterKeyID"], key);
+    assert_eq!(enc["BucketKeyEnabled"], true);
+    for role in ["ApiFunctionRole", "FetcherFunctionRole", "GcFunctionRole"] {
+        let st = statements(&stack, role);
+        let grants = |action: &str, resource: &str, via: &str| {
+            st.iter().any(|s| {
+                s["Effect"] == "Allow"
+                    && actions(s).iter().any(|a| a == action)
+                    && scalar(&s["Resource"]) == resource
+                    && text(&s["Condition"]["StringEquals"]["kms:ViaService"]).starts_with(via)
+            })
+        };
+        // Writing an object or a part needs GenerateDataKey; reading one, a
+        // presigned GET and completing a multipart upload need Decrypt.
+        for action in ["kms:GenerateDataKey", "kms:Decrypt"] {
+            assert!(grants(action, key, "s3."), "{role}: {action} on the bucket's key through S3");
+        }
+        assert!(grants("kms:Decrypt", secrets_key, "secretsmanager."), "{role}: the secret's key through Secrets Manager");
+    }
+    // Without keys, no KMS permission at all.
+    let plain = Stack::with(&t, &[]);
+    for role in ["ApiFunctionRole", "FetcherFunctionRole", "GcFunctionRole"] {
+        assert!(statements(&plain, role).iter().all(|s| !actions(s).iter().any(|a| a.starts_with("kms:"))), "{role}");
+    }
+    let enc = &plain.resources()["BlobBucket"]["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"][0];
+    assert_eq!(enc["ServerSideEncryptionByDefault"]["SSEAlgorithm"], "AES256");
+}
+
+/// Whether CloudFormation's `AllowedPattern` (matched against the whole
+/// value) accepts `value`.
+fn pattern_accepts(pattern: &str, value: &str) -> bool {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import re,sys\nprint(bool(re.fullmatch(sys.argv[1], sys.argv[2])))", pattern, value])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "True"
+}
+
+#[test]
+fn secrets_are_named_by_arn_and_read_only_by_the_functions_that_use_them() {
+    let t = template("template.yaml");
+    for name in ["UpstreamCredentialsSecretArn", "ClientCredentialsSecretArn"] {
+        let p = &t["Parameters"][name];
+        assert!(p.get("NoEcho").is_none(), "{name}: an ARN is no secret, and NoEcho makes `sam deploy --guided` loop on Enter");
+        let pattern = p["AllowedPattern"].as_str().unwrap_or_else(|| panic!("{name} has an AllowedPattern"));
+        for ok in [
+            "",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hubcap/upstream-AbCdEf",
+            "arn:aws-cn:secretsmanager:cn-north-1:123456789012:secret:x-AbCdEf",
+        ] {
+            assert!(pattern_accepts(pattern, ok), "{name}: {ok:?}");
+        }
+        for bad in ["hubcap-upstream", "arn:aws:secretsmanager:eu-west-1:123456789012:hubcap", "arn:aws:s3:::bucket", " "] {
+            assert!(!pattern_accepts(pattern, bad), "{name}: {bad:?} refused");
+        }
+    }
+    let t = transformed();
+    let secret = "arn:aws:secretsmanager:us-east-1:123456789012:secret:hubcap-clients-AbCdEf";
+    let stack = Stack::with(&t, &[("ClientCredentialsSecretArn", secret), ("EndpointType", "HttpApi")]);
+    let reads = |role: &str| {
+        statements(&stack, role)
+            .iter()
+            .any(|s| actions(s).iter().any(|a| a == "secretsmanager:GetSecretValue") && scalar(&s["Resource"]) == secret)
+    };
+    assert!(reads("ApiFunctionRole"), "the api reads the client credentials");
+    assert!(!reads("FetcherFunctionRole") && !reads("GcFunctionRole"), "nothing else does");
+    let api = &stack.resources()["ApiFunction"]["Properties"]["Environment"]["Variables"];
+    assert_eq!(api["HUBCAP_CLIENT_USERS_SECRET"], secret);
+    assert!(stack.resources()["ApiFunction"]["Properties"]["Environment"]["Variables"].get("HUBCAP_CLIENT_USERS").is_none());
+}
+
+#[test]
+fn the_api_answers_within_each_front_ends_limit() {
+    let t = template("template.yaml");
+    let api = &t["Resources"]["ApiFunction"]["Properties"];
+    let timeout = api["Timeout"].as_u64().unwrap();
+    let find = &api["Environment"]["Variables"]["HUBCAP_REQUEST_TIMEOUT"]["Fn::FindInMap"];
+    assert_eq!(find[1], serde_json::json!({ "Ref": "EndpointType" }), "{find}");
+    let blob_wait = t["Parameters"]["BlobWaitSeconds"]["MaxValue"].as_u64().unwrap();
+    // What each front end waits (API Gateway quotas: 29 s REST, 30 s HTTP API; a Function URL the function's Timeout).
+    for (endpoint, limit) in [("FunctionUrl", timeout), ("HttpApi", 30), ("PrivateRestApi", 29)] {
+        let said: f64 = scalar(&t["Mappings"][find[0].as_str().unwrap()][endpoint][find[2].as_str().unwrap()]).parse().unwrap();
+        assert!(said <= limit as f64 && said <= timeout as f64, "{endpoint}: {said} s within {limit} s and the function's {timeout} s");
+        let answers_by = said - hubcap::lambda::DEADLINE_MARGIN.as_secs_f64();
+        assert!(blob_wait as f64 <= answers_by, "{endpoint}: a blob is held at most {blob_wait} s, answered by {answers_by} s");
+        // The variable parses as the api reads it.
+        let settings =
+            <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(["api", "--request-timeout", &said.to_string()]).unwrap();
+        assert_eq!(settings.front_end().timeout, Some(std::time::Duration::from_secs_f64(said)));
+    }
+    assert_eq!(api["Environment"]["Variables"]["HUBCAP_HEAD_ANSWERS"], serde_json::json!({ "Ref": "HeadAnswers" }));
+    let values: Vec<String> = t["Parameters"]["HeadAnswers"]["AllowedValues"].as_array().unwrap().iter().map(scalar).collect();
+    for v in &values {
+        <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(["api", "--head-answers", v])
+            .unwrap_or_else(|e| panic!("{v}: {e}"));
+    }
+    assert_eq!(scalar(&t["Parameters"]["HeadAnswers"]["Default"]), "without-digest");
+}
+
+/// `sam deploy --guided`'s own prompts (SAM CLI's code, offline) over the
+/// template, answered as a new user would: a stack name, then Enter for
+/// everything but the one required parameter.
+#[test]
+fn sam_deploy_guided_completes_with_only_the_required_answers() {
+    let t = template("template.yaml");
+    let params: Vec<&String> = t["Parameters"].as_object().unwrap().keys().collect();
+    let required: Vec<&&String> = params.iter().filter(|p| t["Parameters"][p.as_str()].get("Default").is_none()).collect();
+    assert_eq!(required, [&&"AllowedClientCidrs".to_owned()], "one required parameter");
+    for p in &params {
+        let d = t["Parameters"][p.as_str()]["Description"].as_str().unwrap_or("");
+        assert!(d.len() > 20, "{p} is described");
+    }
+    // Stack name, region (Enter: the default), the required CIDRs, then
+    // Enter for everything else; more Enters than prompts, so a prompt that
+    // repeats on Enter would swallow them all and never finish.
+    let mut answers = vec!["hubcap-mirror".to_owned(), String::new(), "203.0.113.0/24".to_owned()];
+    answers.extend(std::iter::repeat_n(String::new(), params.len() + 20));
+    let out = std::process::Command::new("timeout")
+        .args(["-s", "KILL", "120", "python3", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/sam_guided.py")])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/template.yaml"))
+        .args(&answers)
+        .env("SAM_CLI_TELEMETRY", "0")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("exit 0"),
+        "guided deploy did not complete: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The required parameter is asked first, and every parameter once.
+    let asked: Vec<&str> =
+        text.lines().filter_map(|l| l.trim().strip_prefix("Parameter ")).map(|l| l.split([' ', ':']).next().unwrap()).collect();
+    assert_eq!(asked.first(), Some(&"AllowedClientCidrs"), "{text}");
+    assert_eq!(asked.len(), params.len(), "each parameter asked once: {asked:?}");
+    let (_, config) = text.split_once("--- samconfig.toml ---").unwrap();
+    assert!(config.contains("stack_name = \"hubcap-mirror\""), "{config}");
+    let overrides = config.lines().find(|l| l.starts_with("parameter_overrides")).unwrap_or_else(|| panic!("{config}"));
+    assert!(overrides.contains(r#"AllowedClientCidrs=\"203.0.113.0/24\""#), "{overrides}");
+    for p in &params {
+        assert!(overrides.contains(&format!("{p}=")), "{p} in samconfig.toml: {overrides}");
+    }
+}
+
+#[test]
+fn the_private_endpoint_samconfig_example_deploys() {
+    // infra/samconfig.private.toml, as SAM reads it: its parameters exist,
+    // the Rules accept them, and it is the endpoint type it says.
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import json,sys,tomllib\nprint(json.dumps(tomllib.load(open(sys.argv[1],'rb'))))"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/samconfig.private.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deploy = &config["default"]["deploy"]["parameters"];
+    let overrides = scalar(&deploy["parameter_overrides"]);
+    // Key="value" pairs, separated by spaces.
+    let given: Vec<(String, String)> = overrides
+        .split("\" ")
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (k, v) = p.trim().split_once('=').unwrap_or_else(|| panic!("{p}"));
+            (k.to_owned(), v.trim_matches('"').to_owned())
+        })
+        .collect();
+    let given: Vec<(&str, &str)> = given.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(given.contains(&("EndpointType", "PrivateRestApi")), "{given:?}");
+    let t = template("template.yaml");
+    let stack = Stack::new(&t, &given);
+    assert!(stack.refused().is_empty(), "{:?}", stack.refused());
+    assert!(deploy["capabilities"].as_str().unwrap_or("").contains("CAPABILITY_IAM"));
 }

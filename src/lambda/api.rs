@@ -39,7 +39,9 @@ use crate::storage::aws::AwsStorage;
 /// an in-process fetcher: `cargo lambda watch` with no AWS at all.
 pub async fn api_router(settings: &LambdaSettings) -> Result<(Router, Arc<Mirror>), BoxError> {
     let fetching = if settings.storage == StorageKind::Local { Fetching::Owner } else { Fetching::ByStream };
-    let Assembled { mirror, router } = assemble::mirror(&settings.options()?, fetching).await?;
+    let mut opts = settings.options()?;
+    opts.access = settings.access.resolve().await?;
+    let Assembled { mirror, router } = assemble::mirror(&opts, fetching).await?;
     Ok((with_metrics(settings.front_end().fit(router), mirror.clone()), mirror))
 }
 

@@ -73,7 +73,14 @@ pub const WORST_CASE: &str = "worst-case";
 /// table, the
 /// table's stream fed to the `fetcher` function. Returns it and its URL
 /// once `/v2/` answers.
-pub async fn lambda_dev(dir: &Path, port: u16, table: Option<&str>, front_end: &str, function: &str, env: &[(&str, String)]) -> (Proc, String) {
+pub async fn lambda_dev(
+    dir: &Path,
+    port: u16,
+    table: Option<&str>,
+    front_end: &str,
+    function: &str,
+    env: &[(&str, String)],
+) -> (Proc, String) {
     let front_port = free_port();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_hubcap"));
     dev.args(["lambda-dev", "--listen", &format!("127.0.0.1:{front_port}"), "--front-end", front_end])

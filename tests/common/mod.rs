@@ -3,8 +3,8 @@
 //! every byte it receives.
 #![allow(dead_code)]
 
-pub mod fakehub;
 pub mod containerd;
+pub mod fakehub;
 pub mod iam;
 pub mod images;
 pub mod lambda;

@@ -268,4 +268,3 @@ pub fn field<'a>(line: &'a str, field: &str) -> &'a str {
     }
     panic!("no {field} in {line}")
 }
-
