@@ -74,6 +74,162 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// The stack, created by the test (not by a function): moto with the
+/// bucket, the table and its stream, the dead-letter queue and the upstream
+/// credentials secret; and the recording proxy the functions call through.
+async fn iam_stack(table: &str, secret_value: &str) -> (Moto, Stack, CountingProxy) {
+    let moto = Moto::start().await;
+    let (bucket, table) = (format!("{table}-bucket"), table.to_owned());
+    moto.setup(&bucket, &table).await;
+    let described = aws_json(&moto.url, "dynamodb", "DynamoDB_20120810.DescribeTable", &serde_json::json!({ "TableName": table })).await;
+    let stream_arn = described["Table"]["LatestStreamArn"].as_str().unwrap().to_owned();
+    let queue = aws_json(&moto.url, "sqs", "AmazonSQS.CreateQueue", &serde_json::json!({ "QueueName": format!("{table}-dlq") })).await;
+    let queue_url = queue["QueueUrl"].as_str().unwrap().to_owned();
+    let attrs = aws_json(
+        &moto.url,
+        "sqs",
+        "AmazonSQS.GetQueueAttributes",
+        &serde_json::json!({ "QueueUrl": queue_url, "AttributeNames": ["QueueArn"] }),
+    )
+    .await;
+    let queue_arn = attrs["Attributes"]["QueueArn"].as_str().unwrap().to_owned();
+    let secret = aws_json(
+        &moto.url,
+        "secretsmanager",
+        "secretsmanager.CreateSecret",
+        &serde_json::json!({ "Name": format!("hubcap/{table}"), "SecretString": secret_value }),
+    )
+    .await;
+    let secret_arn = secret["ARN"].as_str().unwrap().to_owned();
+    let stack = Stack { bucket, table, stream_arn, queue_url, queue_arn, secret_arn };
+    let proxy = CountingProxy::start(&moto.url).await;
+    (moto, stack, proxy)
+}
+
+/// Every call the functions made through `proxy`, against their policies:
+/// panics naming each one refused; returns the actions each function needed.
+fn assert_allowed(proxy: &CountingProxy, stack: &Stack) -> (BTreeMap<String, BTreeSet<String>>, Vec<common::iam::Check>) {
+    let calls = proxy.take_records();
+    let strangers: Vec<_> = calls.iter().filter(|c| !common::iam::FUNCTIONS.contains(&c.principal.as_str())).collect();
+    assert!(strangers.is_empty(), "every call through the proxy is a function's: {strangers:#?}");
+    let checks = checks(&calls);
+    let (problems, decisions) = violations(stack, &checks);
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (c, decision) in &decisions {
+        seen.entry(c.function.clone()).or_default().insert(c.action.clone());
+        eprintln!("  {decision:9} {} {} {} <- {}", c.function, c.action, c.resource, c.because);
+    }
+    assert!(problems.is_empty(), "{} call(s) the template's policies do not allow:\n  {}", problems.len(), problems.join("\n  "));
+    (seen, checks)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The multipart path of the fetcher and gc under their policies: a 40 MiB
+/// layer copied in parts, its copy stopped at a checkpoint (a fetcher out
+/// of time, as a killed one leaves it) and continued by the next
+/// invocation (ListParts); a corrupt copy's upload aborted; an upload no
+/// checkpoint names aborted by GC (ListMultipartUploads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_multipart_path_is_allowed_by_the_fetcher_and_gc_policies() {
+    use hubcap::lambda::{BatchLimits, handle_stream_within};
+    use hubcap::storage::{BlobStore as _, FetchIndex as _};
+    common::init_logs();
+    let hub = FakeHub::start().await;
+    let size = 40 * MIB;
+    let resumed = hub.put_synthetic_blob("library/iam-big", size, 401);
+    // Stored (not generated) bytes: the CDN flips one of them (Fault::WrongBytes).
+    let corrupt = hub.put_blob("library/iam-big", &images::noise(size as usize, 402));
+    // One stream at 4 MB/s: an 8 MiB part every 2 s or so.
+    let relay = common::relay::Relay::start(hub.cdn.parse().unwrap(), Some(4_000_000)).await;
+    hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
+    let (moto, stack, proxy) = iam_stack("iam-mp", "{}").await;
+    let mut limits = common::upstream_limits();
+    limits.parallel_ranges = 1;
+    limits.redirect_allow.push(relay.url.trim_start_matches("http://").to_owned());
+    let upstreams = hubcap::mirror::upstream::build_upstreams(&[format!("docker.io={}", hub.url)], &limits, &HashMap::new()).unwrap();
+    let fetcher = hubcap::lambda::fetcher_with(&storage_as(&proxy, &stack, FETCHER).await, upstreams).await;
+    let raw = moto.storage(&stack.bucket, &stack.table).await;
+    let (store, index) = hubcap::storage::aws::connect(&raw).await;
+    let mut pump = common::moto::StreamPump::new(&moto.url, &stack.table);
+    let pending = |mut e: aws_lambda_events::event::dynamodb::Event| {
+        e.records.retain(|r| hubcap::lambda::job_from_record(r).unwrap().is_some());
+        e
+    };
+
+    // A copy stopped at a checkpoint, then continued by the next invocation.
+    let d = hubcap::oci::Digest::parse(&resumed).unwrap();
+    assert!(index.create_pending_blob(&d, "docker.io/library/iam-big", Some(size)).await.unwrap());
+    let event = pending(pump.poll().await);
+    let cut_off = Instant::now() + Duration::from_secs(6);
+    let resp = handle_stream_within(&fetcher, event, BatchLimits { concurrency: 1, stop_starting: None, cut_off: Some(cut_off) }).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    let cp = index.blob_checkpoint(&d).await.unwrap().expect("the stopped copy left a checkpoint");
+    assert!(cp.offset >= 8 * MIB && cp.offset < size, "{cp:?}");
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 1, "the stopped blob's fresh record");
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(1)).await;
+    assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
+    assert_eq!(store.size(&d).await.unwrap(), Some(size), "continued and completed");
+
+    // A corrupt copy: its upload aborted, nothing stored.
+    hub.set_fault(Fault::WrongBytes);
+    let bad = hubcap::oci::Digest::parse(&corrupt).unwrap();
+    assert!(index.create_pending_blob(&bad, "docker.io/library/iam-big", Some(size)).await.unwrap());
+    let event = pending(pump.poll().await);
+    assert_eq!(event.records.len(), 1, "the corrupt blob's record");
+    let resp = handle_stream_within(&fetcher, event, BatchLimits::unbounded(1)).await;
+    assert_eq!(resp.batch_item_failures.len(), 1, "the corrupt copy fails its record");
+    assert_eq!(store.size(&bad).await.unwrap(), None);
+    assert!(store.uploads().await.unwrap().is_empty(), "its upload was aborted");
+
+    // An upload nothing names (a copy whose record went): GC aborts it once
+    // older than a fetch lease.
+    let sdk = raw.sdk.clone().unwrap();
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
+    s3.create_multipart_upload().bucket(&stack.bucket).key(format!("blobs/sha256/{}", "e".repeat(64))).send().await.unwrap();
+    assert_eq!(store.uploads().await.unwrap().len(), 1);
+    hubcap::storage::clock::advance(hubcap::mirror::fetch::FETCH_LEASE + Duration::from_secs(60));
+    let settings =
+        <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(["gc", "--upstream", &format!("docker.io={}", hub.url), "--grace", "1d"])
+            .unwrap();
+    let gc_storage = storage_as(&proxy, &stack, GC).await;
+    let payload: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/scheduled.json")).unwrap()).unwrap();
+    let sweep = hubcap::lambda::maintenance_on(Backend::Aws(Box::new(gc_storage)), &settings, &payload, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(sweep["aborted_uploads"], 1, "{sweep}");
+    assert!(store.uploads().await.unwrap().is_empty());
+
+    let (seen, checks) = assert_allowed(&proxy, &stack);
+    for (function, actions) in [
+        (FETCHER, &["s3:PutObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"][..]),
+        (GC, &["s3:ListBucketMultipartUploads", "s3:AbortMultipartUpload"][..]),
+    ] {
+        for action in actions {
+            assert!(seen.get(function).is_some_and(|s| s.contains(*action)), "{function} never needed {action}: {seen:#?}");
+        }
+    }
+    // And the same calls against a template without each multipart
+    // permission are refused, naming it: the test would catch its removal.
+    let original = std::fs::read_to_string(common::iam::template()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (function, line, action) in [
+        (FETCHER, "s3:AbortMultipartUpload, s3:ListMultipartUploadParts]", "s3:ListMultipartUploadParts"),
+        (FETCHER, "s3:PutObject, s3:AbortMultipartUpload, ", "s3:AbortMultipartUpload"),
+        (GC, "[s3:ListBucket, s3:ListBucketMultipartUploads]", "s3:ListBucketMultipartUploads"),
+    ] {
+        assert_eq!(original.matches(line).count(), 1, "{line}");
+        let without = original.replace(line, &line.replace(&format!("{action}, "), "").replace(&format!(", {action}"), ""));
+        let path = dir.path().join("template.yaml");
+        std::fs::write(&path, without).unwrap();
+        let (problems, _) = common::iam::violations_in(&path, &stack, &checks);
+        assert!(
+            problems.iter().any(|p| p.starts_with(function) && p.contains(action)),
+            "without {action}, {function}'s calls are refused: {problems:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies() {
     common::init_logs();

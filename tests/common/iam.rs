@@ -166,7 +166,11 @@ pub fn checks(calls: &[AwsCall]) -> Vec<Check> {
 /// The checks the template's policies do not allow, as messages naming the
 /// function, the action and the resource; and every check's decision.
 pub fn violations(stack: &Stack, checks: &[Check]) -> (Vec<String>, Vec<(Check, String)>) {
-    let template = template();
+    violations_in(&template(), stack, checks)
+}
+
+/// `violations` against the policies of the template at `template`.
+pub fn violations_in(template: &std::path::Path, stack: &Stack, checks: &[Check]) -> (Vec<String>, Vec<(Check, String)>) {
     let input = serde_json::json!({
         "template": template,
         "parameters": stack.parameters(),
