@@ -111,6 +111,60 @@ async fn a_hit_costs_one_get_item_and_no_s3_call_and_nothing_when_warm() {
     assert_eq!(hub.count(|c| &c.manifest_get), 1, "upstream was asked once, by the first instance");
 }
 
+/// What a new image costs in AWS calls, for the README's long-tail cost: a
+/// cold pull of one platform of a two-platform index (5 layers) through the
+/// api and the fetcher (fed by the stream), all through the counting proxy;
+/// then a warm pull after the tag's TTL from a fresh instance (a
+/// re-validation and the pull marks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_a_new_image_costs_in_aws_calls() {
+    let hub = FakeHub::start().await;
+    let img = images::index(
+        Format::Oci,
+        vec![images::small_image(Format::Oci, "amd64", 240, 5), images::small_image(Format::Oci, "arm64", 241, 5)],
+    );
+    hub.publish("library/longtail", "1", &img);
+    let moto = Moto::start().await;
+    moto.setup("tail-bucket", "tail").await;
+    let proxy = CountingProxy::start(&moto.url).await;
+    let storage = storage_at(&proxy.url, "tail-bucket", "tail").await;
+    let mut cfg = config();
+    cfg.blob_wait = Duration::from_secs(5);
+    let (router, _) =
+        hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg.clone(), 100, Default::default(), Default::default()).await.unwrap();
+    let api = serve(router).await;
+    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
+    let pump = Pump::start(&moto.url, "tail", fetcher);
+    let http = client();
+    proxy.take();
+    let pulled = pull(&http, &api, "longtail", "1").await;
+    assert_eq!(pulled.digest, img.digest());
+    // The fetcher's last writes (ready) land after the client has its URL.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(pump);
+    let cold = proxy.take();
+    let writes = ["DynamoDB.PutItem", "DynamoDB.UpdateItem", "DynamoDB.DeleteItem", "DynamoDB.TransactWriteItems", "DynamoDB.BatchWriteItem"];
+    let count = |calls: &BTreeMap<String, usize>, ops: &[&str]| ops.iter().map(|o| calls.get(*o).copied().unwrap_or(0)).sum::<usize>();
+    let s3_writes = |calls: &BTreeMap<String, usize>| calls.iter().filter(|(k, _)| k.starts_with("S3.PUT") || k.starts_with("S3.POST")).map(|(_, n)| n).sum::<usize>();
+    eprintln!("cold pull of a new image (index, amd64 manifest, config, 5 layers): {cold:?}");
+    let (dynamo_writes, puts) = (count(&cold, &writes), s3_writes(&cold));
+    eprintln!("cold: {dynamo_writes} DynamoDB writes, {} reads, {puts} S3 writes", count(&cold, &["DynamoDB.GetItem"]));
+    // The bound the README's long-tail line rests on (7 blobs, 2 manifests).
+    assert!(dynamo_writes <= 40, "{dynamo_writes} DynamoDB writes for a new image: {cold:?}");
+    assert!(puts <= 7 * 3, "{puts} S3 writes: {cold:?}");
+
+    // Past the tag's TTL, a fresh instance: re-validated with a HEAD, marks written.
+    hubcap::storage::clock::advance(cfg.tag_ttl + Duration::from_secs(1));
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default(), Default::default()).await.unwrap();
+    let fresh = serve(router).await;
+    proxy.take();
+    pull(&http, &fresh, "longtail", "1").await;
+    let warm = proxy.take();
+    eprintln!("warm pull past the TTL, fresh instance: {warm:?}");
+    assert!(count(&warm, &writes) <= 12, "{warm:?}");
+    assert_eq!(s3_writes(&warm), 0, "{warm:?}");
+}
+
 /// The api on moto (blob misses wait only 200 ms), served on loopback, the
 /// fetcher, and a pump of the table's stream that hands records to the test.
 struct StreamWorld {
