@@ -31,7 +31,7 @@ fn remapped(name: &str) -> String {
 
 /// What fixes each problem, by the template parameter and the variable.
 const FIX_HEAD: &str = "HeadAnswers=without-digest (HUBCAP_HEAD_ANSWERS=without-digest on the api function), so that clients GET instead";
-const FIX_CHALLENGE: &str = "the challenge never reaches clients behind this front end, so no client can send credentials: remove ClientCredentials and admit \
+const FIX_CHALLENGE: &str = "the challenge never reaches clients behind this front end, so no client can send credentials: remove ClientCredentialsSecretArn and admit \
      clients by network (AllowedClientCidrs), or use EndpointType=HttpApi, whose answers AWS documents as not rewritten, and check again";
 
 struct Step(Instant);

@@ -302,7 +302,7 @@ async fn hubcap_check_reports_each_rewrite_that_breaks_clients_and_its_fix() {
     let (ok, out) = check(&worst, &[&image[..], &["--credentials", "ci:pa55word"]].concat()).await;
     assert!(!ok, "{out}");
     let logs = || format!("--- api-full ---\n{}\n--- its front ---\n{}", api_full.api.log(), worst_front.log());
-    assert!(out.contains("renames the credentials challenge") && out.contains("remove ClientCredentials"), "{out}\n{}", logs());
+    assert!(out.contains("renames the credentials challenge") && out.contains("remove ClientCredentialsSecretArn"), "{out}\n{}", logs());
     assert!(out.contains("HEAD manifest library/checked:1: Content-Length 0"), "{out}");
     assert!(out.contains("fix: HeadAnswers=without-digest"), "{out}");
     assert!(out.contains("HEAD blob"), "{out}");
