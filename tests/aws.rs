@@ -143,9 +143,12 @@ async fn what_a_new_image_costs_in_aws_calls() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(pump);
     let cold = proxy.take();
-    let writes = ["DynamoDB.PutItem", "DynamoDB.UpdateItem", "DynamoDB.DeleteItem", "DynamoDB.TransactWriteItems", "DynamoDB.BatchWriteItem"];
+    let writes =
+        ["DynamoDB.PutItem", "DynamoDB.UpdateItem", "DynamoDB.DeleteItem", "DynamoDB.TransactWriteItems", "DynamoDB.BatchWriteItem"];
     let count = |calls: &BTreeMap<String, usize>, ops: &[&str]| ops.iter().map(|o| calls.get(*o).copied().unwrap_or(0)).sum::<usize>();
-    let s3_writes = |calls: &BTreeMap<String, usize>| calls.iter().filter(|(k, _)| k.starts_with("S3.PUT") || k.starts_with("S3.POST")).map(|(_, n)| n).sum::<usize>();
+    let s3_writes = |calls: &BTreeMap<String, usize>| {
+        calls.iter().filter(|(k, _)| k.starts_with("S3.PUT") || k.starts_with("S3.POST")).map(|(_, n)| n).sum::<usize>()
+    };
     eprintln!("cold pull of a new image (index, amd64 manifest, config, 5 layers): {cold:?}");
     let (dynamo_writes, puts) = (count(&cold, &writes), s3_writes(&cold));
     eprintln!("cold: {dynamo_writes} DynamoDB writes, {} reads, {puts} S3 writes", count(&cold, &["DynamoDB.GetItem"]));
@@ -155,7 +158,8 @@ async fn what_a_new_image_costs_in_aws_calls() {
 
     // Past the tag's TTL, a fresh instance: re-validated with a HEAD, marks written.
     hubcap::storage::clock::advance(cfg.tag_ttl + Duration::from_secs(1));
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default(), Default::default()).await.unwrap();
+    let (router, _) =
+        hubcap::lambda::api_router_with(&storage, upstreams(&hub), cfg, 100, Default::default(), Default::default()).await.unwrap();
     let fresh = serve(router).await;
     proxy.take();
     pull(&http, &fresh, "longtail", "1").await;

@@ -83,7 +83,7 @@ impl Clients {
     }
 
     /// Pulls and verifies; `round` names the copy (cold 0, warm 1).
-    async fn pull(&self, client: &str, docker: Option<&Dockerd>, mirror: &str, name: &str, tag: &str, img: &Published, round: u32) {
+    async fn pull(&self, client: &str, docker: Option<&Dockerd>, mirror: &str, (name, tag, img): (&str, &str, &Published), round: u32) {
         let reference = format!("{name}:{tag}");
         let want = amd64(img);
         match client {
@@ -205,14 +205,14 @@ mod netns {
                 let docker = (*client == "docker").then_some(&docker);
                 let mark = api.log().len();
                 for (name, img) in &pulled {
-                    clients.pull(client, docker, url, name, &tag, img, 0).await;
+                    clients.pull(client, docker, url, (name, &tag, img), 0).await;
                 }
                 let cold = requests(&api.log()[mark..]);
                 // Warm: what the client stored forgotten, upstream not asked.
                 let (mark, asked) = (api.log().len(), upstream());
                 for (name, img) in &pulled {
                     clients.forget(client, docker, name, &tag, img).await;
-                    clients.pull(client, docker, url, name, &tag, img, 1).await;
+                    clients.pull(client, docker, url, (name, &tag, img), 1).await;
                 }
                 let warm = requests(&api.log()[mark..]);
                 assert_eq!(upstream(), asked, "{fe}/{client}: the warm pulls asked upstream nothing\n{}", stack.logs());

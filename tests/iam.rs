@@ -190,13 +190,19 @@ async fn the_multipart_path_is_allowed_by_the_fetcher_and_gc_policies() {
     s3.create_multipart_upload().bucket(&stack.bucket).key(format!("blobs/sha256/{}", "e".repeat(64))).send().await.unwrap();
     assert_eq!(store.uploads().await.unwrap().len(), 1);
     hubcap::storage::clock::advance(hubcap::mirror::fetch::FETCH_LEASE + Duration::from_secs(60));
-    let settings =
-        <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(["gc", "--upstream", &format!("docker.io={}", hub.url), "--grace", "1d"])
-            .unwrap();
+    let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from([
+        "gc",
+        "--upstream",
+        &format!("docker.io={}", hub.url),
+        "--grace",
+        "1d",
+    ])
+    .unwrap();
     let gc_storage = storage_as(&proxy, &stack, GC).await;
     let payload: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/scheduled.json")).unwrap()).unwrap();
-    let sweep = hubcap::lambda::maintenance_on(Backend::Aws(Box::new(gc_storage)), &settings, &payload, Duration::from_secs(300)).await.unwrap();
+    let sweep =
+        hubcap::lambda::maintenance_on(Backend::Aws(Box::new(gc_storage)), &settings, &payload, Duration::from_secs(300)).await.unwrap();
     assert_eq!(sweep["aborted_uploads"], 1, "{sweep}");
     assert!(store.uploads().await.unwrap().is_empty());
 
