@@ -173,11 +173,14 @@ pub struct AccessArgs {
     /// Repositories refused, even when allowed above.
     #[arg(long = "deny-repo", env = "HUBCAP_DENY_REPOS", value_delimiter = ',')]
     pub deny_repos: Vec<String>,
-    /// Client credentials USER:PASSWORD (HTTP basic); when any are set, clients must authenticate.
-    #[arg(long = "client-user", env = "HUBCAP_CLIENT_USERS", value_delimiter = ',', hide_env_values = true)]
+    /// Client credentials USER:PASSWORD (HTTP basic); when any are set,
+    /// clients must authenticate. Repeat the flag for more; the variable
+    /// holds one per line. Never split on commas: a secret may hold one.
+    #[arg(long = "client-user", env = "HUBCAP_CLIENT_USERS", value_delimiter = '\n', hide_env_values = true)]
     pub client_users: Vec<String>,
-    /// Static bearer tokens clients may send instead.
-    #[arg(long = "client-token", env = "HUBCAP_CLIENT_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    /// Static bearer tokens clients may send instead (repeat the flag; one
+    /// per line in the variable).
+    #[arg(long = "client-token", env = "HUBCAP_CLIENT_TOKENS", value_delimiter = '\n', hide_env_values = true)]
     pub client_tokens: Vec<String>,
     /// An AWS Secrets Manager secret (name or ARN) with more client
     /// credentials, read once at start-up: {"users": ["USER:PASSWORD", ...]}
@@ -370,6 +373,23 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         mirror: super::MirrorArgs,
+    }
+
+    #[derive(Parser)]
+    struct Access {
+        #[command(flatten)]
+        access: super::AccessArgs,
+    }
+
+    #[test]
+    fn client_secrets_are_never_split_on_commas() {
+        let a = Access::try_parse_from(["hubcap", "--client-token", "Zq9,x", "--client-user", "ci:long,password", "--client-user", "b:c"])
+            .unwrap();
+        assert_eq!(a.access.client_tokens, ["Zq9,x"]);
+        assert_eq!(a.access.client_users, ["ci:long,password", "b:c"]);
+        let p = a.access.policy().unwrap();
+        assert!(p.check_credentials(Some("Bearer Zq9,x")).is_ok());
+        assert!(p.check_credentials(Some("Bearer x")).is_err(), "a piece of a token is no token");
     }
 
     #[test]

@@ -151,13 +151,21 @@ struct ServeArgs {
     /// `hubcap gc` or the gc Lambda).
     #[arg(long, env = "HUBCAP_GC_INTERVAL", default_value = "1h", value_parser = hubcap::lifecycle::parse_duration)]
     gc_interval: std::time::Duration,
-    /// Longest a client may take to send a request's headers (e.g. 15s);
-    /// a connection dripping them is closed.
+    /// Longest a client may take to send a request's headers, from the
+    /// moment its connection is accepted (e.g. 15s); a connection that sends
+    /// nothing, or drips them, is closed.
     #[arg(long, env = "HUBCAP_HEADER_TIMEOUT", default_value = "15s", value_parser = hubcap::lifecycle::parse_duration)]
     header_timeout: std::time::Duration,
+    /// Longest a kept-alive connection may sit idle between requests (e.g. 60s).
+    #[arg(long, env = "HUBCAP_IDLE_TIMEOUT", default_value = "60s", value_parser = hubcap::lifecycle::parse_duration)]
+    idle_timeout: std::time::Duration,
     /// Client connections served at once; more wait to be accepted.
     #[arg(long, env = "HUBCAP_MAX_CONNECTIONS", default_value_t = 1000)]
     max_connections: usize,
+    /// Connections one client address may hold at once (a fleet behind one
+    /// NAT address shares them); more are closed on accept.
+    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 250)]
+    max_connections_per_client: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[arg(long, env = "HUBCAP_SHUTDOWN_GRACE", default_value = "20s", value_parser = hubcap::lifecycle::parse_duration)]
     shutdown_grace: std::time::Duration,
@@ -230,8 +238,14 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
     tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
     let background = serve::spawn_maintenance(mirror.clone(), gc, args.gc_interval);
-    let limits =
-        serve::Limits { header_timeout: args.header_timeout, max_connections: args.max_connections, shutdown_grace: args.shutdown_grace };
+    let limits = serve::Limits {
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        per_client: args.max_connections_per_client,
+        shutdown_grace: args.shutdown_grace,
+        admit: Some(std::sync::Arc::new(opts.access.clone())),
+    };
     serve::run_with(listener, router, serve::shutdown_signal(), limits).await?;
     background.abort();
     mirror.flush_stats().await?;

@@ -97,14 +97,17 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_shutdown_does_not_wait_forever_for_a_slow_client() {
+async fn a_shutdown_does_not_wait_forever_for_a_request_that_never_ends() {
     let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 73, 1);
+    hub.publish("library/stuck", "1", &Published::Image(img));
     let dir = tempfile::tempdir().unwrap();
     let (mut mirror, url) =
         hubcap_serve(dir.path(), &hub.url, 0, &["--header-timeout", "60s", "--shutdown-grace", "1s"], "hubcap.log").await;
-    let addr = url.trim_start_matches("http://").to_owned();
-    let slow = tokio::spawn(drip(addr.clone(), Duration::from_secs(30)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A request in flight for 30 s: upstream is that slow.
+    hub.set_fault(Fault::Slow(Duration::from_secs(30)));
+    let slow = tokio::spawn(common::client().get(format!("{url}/v2/stuck/manifests/1")).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = mirror.child.id().to_string();
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());

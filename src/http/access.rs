@@ -59,7 +59,7 @@ impl AccessPolicy {
                 n.parse::<IpNet>().or_else(|_| n.parse::<IpAddr>().map(IpNet::from)).map_err(|_| format!("invalid client network {n:?}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let list = |v: &[String]| v.iter().filter(|p| !p.trim().is_empty()).map(|p| RepoPattern::new(p)).collect::<Vec<_>>();
+        let list = |v: &[String]| v.iter().filter(|p| !p.trim().is_empty()).map(|p| RepoPattern::parse(p)).collect::<Result<Vec<_>, _>>();
         for u in users.iter().filter(|u| !u.is_empty()) {
             if !u.contains(':') {
                 return Err("client users are USER:PASSWORD".into());
@@ -67,8 +67,8 @@ impl AccessPolicy {
         }
         Ok(AccessPolicy {
             networks,
-            allow: list(allow),
-            deny: list(deny),
+            allow: list(allow)?,
+            deny: list(deny)?,
             basic: users.iter().filter(|u| !u.is_empty()).map(|u| hash(u)).collect(),
             tokens: tokens.iter().filter(|t| !t.is_empty()).map(|t| hash(t)).collect(),
         })

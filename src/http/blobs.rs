@@ -38,6 +38,15 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
         return Err(RegistryError::new(ErrorCode::Unavailable, "the blob is being fetched again").with_retry_after(Some(1)));
     }
     let mut req = req;
+    let etag = format!("\"{digest}\"");
+    // `If-Range` names the representation the client holds part of: a
+    // range only of that one (our strong ETag); any other validator (or
+    // date) gets the whole blob, as RFC 9110 says.
+    if let Some(validator) = req.headers_mut().remove(header::IF_RANGE)
+        && validator.as_bytes() != etag.as_bytes()
+    {
+        req.headers_mut().remove(header::RANGE);
+    }
     if let Some(range) = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned) {
         let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|_| RegistryError::code(ErrorCode::BlobUnknown))?;
         if !range_to_honour(&range, len) {
@@ -55,6 +64,7 @@ pub(super) async fn local_blob(State(state): State<AppState>, req: Request) -> R
     let mut resp = served.map(Body::new);
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     resp.headers_mut().insert("docker-content-digest", header_value(digest.as_str()));
+    resp.headers_mut().insert(header::ETAG, header_value(&etag));
     Ok(resp)
 }
 

@@ -46,6 +46,10 @@ use crate::storage::local::{BLOB_URL_PREFIX, FsBlobStore};
 
 pub(crate) const API_VERSION: &str = "Docker-Distribution-API-Version";
 
+/// Longest `Retry-After` a client is told, whatever upstream said (an
+/// upstream's `999999999` is passed on as this).
+pub const MAX_RETRY_AFTER: u64 = 300;
+
 /// The client's address as the platform saw it (a Lambda's request context);
 /// `hubcap serve` uses the TCP peer instead.
 #[derive(Clone, Copy, Debug)]
@@ -86,7 +90,7 @@ impl IntoResponse for RegistryError {
         let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
         if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.clamp(1, MAX_RETRY_AFTER)));
         }
         if status.is_server_error() {
             resp.extensions_mut().insert(ErrorCause(self.to_string()));

@@ -66,7 +66,7 @@ impl Pin {
             Some(i) => (&s[..slash + i], Some(Glob::new(&s[slash + i + 1..]))),
             None => (s, None),
         };
-        Ok(Pin { repo: RepoPattern::new(repo), tag })
+        Ok(Pin { repo: RepoPattern::parse(repo)?, tag })
     }
 
     pub(crate) fn matches(&self, repo: &str, tag: Option<&str>) -> bool {

@@ -6,9 +6,20 @@ use super::*;
 
 impl Mirror {
     /// Confirms upstream that `repo` contains `digest`, and records it.
-    /// Returns the size upstream declared, if it did.
-    async fn confirm_link(&self, repo: &RepoPath, digest: &Digest) -> Result<Option<u64>, RegistryError> {
+    /// Returns the size upstream declared, if it did. A registry's word
+    /// (`HEAD`) is taken for its own content; content the cache holds from
+    /// another registry (`known`'s source) must be proved: that registry
+    /// serves the bytes and they hash to the digest. Otherwise a hostile
+    /// registry, answering `HEAD 200` for any digest, would read what
+    /// others put in the cache, around `--deny-repo`.
+    async fn confirm_link(&self, repo: &RepoPath, digest: &Digest, known: Option<&BlobRecord>) -> Result<Option<u64>, RegistryError> {
         let upstream = self.upstreams.get(&repo.registry)?;
+        let elsewhere = known.and_then(|r| RepoPath::from_key(&r.source)).is_some_and(|from| from.registry != repo.registry);
+        if elsewhere {
+            let size = self.prove_blob(upstream, repo, digest).await?;
+            self.index.link(&repo.key(), digest).await?;
+            return Ok(Some(size));
+        }
         match upstream.head_blob(repo, digest, Retry::FETCH).await {
             Ok(Some(size)) => {
                 self.index.link(&repo.key(), digest).await?;
@@ -17,6 +28,31 @@ impl Mirror {
             Ok(None) => Err(RegistryError::code(ErrorCode::BlobUnknown)),
             Err(e) => Err(upstream_error(e, repo, ErrorCode::BlobUnknown)),
         }
+    }
+
+    /// Reads the blob from `repo`'s registry to its end, hashing it, within
+    /// the upstream's limits: its size when the bytes are the digest's.
+    async fn prove_blob(&self, upstream: &Upstream, repo: &RepoPath, digest: &Digest) -> Result<u64, RegistryError> {
+        let not_proved = |why: String| {
+            RegistryError::new(ErrorCode::BlobUnknown, format!("upstream {} did not prove it has {digest}: {why}", repo.registry))
+        };
+        let resp = upstream.get_blob(repo, digest, Retry::FETCH).await.map_err(|e| upstream_error(e, repo, ErrorCode::BlobUnknown))?;
+        let limits = upstream.limits();
+        let mut body = transfer::Body::stream(resp, limits);
+        let (mut hasher, mut size, mut stalled) = (sha2::Sha256::default(), 0u64, false);
+        while let Some(chunk) = body.next(&mut stalled).await.map_err(|e| not_proved(e.to_string()))? {
+            size += chunk.len() as u64;
+            if size > limits.max_blob {
+                return Err(not_proved(format!("more than {} bytes", limits.max_blob)));
+            }
+            sha2::Digest::update(&mut hasher, &chunk);
+        }
+        let got = Digest::from_sha256(&sha2::Digest::finalize(hasher));
+        if got != *digest {
+            return Err(not_proved(format!("its bytes hash to {got}")));
+        }
+        tracing::info!(%digest, repo = %repo, size, "a registry proved it holds a blob cached from another");
+        Ok(size)
     }
 
     fn start_fetch(&self, repo: &RepoPath, digest: &Digest, size: Option<u64>) {
@@ -43,7 +79,7 @@ impl Mirror {
         let view = self.index.blob(&key, digest).await?;
         let mut size = view.record.as_ref().and_then(|r| r.size);
         if !view.linked {
-            size = self.confirm_link(repo, digest).await?;
+            size = self.confirm_link(repo, digest, view.record.as_ref()).await?;
         }
         if let Some(r) = &view.record
             && self.still_ready(&key, r).await?
@@ -132,7 +168,7 @@ impl Mirror {
         }
         let size = match (view.linked, view.record.as_ref().and_then(|r| r.size)) {
             (true, Some(size)) => Some(size),
-            _ => self.confirm_link(repo, digest).await?,
+            _ => self.confirm_link(repo, digest, view.record.as_ref()).await?,
         };
         if let Some(size) = ready {
             return Ok((size, CacheStatus::Hit));

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::transfer::{Body, Parts};
 use super::upstream::{Retry, UpstreamError, Upstreams};
 use crate::oci::{Digest, RepoPath};
-use crate::storage::{BlobState, BlobStore, BlobWriter, Checkpoint, Durable, FetchIndex, StorageError};
+use crate::storage::{BlobState, BlobStore, BlobWriter, Checkpoint, Durable, FetchIndex, StorageError, Upload};
 
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;
@@ -130,6 +130,13 @@ impl Fetcher {
             }
         };
         tracing::warn!(digest = %job.digest, source = %job.source, error = %err, "blob fetch failed");
+        // What the failed copies kept for a retry goes now (this copy holds
+        // the blob's lease: no other copy of it runs): a failed blob holds no
+        // space, and the next request starts it afresh.
+        if let Some(cp) = self.index.blob_checkpoint(&job.digest).await? {
+            self.store.discard_upload(&Upload { digest: job.digest.clone(), id: cp.upload, started: 0 }).await?;
+            self.index.save_checkpoint(&job.digest, None).await?;
+        }
         self.index.set_blob_state(&job.digest, BlobState::Failed, None, Some(&err.to_string())).await?;
         Err(err)
     }
@@ -460,25 +467,92 @@ const STRAGGLERS: usize = 4;
 
 /// In-process fetch queue: at most `concurrency` copies making progress at
 /// once (`STRAGGLERS` times that counting stalled ones), and at most one per
-/// digest.
+/// digest. Jobs wait in one line per upstream registry, and a free slot
+/// goes to the next registry in turn: a registry whose thousand layers fail
+/// slowly delays another's by one copy at most, not by the thousand.
 pub struct LocalQueue {
-    fetcher: Arc<Fetcher>,
-    slots: Arc<Semaphore>,
-    /// Copies running, with or without a slot.
-    copies: Arc<Semaphore>,
-    /// Running fetches; the receiver turns `true` when the fetch ends.
+    /// Running and waiting fetches; the receiver turns `true` when the
+    /// fetch ends.
     running: Arc<Mutex<HashMap<Digest, watch::Receiver<bool>>>>,
+    waiting: Arc<Mutex<Waiting>>,
+    /// Wakes the dispatcher: a job is waiting, or the queue is gone.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Jobs not started yet, a line per registry, and whose turn is next.
+#[derive(Default)]
+struct Waiting {
+    lines: HashMap<String, VecDeque<(FetchJob, watch::Sender<bool>)>>,
+    turns: VecDeque<String>,
+    closed: bool,
+}
+
+impl Waiting {
+    fn push(&mut self, job: FetchJob, done: watch::Sender<bool>) {
+        let registry = job.source.registry.clone();
+        let line = self.lines.entry(registry.clone()).or_default();
+        if line.is_empty() {
+            self.turns.push_back(registry);
+        }
+        line.push_back((job, done));
+    }
+
+    /// The next registry's first job; that registry goes to the back.
+    fn pop(&mut self) -> Option<(FetchJob, watch::Sender<bool>)> {
+        let registry = self.turns.pop_front()?;
+        let line = self.lines.get_mut(&registry)?;
+        let next = line.pop_front();
+        if line.is_empty() {
+            self.lines.remove(&registry);
+        } else {
+            self.turns.push_back(registry);
+        }
+        next
+    }
 }
 
 impl LocalQueue {
+    /// The queue and its dispatcher (on the current Tokio runtime).
     pub fn new(fetcher: Arc<Fetcher>, concurrency: usize) -> LocalQueue {
         let n = concurrency.max(1);
-        LocalQueue {
-            fetcher,
-            slots: Arc::new(Semaphore::new(n)),
-            copies: Arc::new(Semaphore::new(n * STRAGGLERS)),
-            running: Arc::default(),
-        }
+        let q = LocalQueue { running: Arc::default(), waiting: Arc::default(), wake: Arc::default() };
+        let (slots, copies) = (Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n * STRAGGLERS)));
+        let (waiting, wake, registry) = (q.waiting.clone(), q.wake.clone(), q.running.clone());
+        tokio::spawn(async move {
+            loop {
+                // A copy's place and a slot first, then the next job in turn.
+                let (Ok(copy), Ok(slot)) = (copies.clone().acquire_owned().await, slots.clone().acquire_owned().await) else { return };
+                let (job, done) = loop {
+                    let next = {
+                        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                        if w.closed {
+                            return;
+                        }
+                        w.pop()
+                    };
+                    match next {
+                        Some(j) => break j,
+                        None => wake.notified().await,
+                    }
+                };
+                let (fetcher, registry) = (fetcher.clone(), registry.clone());
+                tokio::spawn(async move {
+                    let mut slot = Slot(Some(slot));
+                    let _ = fetcher.fetch_in(&job, &mut slot, None).await;
+                    drop((slot, copy));
+                    registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
+                    let _ = done.send(true);
+                });
+            }
+        });
+        q
+    }
+}
+
+impl Drop for LocalQueue {
+    fn drop(&mut self) {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.wake.notify_one();
     }
 }
 
@@ -491,15 +565,8 @@ impl FetchQueue for LocalQueue {
         }
         let (done, rx) = watch::channel(false);
         running.insert(job.digest.clone(), rx);
-        let (fetcher, slots, copies, registry) = (self.fetcher.clone(), self.slots.clone(), self.copies.clone(), self.running.clone());
-        tokio::spawn(async move {
-            let copy = copies.acquire_owned().await;
-            let mut slot = Slot(slots.acquire_owned().await.ok());
-            let _ = fetcher.fetch_in(&job, &mut slot, None).await;
-            drop((slot, copy));
-            registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
-            let _ = done.send(true);
-        });
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).push(job, done);
+        self.wake.notify_one();
     }
 
     async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome {

@@ -54,19 +54,13 @@ impl Mirror {
                 let found = self.index.manifest(&key, digest).await?;
                 match found.record {
                     Some(m) if found.linked => (m, CacheStatus::Hit),
-                    Some(m) => {
-                        // Cached from another repository: confirm this one
-                        // has it, then store it as this repository's too.
+                    Some(_) => {
+                        // Cached from another repository, perhaps of another
+                        // registry: this one must prove it has it by serving
+                        // it (a `HEAD 200` proves nothing), the bytes
+                        // verified against the digest as on a miss.
                         let upstream = self.upstreams.get(&repo.registry)?;
-                        match upstream.head_manifest(repo, digest.as_str(), &Accept::all().upstream_types(), Retry::FETCH).await {
-                            Ok(Some(_)) => {
-                                let info = parse_manifest(&m.body, Some(&m.media_type))?;
-                                self.store_manifest(repo, &m, &info).await?;
-                            }
-                            Ok(None) => return Err(RegistryError::code(ErrorCode::ManifestUnknown)),
-                            Err(e) => return Err(upstream_error(e, repo, ErrorCode::ManifestUnknown)),
-                        }
-                        (m, CacheStatus::Miss)
+                        (self.fetch_manifest(upstream, repo, digest.as_str(), &Accept::all(), Some(digest)).await?, CacheStatus::Miss)
                     }
                     None => {
                         let upstream = self.upstreams.get(&repo.registry)?;

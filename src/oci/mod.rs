@@ -55,7 +55,7 @@ mod tests {
 
     #[test]
     fn patterns_match_repository_keys() {
-        let m = |p: &str, key: &str| RepoPattern::new(p).matches(key);
+        let m = |p: &str, key: &str| RepoPattern::parse(p).unwrap().matches(key);
         assert!(m("docker.io/library/*", "docker.io/library/alpine"));
         assert!(m("docker.io/*/x", "docker.io/a/b/x"), "* crosses /");
         assert!(!m("docker.io/library/*", "docker.io/other/alpine"));
@@ -65,7 +65,14 @@ mod tests {
         assert!(m("ghcr.io/acme/*", "ghcr.io/acme/tool") && m("localhost:5000/x", "localhost:5000/x"));
         assert!(m("*/x", "ghcr.io/x") && !m("ghcr.io/acme/*", "GHCR.io/acme/tool"));
         assert!(m("ghcr.io/acme/tool?", "ghcr.io/acme/tool2") && !m("ghcr.io/acme/tool?", "ghcr.io/acme/tool"), "? is one character");
-        assert_eq!(format!("{:?}", RepoPattern::new(" library/* ")), r#""docker.io/library/*""#);
+        assert_eq!(format!("{:?}", RepoPattern::parse(" library/* ").unwrap()), r#""docker.io/library/*""#);
+        // A wildcard on Docker Hub's first level means every repository there.
+        assert!(m("docker.io/*", "docker.io/library/alpine") && m("docker.io/*", "docker.io/acme/secret"));
+        assert!(m("*", "docker.io/acme/secret") && m("redis*", "docker.io/library/redis") && m("redis*", "docker.io/redisorg/x"));
+        // Uppercase never matches a name: refused, with the fix.
+        let e = RepoPattern::parse("Acme/Secret").unwrap_err();
+        assert!(e.contains("lowercase") && e.contains("acme/secret"), "{e}");
+        assert!(RepoPattern::parse("GHCR.IO/acme/*").is_ok(), "a registry's case does not matter");
         // Normalised exactly as names are: an official image's short name,
         // Docker Hub's other spellings.
         assert!(m("good", "docker.io/library/good") && !m("good", "docker.io/good"), "`good` is library/good");

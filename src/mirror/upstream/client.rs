@@ -33,6 +33,9 @@ pub const TAG_PAGE: u32 = 1000;
 /// names the spec allows is about 130 KiB).
 const MAX_TAG_LIST_BYTES: usize = 1024 * 1024;
 
+/// Largest token response read (a registry's JWT is a few KiB).
+const MAX_TOKEN_BYTES: usize = 256 * 1024;
+
 /// Longest `Retry-After` the mirror waits out itself before giving up.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -162,6 +165,8 @@ impl Upstream {
             .user_agent(concat!("hubcap/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(30))
+            // A redirect target (a CDN) learns nothing of the registry URL.
+            .referer(false)
             .redirect(redirect)
     }
 
@@ -435,7 +440,7 @@ impl Upstream {
                     s if s.is_server_error() => return Err(UpstreamError::Status(s.as_u16())),
                     s => return Err(UpstreamError::Denied(format!("token endpoint answered HTTP {} for {repo}", s.as_u16()))),
                 }
-                let raw = resp.bytes().await.map_err(|e| UpstreamError::Transport(e.to_string()))?;
+                let raw = read_capped(resp, MAX_TOKEN_BYTES, "token response").await?;
                 let token: TokenResponse =
                     serde_json::from_slice(&raw).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
                 let value =

@@ -107,7 +107,9 @@ impl Destinations {
             Some(Host::Ipv6(ip)) => !is_public(IpAddr::V6(ip)),
             Some(Host::Domain(d)) => {
                 let d = d.to_ascii_lowercase();
-                d == "localhost" || d.ends_with(".localhost")
+                // A configured upstream's name resolves inside if it likes
+                // (the resolver trusts it): only on its configured port.
+                d == "localhost" || d.ends_with(".localhost") || self.hosts.contains(&d)
             }
             None => true,
         };
@@ -135,14 +137,32 @@ impl Destinations {
     }
 }
 
-/// Whether traffic to `ip` leaves the host and its private networks.
+/// Whether traffic to `ip` leaves the host and its private networks. An
+/// IPv6 address that carries an IPv4 one (mapped, compatible, translated,
+/// 6to4, NAT64, Teredo) is judged by every IPv4 address in it too.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public_v4(v4),
-            None => is_public_v6(v6),
-        },
+        IpAddr::V6(v6) => is_public_v6(v6) && embedded_v4(v6).into_iter().all(is_public_v4),
+    }
+}
+
+/// The IPv4 addresses an IPv6 address carries, by the transition
+/// mechanisms that route to them.
+fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = ip.segments();
+    let o = ip.octets();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    match s {
+        // ::a.b.c.d (compatible), ::ffff:a.b.c.d (mapped), ::ffff:0:a.b.c.d (translated)
+        [0, 0, 0, 0, 0, 0, _, _] | [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] => vec![last],
+        // 6to4: 2002:aabb:ccdd::/16
+        [0x2002, ..] => vec![Ipv4Addr::new(o[2], o[3], o[4], o[5])],
+        // NAT64, well-known and local-use prefixes: the last 32 bits
+        [0x0064, 0xff9b, ..] => vec![last],
+        // Teredo: the server's address, and the client's (inverted)
+        [0x2001, 0, ..] => vec![Ipv4Addr::new(o[4], o[5], o[6], o[7]), Ipv4Addr::from(!u32::from(last))],
+        _ => vec![],
     }
 }
 
@@ -224,12 +244,24 @@ mod tests {
             "http://[fe80::1]/x",
             "http://[fd00::1]/x",
             "http://[::ffff:127.0.0.1]:80/x",
+            "http://[::127.0.0.1]:5000/x",
+            "http://[::ffff:0:127.0.0.1]:5000/x",
+            "http://[2002:7f00:1::]:5000/x",
             "http://0.0.0.0:5000/x",
             "http://100.64.0.1/x",
             "file:///etc/passwd",
         ] {
             assert!(!ok(bad), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn an_upstream_named_by_host_is_trusted_on_its_own_port_only() {
+        let d = Destinations::new(["http://registry.internal:5000"], &[]).unwrap();
+        let ok = |u: &str| d.check_redirect(&Url::parse(u).unwrap()).is_ok();
+        assert!(ok("http://registry.internal:5000/blobs/x"));
+        assert!(!ok("http://registry.internal:5001/x"), "its name resolves inside: not another port of it");
+        assert!(!ok("http://REGISTRY.internal:22/x"));
     }
 
     #[test]
@@ -244,6 +276,13 @@ mod tests {
             ("::", false),
             ("fe80::1", false),
             ("64:ff9b::7f00:1", false),
+            ("::127.0.0.1", false),
+            ("::ffff:0:127.0.0.1", false),
+            ("2002:7f00:1::", false),
+            ("2002:a00:1::1", false),
+            ("2001:0:7f00:1::1", false),
+            ("2001:0:808:808:0:0:80f7:fefe", false),
+            ("2002:808:808::1", true),
             ("255.255.255.255", false),
         ] {
             assert_eq!(is_public(ip.parse().unwrap()), public, "{ip}");
