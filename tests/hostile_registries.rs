@@ -40,6 +40,8 @@ enum Blobs {
     CutAfter(usize),
     /// Redirects a `GET` to this base URL (the same path).
     Redirect(String),
+    /// `HEAD` says 60 GB; `GET` sends 1 KB every 100 ms, forever.
+    Trickle,
 }
 
 #[derive(Default)]
@@ -106,8 +108,15 @@ async fn evil_route(State(s): State<Arc<Evil>>, req: Request) -> Response {
     let held = s.blobs.lock().unwrap().get(digest).cloned();
     let head = req.method() == axum::http::Method::HEAD;
     match mode {
-        Blobs::Claims if head => ([(header::CONTENT_LENGTH, "64424509440")], Body::empty()).into_response(),
+        Blobs::Claims | Blobs::Trickle if head => ([(header::CONTENT_LENGTH, "64424509440")], Body::empty()).into_response(),
         Blobs::Claims => Bytes::from_static(b"not what you asked for").into_response(),
+        Blobs::Trickle => {
+            let drip = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((Ok::<Bytes, std::io::Error>(Bytes::from(vec![0u8; 1024])), ()))
+            });
+            ([(header::CONTENT_LENGTH, "64424509440")], Body::from_stream(drip)).into_response()
+        }
         Blobs::Honest => match held {
             Some(b) if head => ([(header::CONTENT_LENGTH, b.len().to_string())], Body::empty()).into_response(),
             Some(b) => b.into_response(),
@@ -380,4 +389,24 @@ async fn a_range_is_served_only_of_the_representation_if_range_names() {
         assert_eq!(resp.status(), 200, "If-Range {other}: the whole blob");
         assert_eq!(resp.bytes().await.unwrap(), bytes.clone());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_size_another_registry_claimed_is_not_told_of_this_ones_blob() {
+    let hub = FakeHub::start().await;
+    let small = images::small_image(Format::Oci, "amd64", 3100, 1);
+    hub.publish("library/small", "1", &Published::Image(small.clone()));
+    let (layer, bytes) = small.layers[0].clone();
+    let evil = EvilRegistry::start().await;
+    evil.set(Blobs::Trickle);
+    let dir = tempfile::tempdir().unwrap();
+    let m = mirror(&dir.path().join("data"), &hub, &evil, common::upstream_limits(), &[]).await;
+    let http = client();
+    // The hostile registry asks first: 60 GB, it says, and its copy trickles.
+    let resp = http.head(format!("{}/v2/evil.test/x/y/blobs/{layer}", m.url)).send().await.unwrap();
+    assert_eq!(resp.headers()["content-length"], "64424509440");
+    common::get_manifest(&http, &m.url, "small", "1", ALL_MANIFESTS).await;
+    let resp = http.head(format!("{}/v2/small/blobs/{layer}", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], bytes.len().to_string().as_str(), "docker.io's size for docker.io's blob");
 }

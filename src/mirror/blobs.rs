@@ -14,8 +14,10 @@ impl Mirror {
     /// others put in the cache, around `--deny-repo`.
     async fn confirm_link(&self, repo: &RepoPath, digest: &Digest, known: Option<&BlobRecord>) -> Result<Option<u64>, RegistryError> {
         let upstream = self.upstreams.get(&repo.registry)?;
-        let elsewhere = known.and_then(|r| RepoPath::from_key(&r.source)).is_some_and(|from| from.registry != repo.registry);
-        if elsewhere {
+        // Only stored content can leak; a copy still under way from another
+        // registry is confirmed as any unknown blob is.
+        let stored_from_elsewhere = known.filter(|r| r.state == BlobState::Ready).is_some_and(|r| from_elsewhere(r, repo));
+        if stored_from_elsewhere {
             let size = self.prove_blob(upstream, repo, digest).await?;
             self.index.link(&repo.key(), digest).await?;
             return Ok(Some(size));
@@ -166,8 +168,10 @@ impl Mirror {
         if let (true, Some(size)) = (view.linked, ready) {
             return Ok((size, CacheStatus::Hit));
         }
-        let size = match (view.linked, view.record.as_ref().and_then(|r| r.size)) {
-            (true, Some(size)) => Some(size),
+        // The size another registry claimed for a copy still under way is its
+        // word, not this registry's: this one is asked.
+        let size = match view.record.as_ref().filter(|r| !from_elsewhere(r, repo)).and_then(|r| r.size) {
+            Some(size) if view.linked => Some(size),
             _ => self.confirm_link(repo, digest, view.record.as_ref()).await?,
         };
         if let Some(size) = ready {
@@ -190,6 +194,11 @@ impl Mirror {
     }
 
     // -- tags ---------------------------------------------------------------
+}
+
+/// Whether a blob record came from another registry than `repo`'s.
+fn from_elsewhere(r: &BlobRecord, repo: &RepoPath) -> bool {
+    RepoPath::from_key(&r.source).is_some_and(|from| from.registry != repo.registry)
 }
 
 /// Blobs at least this large get checkpoints, so their copy's progress is
