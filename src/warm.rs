@@ -67,6 +67,10 @@ pub async fn warm(mirror: &Mirror, image: &str, platforms: &[String]) -> Result<
                     BlobAnswer::Ready(_) => break,
                     BlobAnswer::Pending => continue,
                     BlobAnswer::Later(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.clamp(1, 5))).await,
+                    // Copied here: wait for it to end, then look again.
+                    BlobAnswer::Follow(mut f) => {
+                        let _ = f.outcome.wait_for(Option::is_some).await;
+                    }
                 }
             }
             out.blobs += 1;

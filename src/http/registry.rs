@@ -110,6 +110,20 @@ async fn blob_get(
     let (answer, cache) = state.mirror.blob_for(repo, digest, retries).await?;
     let location = match answer {
         BlobAnswer::Ready(url) => url,
+        // A cold blob copied by this process: its bytes as they come.
+        BlobAnswer::Follow(follow) => {
+            let size = follow.size;
+            let mut resp = Response::new(Body::from_stream(follow.into_stream()));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            if let Some(size) = size {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            }
+            h.insert("docker-content-digest", header_value(digest.as_str()));
+            h.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+            resp.extensions_mut().insert(cache);
+            return Ok(resp);
+        }
         // The client waits outside, in its own retry pause.
         BlobAnswer::Later(secs) => {
             return Err(RegistryError::new(ErrorCode::Unavailable, format!("{digest} is still being fetched from upstream"))

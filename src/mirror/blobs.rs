@@ -110,10 +110,23 @@ impl Mirror {
         // polling the index.
         // Never past the request's own deadline (a Lambda front end's limit).
         let deadline = deadline::by(hold);
+        // A copy in this process into a store it can read back is followed
+        // once it has run a moment (a short one keeps its 307): the client
+        // gets the bytes as they come, whatever the copy takes.
+        let follow_from = Instant::now() + FOLLOW_AFTER;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if self.queue.wait(digest, left).await == WaitOutcome::TimedOut {
-                return Ok((BlobAnswer::Pending, CacheStatus::Miss));
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            let step = if self.queue.follows() { left.min(follow_from.saturating_duration_since(now).max(FOLLOW_POLL)) } else { left };
+            if self.queue.wait(digest, step).await == WaitOutcome::TimedOut {
+                let follow = self.queue.follow(digest).filter(|f| f.partial.borrow().is_some());
+                if let Some(f) = follow.filter(|_| Instant::now() >= follow_from) {
+                    return Ok((BlobAnswer::Follow(f), CacheStatus::Miss));
+                }
+                if Instant::now() >= deadline {
+                    return Ok((BlobAnswer::Pending, CacheStatus::Miss));
+                }
+                continue;
             }
             let record = self.index.blob_record(digest).await?;
             match record {
@@ -200,6 +213,11 @@ impl Mirror {
 fn from_elsewhere(r: &BlobRecord, repo: &RepoPath) -> bool {
     RepoPath::from_key(&r.source).is_some_and(|from| from.registry != repo.registry)
 }
+
+/// How long a request waits for a copy in this process before following it.
+const FOLLOW_AFTER: Duration = Duration::from_secs(1);
+/// How often a request waiting to follow a copy looks for its bytes.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// Blobs at least this large get checkpoints, so their copy's progress is
 /// in the index; smaller ones are always held for.

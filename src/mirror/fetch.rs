@@ -20,10 +20,12 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
+pub use super::follow::Follow;
+use super::follow::Following;
 use super::transfer::{Body, Parts};
 use super::upstream::{Retry, UpstreamError, Upstreams};
 use crate::oci::{Digest, RepoPath};
-use crate::storage::{BlobState, BlobStore, BlobWriter, Checkpoint, Durable, FetchIndex, StorageError, Upload};
+use crate::storage::{BlobState, BlobStore, BlobWriter, Checkpoint, Durable, FetchIndex, PartialBlob, StorageError, Upload};
 
 /// Copies of one blob tried before it is marked `failed`.
 const ATTEMPTS: u32 = 3;
@@ -69,11 +71,17 @@ pub struct Fetcher {
     index: Arc<dyn FetchIndex>,
     store: Arc<dyn BlobStore>,
     upstreams: Arc<Upstreams>,
+    following: Following,
 }
 
 impl Fetcher {
     pub fn new(index: Arc<dyn FetchIndex>, store: Arc<dyn BlobStore>, upstreams: Arc<Upstreams>) -> Fetcher {
-        Fetcher { index, store, upstreams }
+        Fetcher { index, store, upstreams, following: Following::default() }
+    }
+
+    /// The copy of `digest` under way in this process, if any, to follow.
+    pub fn follow(&self, digest: &Digest) -> Option<Follow> {
+        self.following.get(digest)
     }
 
     pub fn upstreams(&self) -> &Upstreams {
@@ -104,12 +112,14 @@ impl Fetcher {
         if !self.index.claim_blob(&job.digest, FETCH_LEASE).await? {
             return Ok(None);
         }
+        let followed = self.following.start(&job.digest, job.size);
         let (mut attempt, mut ranges) = (0, true);
         let err = loop {
             attempt += 1;
-            match self.copy(job, slot, ranges, deadline).await {
+            match self.copy(job, slot, ranges, deadline, &followed.partial).await {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
+                    followed.ended(true);
                     tracing::debug!(digest = %job.digest, size, source = %job.source, "blob stored");
                     return Ok(Some(size));
                 }
@@ -153,7 +163,14 @@ impl Fetcher {
     /// commit only a verified blob. A copy cut off keeps its durable part
     /// (checkpointed) for the next attempt; one that read wrong bytes
     /// throws its upload away.
-    async fn copy(&self, job: &FetchJob, slot: &mut Slot, ranges: bool, deadline: Option<Instant>) -> Result<u64, FetchError> {
+    async fn copy(
+        &self,
+        job: &FetchJob,
+        slot: &mut Slot,
+        ranges: bool,
+        deadline: Option<Instant>,
+        follow: &watch::Sender<Option<Arc<dyn PartialBlob>>>,
+    ) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let limits = upstream.limits();
         if let Some(size) = job.size.filter(|s| *s > limits.max_blob) {
@@ -200,6 +217,8 @@ impl Fetcher {
             tracing::info!(digest = %job.digest, from, "continuing an interrupted copy from its checkpoint");
         }
         let limit = job.size.or(declared);
+        // Clients waiting for the blob follow this attempt's bytes now.
+        follow.send_replace(writer.partial());
         let read =
             read_into(&mut body, writer.as_mut(), &mut progress, limit, limits.max_blob, slot, deadline, &*self.index, &job.digest).await;
         match read {
@@ -460,6 +479,15 @@ pub trait FetchQueue: Send + Sync {
     fn enqueue(&self, job: FetchJob);
     /// Waits for the running fetch of `digest` to finish, at most `timeout`.
     async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome;
+    /// The copy of `digest` running in this process, to follow while it
+    /// runs (`None`: none here, or its bytes cannot be read until stored).
+    fn follow(&self, _digest: &Digest) -> Option<Follow> {
+        None
+    }
+    /// Whether `follow` may ever find a copy here.
+    fn follows(&self) -> bool {
+        false
+    }
 }
 
 /// Copies (stalled ones included) allowed per fetch slot.
@@ -471,6 +499,7 @@ const STRAGGLERS: usize = 4;
 /// goes to the next registry in turn: a registry whose thousand layers fail
 /// slowly delays another's by one copy at most, not by the thousand.
 pub struct LocalQueue {
+    fetcher: Arc<Fetcher>,
     /// Running and waiting fetches; the receiver turns `true` when the
     /// fetch ends.
     running: Arc<Mutex<HashMap<Digest, watch::Receiver<bool>>>>,
@@ -515,7 +544,7 @@ impl LocalQueue {
     /// The queue and its dispatcher (on the current Tokio runtime).
     pub fn new(fetcher: Arc<Fetcher>, concurrency: usize) -> LocalQueue {
         let n = concurrency.max(1);
-        let q = LocalQueue { running: Arc::default(), waiting: Arc::default(), wake: Arc::default() };
+        let q = LocalQueue { fetcher: fetcher.clone(), running: Arc::default(), waiting: Arc::default(), wake: Arc::default() };
         let (slots, copies) = (Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n * STRAGGLERS)));
         let (waiting, wake, registry) = (q.waiting.clone(), q.wake.clone(), q.running.clone());
         tokio::spawn(async move {
@@ -576,6 +605,14 @@ impl FetchQueue for LocalQueue {
             Ok(_) => WaitOutcome::Done,
             Err(_) => WaitOutcome::TimedOut,
         }
+    }
+
+    fn follow(&self, digest: &Digest) -> Option<Follow> {
+        self.fetcher.follow(digest)
+    }
+
+    fn follows(&self) -> bool {
+        true
     }
 }
 

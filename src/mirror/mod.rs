@@ -16,7 +16,8 @@
 //!
 //! # Layout
 //! - `manifests`: the manifest path; `blobs`: the blob path;
-//! - `fetch`: the verified copy and the queues that run it; `transfer`: a
+//! - `fetch`: the verified copy and the queues that run it; `follow`:
+//!   clients reading a copy's bytes as they come; `transfer`: a
 //!   blob's bytes read in order, in one stream or in parallel ranges;
 //! - `upstream`: the registry client, the configured registries, credentials;
 //! - `deadline`: the request's deadline every wait on its path is cut to.
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 mod blobs;
 pub mod deadline;
 pub mod fetch;
+pub mod follow;
 mod manifests;
 mod transfer;
 pub use manifests::MAX_REFERENCES;
@@ -121,7 +123,6 @@ impl Flights {
 }
 
 /// Where a client gets a blob's bytes.
-#[derive(Debug)]
 pub enum BlobAnswer {
     /// A short-lived URL to the stored blob.
     Ready(String),
@@ -130,6 +131,9 @@ pub enum BlobAnswer {
     /// Still being fetched: ask again in about this many seconds
     /// (`BlobWaitMode::Retry`).
     Later(u64),
+    /// Being fetched by this process into a store it can read back: the
+    /// bytes as they come (`follow`).
+    Follow(fetch::Follow),
 }
 
 pub struct Mirror {

@@ -38,7 +38,7 @@ const PART_ATTEMPTS: u32 = 3;
 const RANGE_BUFFERS: u64 = 32 << 20;
 
 /// A part's bytes gathered before they are written at their offset.
-const PLACE_BATCH: u64 = 1 << 20;
+const PLACE_BATCH: u64 = 256 << 10;
 
 /// Bytes of the first part that show how fast one connection runs.
 const PROBE: u64 = 1 << 20;

@@ -460,6 +460,26 @@ pub trait BlobWriter: Send {
     /// `begin` to continue: waits for what is in flight and returns the
     /// final durable point.
     async fn suspend(self: Box<Self>) -> Result<Option<Durable>>;
+    /// The bytes this upload has in the store so far, readable while it
+    /// runs and after it ends, when the store can (a file; not S3's parts):
+    /// what lets clients waiting for a cold blob get its bytes as they come.
+    fn partial(&self) -> Option<std::sync::Arc<dyn PartialBlob>> {
+        None
+    }
+}
+
+/// An upload in progress, read from its start while it is written
+/// (`BlobWriter::partial`). What it hands out is not verified yet: the
+/// caller holds back the end until the copy commits.
+#[async_trait]
+pub trait PartialBlob: Send + Sync {
+    /// Bytes from the blob's start that are in the store, in order.
+    fn readable(&self) -> u64;
+    /// Resolves once `readable` has grown past `seen`, or the upload ended
+    /// (then it may not grow any more).
+    async fn grown(&self, seen: u64);
+    /// Up to `len` bytes at `offset` (below `readable`).
+    async fn read_at(&self, offset: u64, len: usize) -> Result<bytes::Bytes>;
 }
 
 /// Writes an upload's bytes at their offsets (`BlobWriter::at_offsets`).

@@ -352,6 +352,15 @@ impl FakeHub {
         digest
     }
 
+    /// Serves `served` as the blob whose digest is that of `claimed` (a
+    /// hostile or broken upstream: same length, other bytes).
+    pub fn put_lying_blob(&self, repo: &str, claimed: &[u8], served: &[u8]) -> String {
+        let digest = super::images::sha256(claimed);
+        self.state.blobs.lock().unwrap().insert(digest.clone(), Bytes::copy_from_slice(served));
+        self.state.repo_blobs.lock().unwrap().entry(repo.to_owned()).or_default().insert(digest.clone());
+        digest
+    }
+
     /// Puts a blob of `size` noise bytes into a repository, generated on
     /// each request instead of held in memory.
     pub fn put_synthetic_blob(&self, repo: &str, size: u64, seed: u64) -> String {

@@ -116,7 +116,8 @@ impl BlobStore for FsBlobStore {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}.{}.{}.{n}", digest.hex(), std::process::id(), now());
         let tmp = self.root.join("tmp").join(&id);
-        let file = tokio::fs::File::create(&tmp).await?.into_std().await;
+        // Read too: clients following the copy read what is written so far.
+        let file = tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).await?.into_std().await;
         Ok(Box::new(FsBlobWriter::new(file, tmp, id, self.path(digest), 0)))
     }
 
@@ -195,6 +196,9 @@ fn prefix_matches(path: &Path, cp: &Checkpoint) -> Option<Option<std::fs::File>>
 
 /// In-order bytes gathered before they are written in one go.
 const BATCH: u64 = 1 << 20;
+/// ... or for at most this long: a slow upstream's bytes still reach the
+/// file (and the clients following the copy) soon after they come.
+const BATCH_FOR: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The temp file, shared with the parts writing at their offsets. Closed
 /// (under the write lock, so after any write in progress) when the writer
@@ -202,24 +206,65 @@ const BATCH: u64 = 1 << 20;
 struct Shared {
     file: std::fs::File,
     closed: std::sync::RwLock<bool>,
+    /// The extents written, merged (start -> end), and the in-order prefix
+    /// from the blob's start they make (and whether the writer has ended),
+    /// published for followers.
+    extents: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
+    prefix: tokio::sync::watch::Sender<(u64, bool)>,
 }
 
 impl Shared {
+    fn new(file: std::fs::File) -> Shared {
+        Shared {
+            file,
+            closed: std::sync::RwLock::new(false),
+            extents: std::sync::Mutex::default(),
+            prefix: tokio::sync::watch::Sender::new((0, false)),
+        }
+    }
+
     fn write_at(&self, mut offset: u64, chunks: &[Bytes]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let closed = self.closed.read().unwrap_or_else(|p| p.into_inner());
         if *closed {
             return Err(std::io::Error::other("the upload was closed"));
         }
+        let from = offset;
         for chunk in chunks {
             self.file.write_all_at(chunk, offset)?;
             offset += chunk.len() as u64;
         }
+        self.wrote(from, offset);
         Ok(())
+    }
+
+    /// Notes bytes `from..to` as on the file, and the prefix they extend.
+    fn wrote(&self, from: u64, to: u64) {
+        if to <= from {
+            return;
+        }
+        let mut extents = self.extents.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut start, mut end) = (from, to);
+        // Merge with every extent that touches or overlaps this one.
+        let touching: Vec<(u64, u64)> = extents.range(..=to).filter(|(s, e)| **e >= from && **s <= to).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in touching {
+            extents.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        extents.insert(start, end);
+        if let Some(end) = extents.get(&0).copied() {
+            self.prefix.send_if_modified(|p| {
+                let grew = end > p.0;
+                p.0 = p.0.max(end);
+                grew
+            });
+        }
     }
 
     fn close(&self) {
         *self.closed.write().unwrap_or_else(|p| p.into_inner()) = true;
+        self.prefix.send_modify(|p| p.1 = true);
     }
 
     /// Starts writing back `len` bytes from `offset` (Linux; elsewhere a
@@ -237,6 +282,36 @@ impl Shared {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (offset, len);
+    }
+}
+
+/// What clients following an upload read: the temp file (kept open: it
+/// stays readable once renamed into place, or removed).
+struct FsPartial(Arc<Shared>);
+
+#[async_trait]
+impl PartialBlob for FsPartial {
+    fn readable(&self) -> u64 {
+        self.0.prefix.borrow().0
+    }
+
+    async fn grown(&self, seen: u64) {
+        let mut rx = self.0.prefix.subscribe();
+        let _ = rx.wait_for(|(prefix, ended)| *prefix > seen || *ended).await;
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let shared = self.0.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len];
+            let n = shared.file.read_at(&mut buf, offset)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>(Bytes::from(buf))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(bytes)
     }
 }
 
@@ -276,11 +351,15 @@ struct FsBlobWriter {
     reported: bool,
     /// A write failed: `flushed` stays where it was.
     failed: bool,
+    /// When the batch's first chunk came.
+    batch_since: Option<std::time::Instant>,
 }
 
 impl FsBlobWriter {
     fn new(file: std::fs::File, tmp: PathBuf, id: String, dest: PathBuf, start: u64) -> FsBlobWriter {
-        let shared = Arc::new(Shared { file, closed: std::sync::RwLock::new(false) });
+        let shared = Arc::new(Shared::new(file));
+        // A continued upload's first `start` bytes are on the file already.
+        shared.wrote(0, start);
         FsBlobWriter {
             shared: Some(shared),
             tmp,
@@ -295,6 +374,7 @@ impl FsBlobWriter {
             kicked: start,
             reported: false,
             failed: false,
+            batch_since: None,
         }
     }
 
@@ -328,6 +408,7 @@ impl FsBlobWriter {
         }
         let (shared, chunks, at) = (self.shared()?, std::mem::take(&mut self.batch), self.flushed);
         self.batch_len = 0;
+        self.batch_since = None;
         self.in_flight = Some(tokio::task::spawn_blocking(move || shared.write_at(at, &chunks)));
         Ok(())
     }
@@ -346,7 +427,7 @@ impl FsBlobWriter {
             let (shared, from, to) = (self.shared()?, self.kicked, self.flushed);
             self.kicked = to;
             tokio::task::spawn_blocking(move || shared.start_writeback(from, to - from));
-        } else if self.batch_len >= BATCH {
+        } else if self.batch_len >= BATCH || self.batch_since.is_some_and(|t| t.elapsed() >= BATCH_FOR) {
             self.send().await?;
         }
         Ok(())
@@ -381,6 +462,7 @@ impl BlobWriter for FsBlobWriter {
         self.written += chunk.len() as u64;
         self.batch_len += chunk.len() as u64;
         self.batch.push(chunk);
+        self.batch_since.get_or_insert_with(std::time::Instant::now);
         self.advanced(before).await
     }
 
@@ -432,6 +514,10 @@ impl BlobWriter for FsBlobWriter {
         self.close().await;
         let _ = tokio::fs::remove_file(&self.tmp).await;
         Ok(())
+    }
+
+    fn partial(&self) -> Option<Arc<dyn PartialBlob>> {
+        Some(Arc::new(FsPartial(self.shared.clone()?)))
     }
 }
 

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::Sha256;
 
 use super::{
-    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, OffsetWriter, Result,
-    ScanPage, ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
+    BlobRecord, BlobState, BlobStore, BlobWriter, Checkpoint, Durable, Entry, FetchIndex, Linked, ManifestRecord, OffsetWriter,
+    PartialBlob, Result, ScanPage, ServeIndex, StatsIndex, StorageError, StoredStats, SweepIndex, TagRecord, Upload, now,
 };
 use crate::oci::{Descriptor, Digest};
 
