@@ -38,6 +38,13 @@ pub struct MirrorArgs {
     /// for `serve`, retry for the api Lambda (SCALING.md).
     #[arg(long, env = "HUBCAP_BLOB_WAIT_MODE", value_enum)]
     pub blob_wait_mode: Option<crate::mirror::BlobWaitMode>,
+    /// Where a client asking for a large blob (8 MiB or more) not stored
+    /// yet is sent: `upstream` (where the upstream serves it, e.g. Docker
+    /// Hub's CDN, while the mirror copies it) or `wait` (held, for clients
+    /// that cannot reach the upstream). Default: wait for `serve` (it
+    /// streams the copy), upstream for the api Lambda.
+    #[arg(long, env = "HUBCAP_COLD_BLOBS", value_enum)]
+    pub cold_blobs: Option<crate::mirror::ColdBlobs>,
     /// Seconds a signed blob URL stays valid.
     #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0, value_parser = seconds)]
     pub url_ttl: f64,
@@ -123,6 +130,7 @@ impl MirrorArgs {
             url_ttl: secs(self.url_ttl),
             revalidate_timeout: secs(self.revalidate_timeout),
             blob_wait_mode: self.blob_wait_mode.unwrap_or_default(),
+            cold_blobs: self.cold_blobs.unwrap_or_default(),
             ..MirrorConfig::default()
         }
     }
@@ -361,6 +369,9 @@ impl LambdaSettings {
         // A waiting request holds a whole execution: on Lambda, clients
         // wait outside unless told otherwise.
         opts.mirror.blob_wait_mode = self.mirror.blob_wait_mode.unwrap_or(crate::mirror::BlobWaitMode::Retry);
+        // A Lambda cannot stream a large body: the first clients of a cold
+        // layer get it from the upstream's CDN.
+        opts.mirror.cold_blobs = self.mirror.cold_blobs.unwrap_or(crate::mirror::ColdBlobs::Upstream);
         Ok(opts)
     }
 }

@@ -66,6 +66,8 @@ pub async fn warm(mirror: &Mirror, image: &str, platforms: &[String]) -> Result<
                 match mirror.blob(&repo, &d).await?.0 {
                     BlobAnswer::Ready(_) => break,
                     BlobAnswer::Pending => continue,
+                    // Served by upstream meanwhile: the copy goes on here.
+                    BlobAnswer::Elsewhere(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
                     BlobAnswer::Later(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.clamp(1, 5))).await,
                     // Copied here: wait for it to end, then look again.
                     BlobAnswer::Follow(mut f) => {

@@ -37,6 +37,14 @@ async fn fetch(m: &Hubcap, digest: &str) -> (u16, Duration) {
     loop {
         let resp = http.get(format!("{}/v2/big/blobs/{digest}", m.url)).send().await.unwrap();
         let status = resp.status().as_u16();
+        if status == 200 {
+            // Following the copy (`serve`): its last byte comes once it is
+            // stored; a copy that fails cuts the body.
+            match resp.bytes().await {
+                Ok(body) if common::sha256(&body) == digest => continue,
+                _ => return (503, started.elapsed()),
+            }
+        }
         if status != 307 || !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
             return (status, started.elapsed());
         }

@@ -152,3 +152,57 @@ async fn a_copy_that_turns_out_corrupt_cuts_every_client_it_was_feeding() {
     assert!(!containerd.listed().await.contains(&layer), "containerd stored nothing of it");
     assert!(!d.join("data/blobs/sha256").join(layer.trim_start_matches("sha256:")).exists(), "nor did the mirror");
 }
+
+/// The api Lambda cannot stream a layer of gigabytes: under `cargo lambda
+/// watch` (behind the worst case of AWS's front ends), a cold large layer
+/// that takes longer to copy than containerd waits on the mirror is handed
+/// out where the upstream serves it (its CDN), while the fetcher copies it
+/// into S3. With `HUBCAP_COLD_BLOBS=wait` containerd is held as before,
+/// and gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_lambda_a_cold_large_layer_comes_from_the_upstreams_cdn_while_it_is_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = FakeHub::start().await;
+    // 24 MiB at 2 MB/s per connection: a copy of about 12 s.
+    let relay = Relay::start(hub.cdn.parse().unwrap(), Some(2_000_000)).await;
+    hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
+    let (img, other) = (one_layer(24 << 20, 3400), one_layer(24 << 20, 3401));
+    hub.publish("library/lambdacold", "1", &Published::Image(img.clone()));
+    hub.publish("library/lambdawait", "1", &Published::Image(other.clone()));
+    let mut allow = common::fakehub::cdns();
+    allow.push(relay.url.trim_start_matches("http://").to_owned());
+    // A blob still being copied is held 1 s, then the client is sent back
+    // (5 times): about 6 s of patience on the mirror's side.
+    let env = [("HUBCAP_BLOB_WAIT", "1".to_owned()), ("HUBCAP_REDIRECT_ALLOW", allow.join(","))];
+    let stack = common::lambda::LambdaStack::start(d, "coldlambda", &hub.url, &env).await;
+    let containerd = Containerd::start(d).await;
+    let (layer, _) = img.layers[0].clone();
+
+    let started = Instant::now();
+    let hosts = containerd.hosts(&stack.front, "lambda");
+    let out = containerd.fetch(&hosts, "docker.io/library/lambdacold:1", Some("linux/amd64")).output().await.unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "ctr: {}\n{}", String::from_utf8_lossy(&out.stderr), stack.logs());
+    assert!(containerd.listed().await.contains(&layer), "containerd stored the layer (digest checked)");
+    eprintln!("ctr pulled the cold 24 MiB layer through the api in {took:?}");
+    let sent_to_cdn = stack.api.log().lines().any(|l| l.contains(&format!("/blobs/{layer}")) && l.contains("\"status\":307"));
+    assert!(sent_to_cdn, "the layer was a redirect:\n{}", stack.api.log());
+    // The fetcher copied it into S3 meanwhile (or soon after).
+    let (store, _) = hubcap::storage::aws::connect(&stack.storage).await;
+    let d_layer = hubcap::oci::Digest::parse(&layer).unwrap();
+    let waiting = Instant::now();
+    use hubcap::storage::BlobStore as _;
+    while store.size(&d_layer).await.unwrap().is_none() {
+        assert!(waiting.elapsed() < Duration::from_secs(60), "the layer never reached S3:\n{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The setting off: held, sent back, and containerd, which tries once, gives up.
+    let wait = stack.variant(&d.join("wait"), &[("HUBCAP_COLD_BLOBS", "wait".to_owned())]).await;
+    let (_front, url) = wait.front(d, common::lambda::WORST_CASE).await;
+    let hosts = containerd.hosts(&url, "lambda-wait");
+    let out = containerd.fetch(&hosts, "docker.io/library/lambdawait:1", Some("linux/amd64")).output().await.unwrap();
+    assert!(!out.status.success(), "held past its patience, ctr fails:\n{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("with HUBCAP_COLD_BLOBS=wait: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+}

@@ -1024,6 +1024,13 @@ fn the_api_answers_within_each_front_ends_limit() {
             .unwrap_or_else(|e| panic!("{v}: {e}"));
     }
     assert_eq!(scalar(&t["Parameters"]["HeadAnswers"]["Default"]), "without-digest");
+    // Cold large blobs: the upstream's CDN unless the fleet cannot reach it.
+    assert_eq!(api["Environment"]["Variables"]["HUBCAP_COLD_BLOBS"], serde_json::json!({ "Ref": "ColdLargeBlobs" }));
+    for v in t["Parameters"]["ColdLargeBlobs"]["AllowedValues"].as_array().unwrap().iter().map(scalar) {
+        <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(["api", "--cold-blobs", &v])
+            .unwrap_or_else(|e| panic!("{v}: {e}"));
+    }
+    assert_eq!(scalar(&t["Parameters"]["ColdLargeBlobs"]["Default"]), "upstream");
 }
 
 /// `sam deploy --guided`'s own prompts (SAM CLI's code, offline) over the

@@ -109,7 +109,7 @@ async fn blob_get(
 ) -> Result<Response, RegistryError> {
     let (answer, cache) = state.mirror.blob_for(repo, digest, retries).await?;
     let location = match answer {
-        BlobAnswer::Ready(url) => url,
+        BlobAnswer::Ready(url) | BlobAnswer::Elsewhere(url) => url,
         // A cold blob copied by this process: its bytes as they come.
         BlobAnswer::Follow(follow) => {
             let size = follow.size;

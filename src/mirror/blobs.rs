@@ -96,6 +96,12 @@ impl Mirror {
             self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
         }
         self.start_fetch(repo, digest, size);
+        if self.cfg.cold_blobs == ColdBlobs::Upstream
+            && size.or(view.record.as_ref().and_then(|r| r.size)).is_some_and(|s| s >= LARGE_BLOB)
+            && let Some(url) = self.upstream_location(repo, digest).await
+        {
+            return Ok((BlobAnswer::Elsewhere(url), CacheStatus::Miss));
+        }
         let (hold, mut poll) = match how_to_wait(mode, view.record.as_ref(), size, self.cfg.blob_wait, now()) {
             Wait::Later(secs) => {
                 self.remember_later(&key, digest, secs);
@@ -150,6 +156,34 @@ impl Mirror {
                     tokio::time::sleep(poll).await;
                     poll = (poll * 2).clamp(Duration::from_millis(100), Duration::from_millis(500));
                 }
+            }
+        }
+    }
+
+    /// Where `repo`'s registry sends clients for `digest` (its CDN), from
+    /// what it said within `ELSEWHERE_FOR`, else asked now. `None` when it
+    /// serves blobs itself, or cannot be asked.
+    async fn upstream_location(&self, repo: &RepoPath, digest: &Digest) -> Option<String> {
+        let key = (repo.registry.clone(), digest.clone());
+        if let Some((at, url)) = self.elsewhere.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < ELSEWHERE_FOR
+        {
+            return Some(url.clone());
+        }
+        let upstream = self.upstreams.get(&repo.registry).ok()?;
+        match upstream.blob_location(repo, digest).await {
+            Ok(Some(url)) => {
+                let mut known = self.elsewhere.lock().unwrap_or_else(|p| p.into_inner());
+                if known.len() >= 1024 {
+                    known.retain(|_, (at, _)| at.elapsed() < ELSEWHERE_FOR);
+                }
+                known.insert(key, (Instant::now(), url.clone()));
+                Some(url)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%digest, repo = %repo, error = %e, "could not ask upstream where it serves a cold blob; the client waits");
+                None
             }
         }
     }
@@ -213,6 +247,10 @@ impl Mirror {
 fn from_elsewhere(r: &BlobRecord, repo: &RepoPath) -> bool {
     RepoPath::from_key(&r.source).is_some_and(|from| from.registry != repo.registry)
 }
+
+/// How long an upstream's blob location is handed out: well within the
+/// life of Docker Hub's signed CDN URLs.
+const ELSEWHERE_FOR: Duration = Duration::from_secs(60);
 
 /// How long a request waits for a copy in this process before following it.
 const FOLLOW_AFTER: Duration = Duration::from_secs(1);

@@ -62,6 +62,27 @@ pub struct MirrorConfig {
     pub touch_every: Duration,
     /// How a request for a large blob still being copied waits.
     pub blob_wait_mode: BlobWaitMode,
+    /// Where a client is sent for a large blob not stored yet.
+    pub cold_blobs: ColdBlobs,
+}
+
+/// Where a client asking for a large blob (8 MiB or more) that is not
+/// stored yet is sent, while the fetcher copies it (the api Lambda, which
+/// cannot stream a body of gigabytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColdBlobs {
+    /// Held as `BlobWaitMode` says (`hubcap serve` streams it instead):
+    /// for fleets that cannot reach the upstream (private subnets with no
+    /// NAT).
+    #[default]
+    Wait,
+    /// To where the upstream itself sends clients for it (Docker Hub: a
+    /// redirect to its CDN), at once: the first clients of a cold layer get
+    /// it straight from the upstream's CDN while the mirror copies it. Blob
+    /// downloads do not count against Docker Hub's pull limit (manifest
+    /// requests do). Where the upstream answers with the bytes itself,
+    /// clients wait as `Wait`.
+    Upstream,
 }
 
 /// How a request for a large blob still being copied waits (SCALING.md).
@@ -91,6 +112,7 @@ impl Default for MirrorConfig {
             upstream_backoff: Duration::from_secs(10),
             touch_every: Duration::from_secs(600),
             blob_wait_mode: BlobWaitMode::Hold,
+            cold_blobs: ColdBlobs::Wait,
         }
     }
 }
@@ -134,6 +156,9 @@ pub enum BlobAnswer {
     /// Being fetched by this process into a store it can read back: the
     /// bytes as they come (`follow`).
     Follow(fetch::Follow),
+    /// Not stored yet: where the upstream serves it (`ColdBlobs::Upstream`),
+    /// while the fetcher copies it.
+    Elsewhere(String),
 }
 
 pub struct Mirror {
@@ -149,6 +174,9 @@ pub struct Mirror {
     /// within `LATER_FOR`, with no index read (a herd retrying in step reads
     /// the blob's item once per instance per second at most).
     later: Mutex<HashMap<(String, Digest), (Instant, u64)>>,
+    /// Where upstreams send clients for blobs being copied, by (registry,
+    /// digest), kept `ELSEWHERE_FOR`: one upstream request per wave.
+    elsewhere: Mutex<HashMap<(String, Digest), (Instant, String)>>,
 }
 
 /// How long a "later" answer is repeated without reading the index.
@@ -173,7 +201,7 @@ fn upstream_error(e: UpstreamError, repo: &RepoPath, not_found: ErrorCode) -> Re
             format!("upstream {} refused {}: it does not exist or needs credentials", repo.registry, repo.name),
         ),
         UpstreamError::Invalid(why) => RegistryError::new(ErrorCode::Unavailable, format!("upstream {} misbehaved: {why}", repo.registry)),
-        UpstreamError::Status(_) | UpstreamError::Transport(_) => {
+        UpstreamError::Status(_) | UpstreamError::Transport(_) | UpstreamError::Redirected(_) => {
             RegistryError::new(ErrorCode::Unavailable, format!("upstream {} is unavailable", repo.registry))
         }
     };
@@ -192,7 +220,17 @@ impl Mirror {
         upstreams: Arc<Upstreams>,
         cfg: MirrorConfig,
     ) -> Mirror {
-        Mirror { index, store, queue, upstreams, cfg, flights: Flights::default(), stats: RequestStats::default(), later: Mutex::default() }
+        Mirror {
+            index,
+            store,
+            queue,
+            upstreams,
+            cfg,
+            flights: Flights::default(),
+            stats: RequestStats::default(),
+            later: Mutex::default(),
+            elsewhere: Mutex::default(),
+        }
     }
 
     pub fn index(&self) -> &Arc<dyn Index> {

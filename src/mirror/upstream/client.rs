@@ -53,6 +53,9 @@ pub enum UpstreamError {
     Transport(String),
     #[error("upstream sent invalid data: {0}")]
     Invalid(String),
+    /// (`blob_location` only) upstream redirected the blob here.
+    #[error("upstream redirected to {0}")]
+    Redirected(String),
 }
 
 pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
@@ -277,6 +280,26 @@ impl Upstream {
         self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, h, retry, Kind::Blob).await
     }
 
+    /// Where upstream sends a client for a blob: the `Location` of its blob
+    /// redirect (Docker Hub's goes to its CDN), when it redirects to a place
+    /// a redirect may lead (`Destinations`); `None` when it serves the
+    /// bytes itself (its body is not read).
+    pub async fn blob_location(&self, repo: &RepoPath, digest: &Digest) -> Result<Option<String>> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        match self.send(Method::GET, &url, repo, HeaderMap::new(), Retry::ONCE, Kind::Small("blob location")).await {
+            Ok(_) => Ok(None),
+            Err(UpstreamError::Redirected(location)) => {
+                let target =
+                    url::Url::parse(&url).and_then(|base| base.join(&location)).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+                match self.destinations.check_redirect(&target) {
+                    Ok(()) => Ok(Some(target.to_string())),
+                    Err(_) => Ok(None),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET` a blob, following redirects; the body is the caller's to stream.
     pub async fn get_blob(&self, repo: &RepoPath, digest: &Digest, retry: Retry) -> Result<reqwest::Response> {
         self.send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, HeaderMap::new(), retry, Kind::Blob).await
@@ -377,6 +400,10 @@ impl Upstream {
                             continue;
                         }
                         s if s.is_server_error() => UpstreamError::Status(s.as_u16()),
+                        s if s.is_redirection() && matches!(kind, Kind::Small("blob location")) => {
+                            let location = header_str(resp.headers(), reqwest::header::LOCATION.as_str()).unwrap_or_default();
+                            return Err(UpstreamError::Redirected(location));
+                        }
                         s if s.is_redirection() => {
                             let what = match kind {
                                 Kind::Small(what) => what,
