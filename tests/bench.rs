@@ -657,13 +657,7 @@ async fn benchmark() {
         wait_ready(&format!("{url}/v2/"), &server).await;
         let started = Instant::now();
         assert_eq!(http.head(format!("{url}/v2/huge/blobs/{big_digest}")).send().await.unwrap().status(), 200);
-        loop {
-            let resp = http.get(format!("{url}/v2/huge/blobs/{big_digest}")).send().await.unwrap();
-            assert_eq!(resp.status(), 307, "{}", server.log());
-            if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
-                break;
-            }
-        }
+        common::wait_stored(&http, &url, "huge", &big_digest, Duration::from_secs(3600), || server.log()).await;
         let secs = started.elapsed().as_secs_f64();
         let rss = peak_rss_mib(server.child.id());
         // Reported, not asserted: a miss belongs in the report (tests/memory.rs
@@ -762,13 +756,7 @@ async fn benchmark() {
             let hub = start_hubcap(d, &relay.url, "cut").await;
             let started = Instant::now();
             assert_eq!(http.head(format!("{}/v2/huge/blobs/{big_digest}", hub.url)).send().await.unwrap().status(), 200);
-            loop {
-                let resp = http.get(format!("{}/v2/huge/blobs/{big_digest}", hub.url)).send().await.unwrap();
-                assert_eq!(resp.status(), 307, "{}", hub.proc.log());
-                if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
-                    break;
-                }
-            }
+            common::wait_stored(&http, &hub.url, "huge", &big_digest, Duration::from_secs(3600), || hub.proc.log()).await;
             let ratio = relay.relayed() as f64 / mode.big_blob as f64;
             rows.push(
                 Row::new(

@@ -398,8 +398,12 @@ async fn a_blob_whose_size_upstream_misstates_or_overruns_is_refused_and_nothing
         common::get_manifest(&http, &m.url, &repo, "1", common::ALL_MANIFESTS).await;
         let (digest, layer) = img.blobs().pop().unwrap();
         let resp = http.get(format!("{}/v2/{repo}/blobs/{digest}", m.url)).send().await.unwrap();
-        assert_eq!(resp.status(), 503, "{fault:?}");
-        assert_eq!(common::error_code(resp).await, "UNAVAILABLE", "{fault:?}");
+        // A 503, or (a copy followed once it brought bytes) a body cut short.
+        if resp.status() == 503 {
+            assert_eq!(common::error_code(resp).await, "UNAVAILABLE", "{fault:?}");
+        } else {
+            assert!(common::blob_refused(resp, &digest).await, "{fault:?}: never a complete wrong body");
+        }
         let r = blob_record(&m, &format!("library/{repo}"), &digest).await;
         assert_eq!(r.state, hubcap::storage::BlobState::Failed, "{fault:?}");
         let want = error.replace("{short}", &(layer.len() - 1).to_string()).replace("{size}", &layer.len().to_string());
@@ -440,7 +444,7 @@ async fn blobs_larger_than_the_cap_are_never_copied_whole() {
     let digest = hub.put_blob("library/large", &images::noise(4000, 85));
     hub.set_fault(Fault::Endless);
     let resp = http.get(format!("{}/v2/large/blobs/{digest}", m.url)).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
+    assert!(common::blob_refused(resp, &digest).await, "a 503, or a followed body cut short");
     let r = blob_record(&m, "library/large", &digest).await;
     assert!(r.last_error.as_deref().unwrap_or("").contains("largest blob"), "{r:?}");
     let sent = hub.count(|c| &c.cdn_bytes);

@@ -47,14 +47,7 @@ async fn copy_one_gib(extra: &[&str], env: Vec<(&'static str, String)>) -> (u64,
     // The HEAD links the blob and starts its copy; then wait for the 307.
     let head = http.head(format!("{url}/v2/huge/blobs/{digest}")).send().await.unwrap();
     assert_eq!(head.status(), 200);
-    loop {
-        let resp = http.get(format!("{url}/v2/huge/blobs/{digest}")).send().await.unwrap();
-        assert_eq!(resp.status(), 307, "{}", server.log());
-        if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "copy too slow:\n{}", server.log());
-    }
+    common::wait_stored(&http, &url, "huge", &digest, Duration::from_secs(600), || server.log()).await;
     let secs = started.elapsed().as_secs_f64();
     // In 128 ranges of 8 MiB, four at a time: every byte asked once.
     assert_eq!(hub.cdn_gets(&digest), 128);

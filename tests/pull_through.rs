@@ -161,8 +161,12 @@ async fn a_corrupted_or_truncated_blob_is_never_served_nor_stored() {
     for fault in [Fault::WrongBytes, Fault::Truncate] {
         hub.set_fault(fault.clone());
         let resp = http.get(format!("{}/v2/busybox/blobs/{layer}", mirror.url)).send().await.unwrap();
-        assert_eq!(resp.status(), 503, "{fault:?}");
-        assert_eq!(error_code(resp).await, "UNAVAILABLE");
+        // A 503, or (a copy followed once it brought bytes) a body cut short.
+        if resp.status() == 503 {
+            assert_eq!(error_code(resp).await, "UNAVAILABLE");
+        } else {
+            assert!(common::blob_refused(resp, &layer).await, "{fault:?}: never a complete wrong body");
+        }
         assert!(!blob_file.exists(), "{fault:?}: nothing stored");
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no partial file left");
     }

@@ -125,7 +125,9 @@ impl Mirror {
             let left = deadline.saturating_duration_since(now);
             let step = if self.queue.follows() { left.min(follow_from.saturating_duration_since(now).max(FOLLOW_POLL)) } else { left };
             if self.queue.wait(digest, step).await == WaitOutcome::TimedOut {
-                let follow = self.queue.follow(digest).filter(|f| f.partial.borrow().is_some());
+                // Only a copy that is bringing bytes: one failing before
+                // its first byte is answered as before (a 503, not a cut).
+                let follow = self.queue.follow(digest).filter(|f| f.partial.borrow().as_ref().is_some_and(|p| p.readable() > 0));
                 if let Some(f) = follow.filter(|_| Instant::now() >= follow_from) {
                     return Ok((BlobAnswer::Follow(f), CacheStatus::Miss));
                 }

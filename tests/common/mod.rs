@@ -205,6 +205,35 @@ pub async fn get_blob(http: &reqwest::Client, base: &str, name: &str, digest: &s
     body
 }
 
+/// Waits until `base` answers the blob with a redirect to the stored blob,
+/// without reading it: a `200` (`serve` following the copy) is dropped and
+/// asked again, as is a redirect back to the mirror. Panics with `log` on
+/// any other answer, or after `within`.
+pub async fn wait_stored(http: &reqwest::Client, base: &str, name: &str, digest: &str, within: Duration, log: impl Fn() -> String) {
+    let started = std::time::Instant::now();
+    loop {
+        let resp = http.get(format!("{base}/v2/{name}/blobs/{digest}")).send().await.unwrap();
+        match resp.status().as_u16() {
+            200 => tokio::time::sleep(Duration::from_millis(200)).await,
+            307 if !resp.headers()["location"].to_str().unwrap().contains("hubcap-wait") => return,
+            307 => {}
+            other => panic!("blob {digest}: {other}\n{}", log()),
+        }
+        assert!(started.elapsed() < within, "blob {digest} not stored within {within:?}:\n{}", log());
+    }
+}
+
+/// Whether a blob answer is a refusal a client sees as one: a `503`, or
+/// (`serve` following a copy that turned out bad) a `200` whose body is cut
+/// before its end or does not hash to `digest`. Reads the body.
+pub async fn blob_refused(resp: reqwest::Response, digest: &str) -> bool {
+    match resp.status().as_u16() {
+        503 => true,
+        200 => resp.bytes().await.map_or(true, |b| sha256(&b) != digest),
+        _ => false,
+    }
+}
+
 /// Pulls like a container client: manifest by tag (all types accepted),
 /// the amd64 image of an index, then config and layers, every byte checked.
 pub async fn pull(http: &reqwest::Client, base: &str, name: &str, reference: &str) -> Pulled {
