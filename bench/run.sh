@@ -10,5 +10,8 @@ tests/install-tools.sh
 PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH
 HUBCAP_BENCH=full cargo test --release --locked --test bench -- --nocapture
+# Cold layers per client (Docker's daemon, ctr, podman) through serve, the api
+# Lambda and registry:2: its table goes into BENCHMARKS.md's cold section.
+HUBCAP_BENCH=full cargo test --release --locked --test bench_cold -- --nocapture
 # The herd simulation (SCALING.md): its table goes into BENCHMARKS.md's herd section.
 HUBCAP_BENCH=full exec cargo test --release --locked --test herd -- --nocapture

@@ -432,6 +432,11 @@ async fn blob_states(index: &dyn Index, c: &Checks) {
     c.that(!index.requeue_stale_blob(&a, Duration::ZERO).await.unwrap(), "requeue_stale_blob: never a ready blob");
     c.eq(unfinished(index).await.get(&a), None, "unfinished_blobs(): not a ready blob");
     c.eq(state(index, &a).await, Some(BlobState::Ready), "still ready after the refusals");
+    // A copy that ends after another stored the blob (one beside it, from
+    // another registry) changes nothing: a ready blob stays ready.
+    index.set_blob_state(&a, BlobState::Failed, None, Some("late")).await.unwrap();
+    index.set_blob_state(&a, BlobState::Pending, None, None).await.unwrap();
+    c.eq(state(index, &a).await, Some(BlobState::Ready), "set_blob_state(failed or pending) leaves a ready blob ready");
 
     // Links.
     index.link(REPO, &a).await.unwrap();

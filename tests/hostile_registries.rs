@@ -410,3 +410,30 @@ async fn a_size_another_registry_claimed_is_not_told_of_this_ones_blob() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-length"], bytes.len().to_string().as_str(), "docker.io's size for docker.io's blob");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_from_another_registry_holds_no_request_hostage() {
+    let hub = FakeHub::start().await;
+    let small = images::small_image(Format::Oci, "amd64", 3500, 1);
+    hub.publish("library/small", "1", &Published::Image(small.clone()));
+    let (layer, _) = small.layers[0].clone();
+    let evil = EvilRegistry::start().await;
+    evil.set(Blobs::Trickle);
+    let dir = tempfile::tempdir().unwrap();
+    let m = mirror(&dir.path().join("data"), &hub, &evil, common::upstream_limits(), &[]).await;
+    let http = client();
+    // The hostile registry asks first: its copy of the layer trickles.
+    let resp = http.head(format!("{}/v2/evil.test/x/y/blobs/{layer}", m.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Docker Hub's image with that layer is pulled at once, from Docker Hub.
+    let started = Instant::now();
+    let pulled = common::pull(&http, &m.url, "small", "1").await;
+    assert_eq!(pulled.digest, small.digest);
+    assert!(started.elapsed() < Duration::from_secs(10), "held hostage {:?}", started.elapsed());
+    assert_eq!(hub.cdn_gets(&layer), 1, "copied from Docker Hub, beside the hostile copy");
+    // And it stays served: the hostile copy failing later changes nothing.
+    let d = hubcap::oci::Digest::parse(&layer).unwrap();
+    let r = m.mirror.index().blob("docker.io/library/small", &d).await.unwrap().record.unwrap();
+    assert_eq!(r.state, hubcap::storage::BlobState::Ready);
+}

@@ -79,8 +79,10 @@ impl Mirror {
             return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));
         }
         let view = self.index.blob(&key, digest).await?;
-        let mut size = view.record.as_ref().and_then(|r| r.size);
-        if !view.linked {
+        // The size another registry claimed for a copy still under way is its
+        // word, not this registry's: this one is asked.
+        let mut size = view.record.as_ref().filter(|r| !from_elsewhere(r, repo) || r.state == BlobState::Ready).and_then(|r| r.size);
+        if !view.linked || size.is_none() && view.record.as_ref().is_some_and(|r| r.size.is_some()) {
             size = self.confirm_link(repo, digest, view.record.as_ref()).await?;
         }
         if let Some(r) = &view.record
@@ -96,13 +98,15 @@ impl Mirror {
             self.index.requeue_stale_blob(digest, STALE_FETCH).await?;
         }
         self.start_fetch(repo, digest, size);
+        // A copy under way from another registry says nothing of this one's.
+        let own = view.record.as_ref().filter(|r| !from_elsewhere(r, repo));
         if self.cfg.cold_blobs == ColdBlobs::Upstream
-            && size.or(view.record.as_ref().and_then(|r| r.size)).is_some_and(|s| s >= LARGE_BLOB)
+            && size.or(own.and_then(|r| r.size)).is_some_and(|s| s >= LARGE_BLOB)
             && let Some(url) = self.upstream_location(repo, digest).await
         {
             return Ok((BlobAnswer::Elsewhere(url), CacheStatus::Miss));
         }
-        let (hold, mut poll) = match how_to_wait(mode, view.record.as_ref(), size, self.cfg.blob_wait, now()) {
+        let (hold, mut poll) = match how_to_wait(mode, own, size, self.cfg.blob_wait, now()) {
             Wait::Later(secs) => {
                 self.remember_later(&key, digest, secs);
                 return Ok((BlobAnswer::Later(secs), CacheStatus::Miss));
@@ -124,10 +128,11 @@ impl Mirror {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
             let step = if self.queue.follows() { left.min(follow_from.saturating_duration_since(now).max(FOLLOW_POLL)) } else { left };
-            if self.queue.wait(digest, step).await == WaitOutcome::TimedOut {
+            if self.queue.wait(digest, &repo.registry, step).await == WaitOutcome::TimedOut {
                 // Only a copy that is bringing bytes: one failing before
                 // its first byte is answered as before (a 503, not a cut).
-                let follow = self.queue.follow(digest).filter(|f| f.partial.borrow().as_ref().is_some_and(|p| p.readable() > 0));
+                let follow =
+                    self.queue.follow(digest, &repo.registry).filter(|f| f.partial.borrow().as_ref().is_some_and(|p| p.readable() > 0));
                 if let Some(f) = follow.filter(|_| Instant::now() >= follow_from) {
                     return Ok((BlobAnswer::Follow(f), CacheStatus::Miss));
                 }

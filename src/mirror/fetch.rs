@@ -79,9 +79,10 @@ impl Fetcher {
         Fetcher { index, store, upstreams, following: Following::default() }
     }
 
-    /// The copy of `digest` under way in this process, if any, to follow.
-    pub fn follow(&self, digest: &Digest) -> Option<Follow> {
-        self.following.get(digest)
+    /// The copy of `digest` from `registry` under way in this process, if
+    /// any, to follow.
+    pub fn follow(&self, digest: &Digest, registry: &str) -> Option<Follow> {
+        self.following.get(digest, registry)
     }
 
     pub fn upstreams(&self) -> &Upstreams {
@@ -112,11 +113,11 @@ impl Fetcher {
         if !self.index.claim_blob(&job.digest, FETCH_LEASE).await? {
             return Ok(None);
         }
-        let followed = self.following.start(&job.digest, job.size);
+        let followed = self.following.start(&job.digest, &job.source.registry, job.size);
         let (mut attempt, mut ranges) = (0, true);
         let err = loop {
             attempt += 1;
-            match self.copy(job, slot, ranges, deadline, &followed.partial).await {
+            match self.copy(job, slot, ranges, deadline, &followed.partial, true).await {
                 Ok(size) => {
                     self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
                     followed.ended(true);
@@ -151,6 +152,37 @@ impl Fetcher {
         Err(err)
     }
 
+    /// A second copy of a blob whose copy runs from another registry, for
+    /// the requests that name this one (`LocalQueue`): a copy's source
+    /// must not hold another registry's clients hostage (a hostile upstream
+    /// trickling a blob it claims to hold). No lease, no checkpoint, nothing
+    /// written to the index but `ready` once it is stored, verified; the
+    /// first copy to be stored wins, and a ready blob stays ready.
+    pub async fn fetch_beside(&self, job: &FetchJob, slot: &mut Slot) -> Result<Option<u64>, FetchError> {
+        if let Some(size) = self.store.size(&job.digest).await? {
+            self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
+            return Ok(Some(size));
+        }
+        let followed = self.following.start(&job.digest, &job.source.registry, job.size);
+        let (mut attempt, mut ranges) = (0, true);
+        loop {
+            attempt += 1;
+            match self.copy(job, slot, ranges, None, &followed.partial, false).await {
+                Ok(size) => {
+                    self.index.set_blob_state(&job.digest, BlobState::Ready, Some(size), None).await?;
+                    followed.ended(true);
+                    return Ok(Some(size));
+                }
+                Err(e) if e.is_permanent() || attempt >= ATTEMPTS => {
+                    tracing::warn!(digest = %job.digest, source = %job.source, error = %e, "second copy of a blob failed");
+                    return Err(e);
+                }
+                Err(FetchError::BadRange(_)) => ranges = false,
+                Err(_) => tokio::time::sleep(Duration::from_millis(250 << attempt)).await,
+            }
+        }
+    }
+
     /// Gives up a claimed copy that was cut off (the fetcher Lambda's
     /// deadline): the blob goes back to `pending` with no lease, so the next
     /// delivery, or the stream record this write emits, copies it at once.
@@ -163,6 +195,8 @@ impl Fetcher {
     /// commit only a verified blob. A copy cut off keeps its durable part
     /// (checkpointed) for the next attempt; one that read wrong bytes
     /// throws its upload away.
+    /// `leased`: this copy holds the blob's lease, and keeps its progress
+    /// in checkpoints; a copy beside it (`fetch_beside`) keeps none.
     async fn copy(
         &self,
         job: &FetchJob,
@@ -170,6 +204,7 @@ impl Fetcher {
         ranges: bool,
         deadline: Option<Instant>,
         follow: &watch::Sender<Option<Arc<dyn PartialBlob>>>,
+        leased: bool,
     ) -> Result<u64, FetchError> {
         let upstream = self.upstreams.get(&job.source.registry).map_err(|e| FetchError::Rejected(e.message.into_owned()))?;
         let limits = upstream.limits();
@@ -178,8 +213,8 @@ impl Fetcher {
         }
         // Only a copy of known size can continue: it asks for the rest.
         let saved = match job.size {
-            Some(_) => self.index.blob_checkpoint(&job.digest).await?,
-            None => None,
+            Some(_) if leased => self.index.blob_checkpoint(&job.digest).await?,
+            _ => None,
         };
         let mut writer = self.store.begin(&job.digest, saved.as_ref()).await?;
         let mut progress = match saved.as_ref().filter(|cp| cp.offset == writer.offset() && cp.offset > 0).and_then(Progress::resume) {
@@ -203,13 +238,15 @@ impl Fetcher {
         };
         let (mut body, starts_at, declared) = match opened {
             Ok(o) => o,
-            Err(e) => return Err(self.stop(&job.digest, writer, progress, e).await),
+            Err(e) => return Err(self.stop(&job.digest, writer, progress, e, leased).await),
         };
         if starts_at != from {
             // Upstream ignored the range: its answer is the whole blob.
             tracing::info!(digest = %job.digest, from, "upstream sent the whole blob instead of the rest; copying from the start");
             writer.abort().await?;
-            self.index.save_checkpoint(&job.digest, None).await?;
+            if leased {
+                self.index.save_checkpoint(&job.digest, None).await?;
+            }
             writer = self.store.begin(&job.digest, None).await?;
             progress = Progress::new(0);
         }
@@ -219,15 +256,27 @@ impl Fetcher {
         let limit = job.size.or(declared);
         // Clients waiting for the blob follow this attempt's bytes now.
         follow.send_replace(writer.partial());
-        let read =
-            read_into(&mut body, writer.as_mut(), &mut progress, limit, limits.max_blob, slot, deadline, &*self.index, &job.digest).await;
+        let read = read_into(
+            &mut body,
+            writer.as_mut(),
+            &mut progress,
+            limit,
+            limits.max_blob,
+            slot,
+            deadline,
+            leased.then_some(&*self.index),
+            &job.digest,
+        )
+        .await;
         match read {
             Ok(Read::Done(hash, size)) => {
                 let actual = Digest::from_sha256(&hash);
                 let size_ok = limit.is_none_or(|l| l == size);
                 if actual != job.digest || !size_ok {
                     writer.abort().await?;
-                    self.index.save_checkpoint(&job.digest, None).await?;
+                    if leased {
+                        self.index.save_checkpoint(&job.digest, None).await?;
+                    }
                     return Err(FetchError::Rejected(format!(
                         "upstream sent {size} bytes hashing to {actual}, expected {} ({})",
                         job.digest,
@@ -244,7 +293,7 @@ impl Fetcher {
                 let at = self.keep(&job.digest, writer, &mut progress).await?;
                 Err(FetchError::Suspended(at))
             }
-            Err(e) => Err(self.stop(&job.digest, writer, progress, e).await),
+            Err(e) => Err(self.stop(&job.digest, writer, progress, e, leased).await),
         }
     }
 
@@ -268,7 +317,14 @@ impl Fetcher {
     /// Ends a failed attempt: wrong bytes, a refusal or a blob gone
     /// upstream throw the upload away; any other failure (transport, rate
     /// limit, 5xx, storage) keeps its durable part for the next attempt.
-    async fn stop(&self, digest: &Digest, writer: Box<dyn BlobWriter>, mut progress: Progress, e: FetchError) -> FetchError {
+    async fn stop(&self, digest: &Digest, writer: Box<dyn BlobWriter>, mut progress: Progress, e: FetchError, leased: bool) -> FetchError {
+        if !leased {
+            // A copy beside the leased one keeps nothing.
+            if let Err(store) = writer.abort().await {
+                tracing::warn!(%digest, error = %store, "could not discard an interrupted upload");
+            }
+            return e;
+        }
         let wrong = matches!(
             &e,
             FetchError::Rejected(_)
@@ -388,7 +444,8 @@ impl Slot {
 }
 
 /// Reads `body` into `writer`, hashing it in order and checkpointing each
-/// durable point. Ends with an error when more than `limit` bytes (or
+/// durable point (with an `index`: a copy beside the leased one keeps
+/// none). Ends with an error when more than `limit` bytes (or
 /// `max_blob` when none is declared) arrive, or when the body keeps under
 /// the minimum rate; a stalled copy gives its slot back. Stops early
 /// (`Read::Suspended`) at a durable point when the next ones would not
@@ -402,7 +459,7 @@ async fn read_into(
     max_blob: u64,
     slot: &mut Slot,
     deadline: Option<Instant>,
-    index: &dyn FetchIndex,
+    index: Option<&dyn FetchIndex>,
     digest: &Digest,
 ) -> Result<Read, FetchError> {
     let cap = limit.unwrap_or(max_blob);
@@ -432,7 +489,9 @@ async fn read_into(
         if !crossed {
             continue;
         }
-        if let Some(cp) = writer.durable()?.and_then(|d| progress.checkpoint(&d)) {
+        if let Some(index) = index
+            && let Some(cp) = writer.durable()?.and_then(|d| progress.checkpoint(&d))
+        {
             index.save_checkpoint(digest, Some(&cp)).await?;
         }
         // Before the deadline there must be time for the parts in flight
@@ -477,11 +536,13 @@ pub enum WaitOutcome {
 pub trait FetchQueue: Send + Sync {
     /// Starts a fetch unless one for this digest is already running.
     fn enqueue(&self, job: FetchJob);
-    /// Waits for the running fetch of `digest` to finish, at most `timeout`.
-    async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome;
-    /// The copy of `digest` running in this process, to follow while it
-    /// runs (`None`: none here, or its bytes cannot be read until stored).
-    fn follow(&self, _digest: &Digest) -> Option<Follow> {
+    /// Waits for the running fetch of `digest` (the one from `registry`,
+    /// when there are several) to finish, at most `timeout`.
+    async fn wait(&self, digest: &Digest, registry: &str, timeout: Duration) -> WaitOutcome;
+    /// The copy of `digest` from `registry` running in this process, to
+    /// follow while it runs (`None`: none here, or its bytes cannot be read
+    /// until stored).
+    fn follow(&self, _digest: &Digest, _registry: &str) -> Option<Follow> {
         None
     }
     /// Whether `follow` may ever find a copy here.
@@ -495,39 +556,55 @@ const STRAGGLERS: usize = 4;
 
 /// In-process fetch queue: at most `concurrency` copies making progress at
 /// once (`STRAGGLERS` times that counting stalled ones), and at most one per
-/// digest. Jobs wait in one line per upstream registry, and a free slot
-/// goes to the next registry in turn: a registry whose thousand layers fail
-/// slowly delays another's by one copy at most, not by the thousand.
+/// digest and registry. Jobs wait in one line per upstream registry, and a
+/// free slot goes to the next registry in turn: a registry whose thousand
+/// layers fail slowly delays another's by one copy at most, not by the
+/// thousand. A blob asked for by one registry while its copy runs from
+/// another is copied beside it (`Fetcher::fetch_beside`): one registry's
+/// source cannot hold another's clients hostage.
 pub struct LocalQueue {
     fetcher: Arc<Fetcher>,
-    /// Running and waiting fetches; the receiver turns `true` when the
-    /// fetch ends.
-    running: Arc<Mutex<HashMap<Digest, watch::Receiver<bool>>>>,
+    /// Running and waiting fetches by digest, with the registry they copy
+    /// from; the receiver turns `true` when the fetch ends.
+    running: Arc<Mutex<Running>>,
     waiting: Arc<Mutex<Waiting>>,
     /// Wakes the dispatcher: a job is waiting, or the queue is gone.
     wake: Arc<tokio::sync::Notify>,
 }
 
+#[derive(Default)]
+struct Running {
+    leased: HashMap<Digest, (String, watch::Receiver<bool>)>,
+    beside: HashMap<(Digest, String), watch::Receiver<bool>>,
+}
+
+/// A job not started yet: copied under the blob's lease, or beside it.
+struct Queued {
+    job: FetchJob,
+    done: watch::Sender<bool>,
+    beside: bool,
+}
+
 /// Jobs not started yet, a line per registry, and whose turn is next.
 #[derive(Default)]
 struct Waiting {
-    lines: HashMap<String, VecDeque<(FetchJob, watch::Sender<bool>)>>,
+    lines: HashMap<String, VecDeque<Queued>>,
     turns: VecDeque<String>,
     closed: bool,
 }
 
 impl Waiting {
-    fn push(&mut self, job: FetchJob, done: watch::Sender<bool>) {
-        let registry = job.source.registry.clone();
+    fn push(&mut self, queued: Queued) {
+        let registry = queued.job.source.registry.clone();
         let line = self.lines.entry(registry.clone()).or_default();
         if line.is_empty() {
             self.turns.push_back(registry);
         }
-        line.push_back((job, done));
+        line.push_back(queued);
     }
 
     /// The next registry's first job; that registry goes to the back.
-    fn pop(&mut self) -> Option<(FetchJob, watch::Sender<bool>)> {
+    fn pop(&mut self) -> Option<Queued> {
         let registry = self.turns.pop_front()?;
         let line = self.lines.get_mut(&registry)?;
         let next = line.pop_front();
@@ -546,12 +623,12 @@ impl LocalQueue {
         let n = concurrency.max(1);
         let q = LocalQueue { fetcher: fetcher.clone(), running: Arc::default(), waiting: Arc::default(), wake: Arc::default() };
         let (slots, copies) = (Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n * STRAGGLERS)));
-        let (waiting, wake, registry) = (q.waiting.clone(), q.wake.clone(), q.running.clone());
+        let (waiting, wake, running) = (q.waiting.clone(), q.wake.clone(), q.running.clone());
         tokio::spawn(async move {
             loop {
                 // A copy's place and a slot first, then the next job in turn.
                 let (Ok(copy), Ok(slot)) = (copies.clone().acquire_owned().await, slots.clone().acquire_owned().await) else { return };
-                let (job, done) = loop {
+                let queued = loop {
                     let next = {
                         let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
                         if w.closed {
@@ -560,16 +637,24 @@ impl LocalQueue {
                         w.pop()
                     };
                     match next {
-                        Some(j) => break j,
+                        Some(q) => break q,
                         None => wake.notified().await,
                     }
                 };
-                let (fetcher, registry) = (fetcher.clone(), registry.clone());
+                let (fetcher, running) = (fetcher.clone(), running.clone());
                 tokio::spawn(async move {
+                    let Queued { job, done, beside } = queued;
                     let mut slot = Slot(Some(slot));
-                    let _ = fetcher.fetch_in(&job, &mut slot, None).await;
+                    let _ = match beside {
+                        true => fetcher.fetch_beside(&job, &mut slot).await,
+                        false => fetcher.fetch_in(&job, &mut slot, None).await,
+                    };
                     drop((slot, copy));
-                    registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.digest);
+                    let mut r = running.lock().unwrap_or_else(|p| p.into_inner());
+                    match beside {
+                        true => r.beside.remove(&(job.digest.clone(), job.source.registry.clone())),
+                        false => r.leased.remove(&job.digest).map(|(_, rx)| rx),
+                    };
                     let _ = done.send(true);
                 });
             }
@@ -589,17 +674,27 @@ impl Drop for LocalQueue {
 impl FetchQueue for LocalQueue {
     fn enqueue(&self, job: FetchJob) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.contains_key(&job.digest) {
-            return;
-        }
+        let registry = job.source.registry.clone();
+        let beside = match running.leased.get(&job.digest) {
+            None => false,
+            Some((from, _)) if *from == registry => return,
+            Some(_) if running.beside.contains_key(&(job.digest.clone(), registry.clone())) => return,
+            Some(_) => true,
+        };
         let (done, rx) = watch::channel(false);
-        running.insert(job.digest.clone(), rx);
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).push(job, done);
+        match beside {
+            true => running.beside.insert((job.digest.clone(), registry), rx),
+            false => running.leased.insert(job.digest.clone(), (registry, rx)).map(|(_, rx)| rx),
+        };
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).push(Queued { job, done, beside });
         self.wake.notify_one();
     }
 
-    async fn wait(&self, digest: &Digest, timeout: Duration) -> WaitOutcome {
-        let rx = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned();
+    async fn wait(&self, digest: &Digest, registry: &str, timeout: Duration) -> WaitOutcome {
+        let rx = {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.beside.get(&(digest.clone(), registry.to_owned())).or(running.leased.get(digest).map(|(_, rx)| rx)).cloned()
+        };
         let Some(mut rx) = rx else { return WaitOutcome::Done };
         match tokio::time::timeout(timeout, rx.wait_for(|done| *done)).await {
             Ok(_) => WaitOutcome::Done,
@@ -607,8 +702,8 @@ impl FetchQueue for LocalQueue {
         }
     }
 
-    fn follow(&self, digest: &Digest) -> Option<Follow> {
-        self.fetcher.follow(digest)
+    fn follow(&self, digest: &Digest, registry: &str) -> Option<Follow> {
+        self.fetcher.follow(digest, registry)
     }
 
     fn follows(&self) -> bool {
@@ -625,7 +720,7 @@ pub struct IndexQueue;
 impl FetchQueue for IndexQueue {
     fn enqueue(&self, _job: FetchJob) {}
 
-    async fn wait(&self, _digest: &Digest, _timeout: Duration) -> WaitOutcome {
+    async fn wait(&self, _digest: &Digest, _registry: &str, _timeout: Duration) -> WaitOutcome {
         WaitOutcome::Done
     }
 }

@@ -31,26 +31,28 @@ pub struct Follow {
     pub outcome: watch::Receiver<Option<bool>>,
 }
 
-/// The copies under way in this process, by digest.
+/// The copies under way in this process, by digest and the registry they
+/// copy from.
 #[derive(Default)]
-pub(super) struct Following(Mutex<HashMap<Digest, Follow>>);
+pub(super) struct Following(Mutex<HashMap<(Digest, String), Follow>>);
 
 /// A fetch's entry in `Following`, for as long as it runs: how it ended is
 /// told when it is dropped.
 pub(super) struct Followed<'a> {
     following: &'a Following,
-    digest: Digest,
+    key: (Digest, String),
     pub(super) partial: watch::Sender<Option<Arc<dyn PartialBlob>>>,
     outcome: watch::Sender<Option<bool>>,
 }
 
 impl Following {
-    pub(super) fn start(&self, digest: &Digest, size: Option<u64>) -> Followed<'_> {
+    pub(super) fn start(&self, digest: &Digest, registry: &str, size: Option<u64>) -> Followed<'_> {
         let (partial, partial_rx) = watch::channel(None);
         let (outcome, outcome_rx) = watch::channel(None);
         let follow = Follow { partial: partial_rx, size, outcome: outcome_rx };
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone(), follow);
-        Followed { following: self, digest: digest.clone(), partial, outcome }
+        let key = (digest.clone(), registry.to_owned());
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), follow);
+        Followed { following: self, key, partial, outcome }
     }
 }
 
@@ -63,14 +65,14 @@ impl Followed<'_> {
 impl Drop for Followed<'_> {
     fn drop(&mut self) {
         self.outcome.send_if_modified(|o| o.is_none() && o.replace(false).is_none());
-        self.following.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        self.following.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
 impl Following {
-    /// The copy of `digest` under way, if any.
-    pub(super) fn get(&self, digest: &Digest) -> Option<Follow> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned()
+    /// The copy of `digest` from `registry` under way, if any.
+    pub(super) fn get(&self, digest: &Digest, registry: &str) -> Option<Follow> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&(digest.clone(), registry.to_owned())).cloned()
     }
 }
 

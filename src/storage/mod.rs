@@ -311,6 +311,9 @@ pub trait FetchIndex: Send + Sync {
     /// backends). At most one fetcher holds a blob at a time.
     async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool>;
 
+    /// Moves a known blob to `state` (never over `deleting`; a `ready` blob
+    /// only to `ready`: its bytes are stored, verified, and a copy that ends
+    /// later, failed or not, changes nothing).
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()>;
 
     /// Blobs left `pending` or `fetching` (for example by a restart).

@@ -309,15 +309,23 @@ impl FetchIndex for DynamoIndex {
         if state == BlobState::Ready {
             set.push("used_at = :now");
         }
-        // Never over a GC delete in progress (its bytes are going), and
-        // never creating an item GC removed.
+        // Never over a GC delete in progress (its bytes are going), never
+        // creating an item GC removed, and a ready blob stays ready (a copy
+        // beside it that fails, or ends later, changes nothing).
+        let condition = match state {
+            BlobState::Ready => "attribute_exists(pk) AND #s <> :deleting",
+            _ => "attribute_exists(pk) AND #s <> :deleting AND #s <> :ready",
+        };
         let mut req = self
             .update_blob(digest)
-            .condition_expression("attribute_exists(pk) AND #s <> :deleting")
+            .condition_expression(condition)
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":deleting", s("deleting"))
             .expression_attribute_values(":state", s(state.as_str()))
             .expression_attribute_values(":now", n(now()));
+        if state != BlobState::Ready {
+            req = req.expression_attribute_values(":ready", s("ready"));
+        }
         if let Some(size) = size {
             set.push("#z = :size");
             req = req.expression_attribute_names("#z", "size");

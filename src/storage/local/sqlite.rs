@@ -300,13 +300,15 @@ impl FetchIndex for SqliteIndex {
 
     async fn set_blob_state(&self, digest: &Digest, state: BlobState, size: Option<u64>, error: Option<&str>) -> Result<()> {
         self.with(|c| {
-            // Never over a GC delete in progress: its bytes are going.
+            // Never over a GC delete in progress: its bytes are going. A
+            // ready blob stays ready (its bytes are stored, verified): a
+            // copy beside it that fails, or ends later, changes nothing.
             c.prepare_cached(
                 "UPDATE blobs SET state = ?2, size = COALESCE(?3, size), last_error = ?4, updated_at = ?5,
                      used_at = CASE WHEN ?2 = 'ready' THEN ?5 ELSE used_at END,
                      checkpoint = CASE WHEN ?2 = 'ready' THEN NULL ELSE checkpoint END,
                      lease_until = CASE WHEN ?4 IS NULL THEN 0 ELSE lease_until END
-                 WHERE digest = ?1 AND state <> 'deleting'",
+                 WHERE digest = ?1 AND state <> 'deleting' AND (?2 = 'ready' OR state <> 'ready')",
             )?
             .execute(params![digest.as_str(), state.as_str(), size.map(|s| s as i64), error, now()])
             .map(|_| ())
