@@ -38,7 +38,7 @@ fn cold_layers_per_client() {
 async fn registry2(dir: &Path, upstream: &str) -> (Proc, String) {
     let port = free_port();
     let yaml = format!(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {upstream}\n",
+        "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: {upstream}\n",
         dir.join("registry2-data").display()
     );
     let cfg = dir.join("registry2.yml");
@@ -128,6 +128,8 @@ mod netns {
         let full = std::env::var("HUBCAP_BENCH").is_ok_and(|v| v == "full");
         let (size, rate) = if full { (40usize << 20, 1_000_000u64) } else { (4 << 20, 20_000_000) };
         let hub = FakeHub::start().await;
+        // registry:2's proxy learns the token challenge from `/v2/`.
+        hub.challenge_on_base();
         let relay = Relay::start(hub.cdn.parse().unwrap(), Some(rate)).await;
         hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
         let relay_addr = relay.url.trim_start_matches("http://").to_owned();
@@ -160,7 +162,9 @@ mod netns {
             let name = format!("library/cold-plain-{mi}");
             hub.publish(&name, "1", &Published::Image(img.clone()));
             let resp = reqwest::Client::new().get(format!("{url}/v2/{name}/manifests/1")).header("accept", images::ALL_MANIFESTS);
-            assert_eq!(resp.send().await.unwrap().status(), 200);
+            let status = resp.send().await.unwrap().status();
+            let log = || std::fs::read_to_string(d.join(if mi == 2 { "registry2.log" } else { "hubcap.log" })).unwrap_or_default();
+            assert_eq!(status, 200, "{mirror_name}: {name}: {}", log());
             let (first, done) = plain(url, &name, &img.layers[0].0).await;
             let docker = Dockerd::start(&d.join(format!("docker-{mi}")), url).await;
             let mut times = Vec::new();

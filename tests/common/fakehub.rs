@@ -171,6 +171,9 @@ pub struct HubState {
     ratelimit_remaining: AtomicI64,
     /// While true, CDN blob GETs are counted, then wait (`hold_cdn`).
     cdn_held: tokio::sync::watch::Sender<bool>,
+    /// `GET /v2/` answers 401 with the token challenge, as Docker Hub's
+    /// does (clients that learn the challenge there: registry:2's proxy).
+    challenge_base: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeHub {
@@ -229,6 +232,7 @@ impl FakeHub {
             token_delay: Mutex::default(),
             ratelimit_remaining: AtomicI64::new(100),
             cdn_held: tokio::sync::watch::Sender::new(false),
+            challenge_base: Default::default(),
         });
         let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -284,6 +288,12 @@ impl FakeHub {
         for expires in self.state.tokens.lock().unwrap().values_mut() {
             *expires = Some(i64::MIN);
         }
+    }
+
+    /// `GET /v2/` answers 401 with the token challenge from now on, as
+    /// Docker Hub's does.
+    pub fn challenge_on_base(&self) {
+        self.state.challenge_base.store(true, Ordering::SeqCst);
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -386,8 +396,15 @@ impl Drop for FakeHub {
     }
 }
 
-async fn base() -> &'static str {
-    "{}"
+async fn base(State(s): State<Arc<HubState>>) -> Response {
+    if s.challenge_base.load(Ordering::SeqCst) {
+        let realm = s.realm.lock().unwrap().clone();
+        let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        let challenge = format!(r#"Bearer realm="{realm}",service="fakehub""#);
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
+        return resp;
+    }
+    "{}".into_response()
 }
 
 async fn token(State(s): State<Arc<HubState>>, headers: HeaderMap, req: Request) -> Response {
