@@ -11,7 +11,7 @@
 //!
 //! `bench/run.sh` runs it in full (`HUBCAP_BENCH=full`, a 40 MiB layer at
 //! 1 MB/s per connection) and writes its table into BENCHMARKS.md between
-//! the cold markers; the normal test run is a smoke run (4 MiB, 20 MB/s).
+//! the cold markers; the normal test run is a smoke run (9 MiB, 20 MB/s).
 //! Docker's daemon falls back to Docker Hub when a mirror fails, so the
 //! whole run is in a network namespace with only loopback (`run_isolated`).
 
@@ -27,7 +27,7 @@ use common::images::{self, Format, Published, sha256};
 use common::lambda::LambdaStack;
 use common::netns::{Dockerd, inner, run_isolated};
 use common::procs::{Proc, free_port, wait_ready};
-use common::relay::Relay;
+use common::relay::{Relay, Tap};
 
 #[test]
 fn cold_layers_per_client() {
@@ -126,11 +126,15 @@ mod netns {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();
         let full = std::env::var("HUBCAP_BENCH").is_ok_and(|v| v == "full");
-        let (size, rate) = if full { (40usize << 20, 1_000_000u64) } else { (4 << 20, 20_000_000) };
+        let (size, rate) = if full { (40usize << 20, 1_000_000u64) } else { (9 << 20, 20_000_000) };
         let hub = FakeHub::start().await;
         // registry:2's proxy learns the token challenge from `/v2/`.
         hub.challenge_on_base();
-        let relay = Relay::start(hub.cdn.parse().unwrap(), Some(rate)).await;
+        // Where each client's first byte of the layer is seen: on its way
+        // from the mirror (a relay in front of each), or from the CDN (the
+        // api's redirect; the fetcher's own copy is not counted).
+        let (front_tap, cdn_tap) = (Tap::default(), Tap::default());
+        let relay = Relay::start_tapped(hub.cdn.parse().unwrap(), Some(rate), cdn_tap.clone()).await;
         hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
         let relay_addr = relay.url.trim_start_matches("http://").to_owned();
 
@@ -150,12 +154,26 @@ mod netns {
         let allow = [common::fakehub::cdns(), vec![relay_addr.clone()]].concat().join(",");
         let stack = LambdaStack::start(d, "benchcold", &hub.url, &[("HUBCAP_REDIRECT_ALLOW", allow)]).await;
         let (_reg, reg_url) = registry2(d, &hub.url).await;
-        let mirrors = [("hubcap serve", serve_url.clone()), ("hubcap api Lambda", stack.front.clone()), ("registry:2", reg_url.clone())];
+        let mut mirrors = Vec::new();
+        for (name, url) in [("hubcap serve", &serve_url), ("hubcap api Lambda", &stack.front), ("registry:2", &reg_url)] {
+            let front = Relay::start_tapped(url.trim_start_matches("http://").parse().unwrap(), None, front_tap.clone()).await;
+            mirrors.push((name, front));
+        }
         let containerd = Containerd::start(d).await;
         println!("started in {:.1} s", t0.elapsed().as_secs_f64());
 
         let mut rows = Vec::new();
-        for (mi, (mirror_name, url)) in mirrors.iter().enumerate() {
+        for (mi, (mirror_name, front)) in mirrors.iter().enumerate() {
+            let url = &front.url;
+            // The client's first byte of the layer, counted from when it starts.
+            let look = |prefix: &[u8]| {
+                front_tap.look_for(prefix);
+                cdn_tap.look_for(prefix);
+            };
+            let first_seen = || {
+                let cdn = if mi == 1 { cdn_tap.seen() } else { None };
+                [front_tap.seen(), cdn].into_iter().flatten().reduce(f64::min).unwrap_or(f64::NAN)
+            };
             // The plain client first, then each container client, each on
             // an image new to this mirror.
             let img = images::image(Format::Oci, "amd64", vec![vec![("layer.bin".to_owned(), images::noise(size, 4000 + mi as u64))]]);
@@ -175,24 +193,24 @@ mod netns {
                     vec![vec![("layer.bin".to_owned(), images::noise(size, 4100 + 10 * mi as u64 + ci as u64))]],
                 );
                 let name = format!("library/cold-{client}-{mi}");
-                hub.publish(&name, "1", &Published::Image(img));
-                times.push(pull(client, d, url, &name, &containerd, Some(&docker)).await);
+                hub.publish(&name, "1", &Published::Image(img.clone()));
+                look(&img.layers[0].1[..32]);
+                let done = pull(client, d, url, &name, &containerd, Some(&docker)).await;
+                times.push((first_seen(), done));
             }
             drop(docker);
-            println!(
-                "{mirror_name}: first byte {first:.2} s, layer {done:.2} s, docker {:.2} s, ctr {:.2} s, podman {:.2} s",
-                times[0], times[1], times[2]
-            );
-            rows.push((mirror_name.to_string(), first, done, times));
+            let shown: Vec<String> = times.iter().map(|(f, d)| format!("{f:.2} / {d:.2}")).collect();
+            println!("{mirror_name}: plain {first:.2} / {done:.2} s, docker {} s, ctr {} s, podman {} s", shown[0], shown[1], shown[2]);
+            rows.push((mirror_name.to_string(), first, done, shown));
         }
         let mut table = String::from(
-            "| mirror | plain client: first byte of the layer, s | plain client: whole layer, s | Docker's daemon: pull, s | containerd (`ctr`): pull, s | podman: pull, s |\n|---|---|---|---|---|---|\n",
+            "| mirror | plain client (first byte / whole layer), s | Docker's daemon (first byte / pull done), s | containerd `ctr` (first byte / pull done), s | podman (first byte / pull done), s |\n|---|---|---|---|---|\n",
         );
         for (name, first, done, t) in &rows {
-            let _ = writeln!(table, "| {name} | {first:.2} | {done:.2} | {:.2} | {:.2} | {:.2} |", t[0], t[1], t[2]);
+            let _ = writeln!(table, "| {name} | {first:.2} / {done:.2} | {} | {} | {} |", t[0], t[1], t[2]);
         }
         let section = format!(
-            "## Cold layers, per client\n\n`HUBCAP_BENCH=full cargo test --release --test bench_cold -- --nocapture` (run by `bench/run.sh`), in a network namespace with only loopback: a single-layer image of {} MiB that the mirror has never seen, its upstream's CDN giving each connection {:.1} MB/s; each pull (and the plain client's) on an image new to that mirror; one run per figure. `hubcap serve` streams its one upstream copy (four ranged connections) to the client; the `api` Lambda sends the client to the upstream's CDN (one connection at the capped rate) while its fetcher copies the layer; registry:2 streams its own single upstream connection.\n\n{table}\n",
+            "## Cold layers, per client\n\n`HUBCAP_BENCH=full cargo test --release --test bench_cold -- --nocapture` (run by `bench/run.sh`), in a network namespace with only loopback: a single-layer image of {} MiB that the mirror has never seen, its upstream's CDN giving each connection {:.1} MB/s; each pull (and the plain client's) on an image new to that mirror; one run per figure. First byte: from the client's start to the layer's first bytes passing toward it (a relay in front of each mirror, and the CDN's for clients the api sends there, watch for them); pull done: the client command's whole run. `hubcap serve` streams its one upstream copy (four ranged connections) to the client; the `api` Lambda sends the client to the upstream's CDN (one connection at the capped rate) while its fetcher copies the layer; registry:2 streams its own single upstream connection.\n\n{table}\n",
             size >> 20,
             rate as f64 / 1e6
         );

@@ -437,3 +437,35 @@ async fn a_copy_from_another_registry_holds_no_request_hostage() {
     let r = m.mirror.index().blob("docker.io/library/small", &d).await.unwrap().record.unwrap();
     assert_eq!(r.state, hubcap::storage::BlobState::Ready);
 }
+
+/// The same on the Lambda path, where the index is the queue (one copy per
+/// digest, by the fetcher): a client naming Docker Hub is sent to Docker
+/// Hub's own blob location at once instead of waiting on the hostile copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_lambda_a_copy_from_another_registry_holds_no_request_hostage() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start().await;
+    let small = images::small_image(Format::Oci, "amd64", 3600, 1);
+    hub.publish("library/small", "1", &Published::Image(small.clone()));
+    let (layer, _) = small.layers[0].clone();
+    let evil = EvilRegistry::start().await;
+    evil.set(Blobs::Trickle);
+    let upstreams = format!("docker.io={},evil.test={}", hub.url, evil.url);
+    let stack = common::lambda::LambdaStack::start(dir.path(), "hostage", &hub.url, &[("HUBCAP_UPSTREAM", upstreams)]).await;
+    let http = client();
+    // The image's config is cached first: the emulator's stream pump hands
+    // the fetcher one batch at a time, and the hostile copy's batch holds
+    // the ones behind it (on AWS, StreamParallelizationFactor spreads them).
+    common::get_blob(&http, &stack.front, "small", &small.config.0).await;
+    let resp = http.head(format!("{}/v2/evil.test/x/y/blobs/{layer}", stack.front)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", stack.logs());
+    // The fetcher has the hostile copy by now (or will have).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let pulled = common::pull(&http, &stack.front, "small", "1").await;
+    assert_eq!(pulled.digest, small.digest);
+    assert!(started.elapsed() < Duration::from_secs(10), "held hostage {:?}:\n{}", started.elapsed(), stack.logs());
+    let sent_to_cdn = stack.api.log().lines().any(|l| l.contains(&format!("/v2/small/blobs/{layer}")) && l.contains("\"status\":307"));
+    assert!(sent_to_cdn, "the layer was a redirect to Docker Hub's CDN:\n{}", stack.api.log());
+    assert_eq!(hub.cdn_gets(&layer), 1, "the client got it from Docker Hub");
+}

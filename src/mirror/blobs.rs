@@ -100,8 +100,15 @@ impl Mirror {
         self.start_fetch(repo, digest, size);
         // A copy under way from another registry says nothing of this one's.
         let own = view.record.as_ref().filter(|r| !from_elsewhere(r, repo));
+        // Where that copy cannot be copied beside (the index is the queue:
+        // one copy per digest), its source must not hold this registry's
+        // client hostage: the client goes to its own registry's blob
+        // location, whatever the size.
+        let held_elsewhere = own.is_none()
+            && view.record.as_ref().is_some_and(|r| matches!(r.state, BlobState::Pending | BlobState::Fetching))
+            && !self.queue.copies_beside();
         if self.cfg.cold_blobs == ColdBlobs::Upstream
-            && size.or(own.and_then(|r| r.size)).is_some_and(|s| s >= LARGE_BLOB)
+            && (held_elsewhere || size.or(own.and_then(|r| r.size)).is_some_and(|s| s >= LARGE_BLOB))
             && let Some(url) = self.upstream_location(repo, digest).await
         {
             return Ok((BlobAnswer::Elsewhere(url), CacheStatus::Miss));
@@ -124,6 +131,7 @@ impl Mirror {
         // once it has run a moment (a short one keeps its 307): the client
         // gets the bytes as they come, whatever the copy takes.
         let follow_from = Instant::now() + FOLLOW_AFTER;
+        let mut retaken = false;
         loop {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
@@ -145,6 +153,15 @@ impl Mirror {
             match record {
                 Some(r) if r.state == BlobState::Ready => {
                     return Ok((BlobAnswer::Ready(self.store.presigned_get(digest, self.cfg.url_ttl).await?), CacheStatus::Miss));
+                }
+                // The copy from another registry failed: this registry's
+                // request is not answered with its failure, but copied from
+                // this registry (once).
+                Some(r) if r.state == BlobState::Failed && from_elsewhere(&r, repo) && !retaken => {
+                    retaken = true;
+                    if self.index.create_pending_blob(digest, &key, size).await? {
+                        self.start_fetch(repo, digest, size);
+                    }
                 }
                 Some(r) if r.state == BlobState::Failed => {
                     let why = r.last_error.unwrap_or_default();

@@ -549,6 +549,11 @@ pub trait FetchQueue: Send + Sync {
     fn follows(&self) -> bool {
         false
     }
+    /// Whether a blob asked for by one registry while its copy runs from
+    /// another is copied beside it (`enqueue`), rather than waited for.
+    fn copies_beside(&self) -> bool {
+        false
+    }
 }
 
 /// Copies (stalled ones included) allowed per fetch slot.
@@ -707,6 +712,10 @@ impl FetchQueue for LocalQueue {
     }
 
     fn follows(&self) -> bool {
+        true
+    }
+
+    fn copies_beside(&self) -> bool {
         true
     }
 }

@@ -2,7 +2,8 @@
 //! benchmark: it can go down (every connection, open or new, is dropped)
 //! and come back, cap each connection's download rate (a CDN edge seen over
 //! a long path), and cut connections after a number of bytes. It counts the
-//! bytes it relays from upstream.
+//! bytes it relays from upstream, and can note when given bytes (a layer's
+//! first ones) first pass toward a client (`Tap`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,18 +22,62 @@ pub struct Relay {
     pub bytes: Arc<AtomicU64>,
     /// Each entry cuts one future connection after that many bytes.
     pub cuts: Arc<Mutex<Vec<u64>>>,
+    pub tap: Tap,
+}
+
+/// Bytes to look for in what relays send clients, shared by relays: when
+/// they first passed, counted from when the look began.
+#[derive(Clone, Default)]
+pub struct Tap(Arc<Mutex<Option<Look>>>);
+
+struct Look {
+    needle: Vec<u8>,
+    since: std::time::Instant,
+    seen: Option<Duration>,
+}
+
+impl Tap {
+    /// Looks for `needle` from now on (the previous look ends).
+    pub fn look_for(&self, needle: &[u8]) {
+        *self.0.lock().unwrap() = Some(Look { needle: needle.to_vec(), since: std::time::Instant::now(), seen: None });
+    }
+
+    /// Seconds from `look_for` to the needle's first passing.
+    pub fn seen(&self) -> Option<f64> {
+        self.0.lock().unwrap().as_ref().and_then(|l| l.seen).map(|d| d.as_secs_f64())
+    }
+
+    /// Notes the needle if `window` holds it; the bytes kept for the next
+    /// window (a needle across two reads).
+    fn check(&self, carry: &mut Vec<u8>, data: &[u8]) {
+        let mut look = self.0.lock().unwrap();
+        let Some(l) = look.as_mut().filter(|l| l.seen.is_none() && !l.needle.is_empty()) else { return carry.clear() };
+        carry.extend_from_slice(data);
+        if carry.windows(l.needle.len()).any(|w| w == l.needle.as_slice()) {
+            l.seen = Some(l.since.elapsed());
+        }
+        let keep = l.needle.len() - 1;
+        if carry.len() > keep {
+            carry.drain(..carry.len() - keep);
+        }
+    }
 }
 
 impl Relay {
     /// Relays to `target`, each connection's download capped at `rate`
     /// bytes per second (`None`: uncapped).
     pub async fn start(target: SocketAddr, rate: Option<u64>) -> Relay {
+        Relay::start_tapped(target, rate, Tap::default()).await
+    }
+
+    /// `start`, noting what `tap` looks for.
+    pub async fn start_tapped(target: SocketAddr, rate: Option<u64>, tap: Tap) -> Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (up, rx) = tokio::sync::watch::channel(true);
         let bytes = Arc::new(AtomicU64::new(0));
         let cuts: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let (counted, cut_list) = (bytes.clone(), cuts.clone());
+        let (counted, cut_list, tapped) = (bytes.clone(), cuts.clone(), tap.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
@@ -40,17 +85,17 @@ impl Relay {
                 if !*rx.borrow() {
                     continue; // dropped: the other side sees a reset
                 }
-                let (counted, cut_after) = (counted.clone(), cut_list.lock().unwrap().pop());
+                let (counted, cut_after, tap) = (counted.clone(), cut_list.lock().unwrap().pop(), tapped.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else { return };
                     tokio::select! {
-                        _ = pipe(client, server, rate, counted, cut_after) => {}
+                        _ = pipe(client, server, rate, counted, cut_after, tap) => {}
                         _ = rx.wait_for(|up| !*up) => {}
                     }
                 });
             }
         });
-        Relay { url, up, bytes, cuts }
+        Relay { url, up, bytes, cuts, tap }
     }
 
     pub fn set_up(&self, up: bool) {
@@ -62,11 +107,23 @@ impl Relay {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: Arc<AtomicU64>, cut_after: Option<u64>) {
+async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: Arc<AtomicU64>, cut_after: Option<u64>, tap: Tap) {
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
+    // A mirror's own copy through this relay is not a client's download.
+    let (mirror_tx, mirror_rx) = tokio::sync::watch::channel(None::<bool>);
     let upward = async move {
-        let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+        let mut first = vec![0u8; 16 * 1024];
+        if let Ok(n) = client_r.read(&mut first).await
+            && n > 0
+        {
+            let head = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase();
+            let _ = mirror_tx.send(Some(head.contains("user-agent: hubcap/")));
+            if server_w.write_all(&first[..n]).await.is_ok() {
+                let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+            }
+        }
+        drop(mirror_tx);
         let _ = server_w.shutdown().await;
     };
     let downward = async move {
@@ -74,6 +131,7 @@ async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: 
         let mut mark = (Instant::now(), 0u64);
         let mut sent = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
+        let mut carry = Vec::new();
         loop {
             let n = match server_r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -85,6 +143,9 @@ async fn pipe(client: TcpStream, server: TcpStream, rate: Option<u64>, counted: 
             };
             if client_w.write_all(&buf[..n]).await.is_err() {
                 break;
+            }
+            if *mirror_rx.borrow() == Some(false) {
+                tap.check(&mut carry, &buf[..n]);
             }
             sent += n as u64;
             counted.fetch_add(n as u64, Ordering::SeqCst);
