@@ -201,13 +201,24 @@ mod netns {
             drop(docker);
             let shown: Vec<String> = times.iter().map(|(f, d)| format!("{f:.2} / {d:.2}")).collect();
             println!("{mirror_name}: plain {first:.2} / {done:.2} s, docker {} s, ctr {} s, podman {} s", shown[0], shown[1], shown[2]);
-            rows.push((mirror_name.to_string(), first, done, shown));
+            let dones: Vec<f64> = [done].into_iter().chain(times.iter().map(|(_, d)| *d)).collect();
+            rows.push((mirror_name.to_string(), first, done, shown, dones));
         }
         let mut table = String::from(
             "| mirror | plain client (first byte / whole layer), s | Docker's daemon (first byte / pull done), s | containerd `ctr` (first byte / pull done), s | podman (first byte / pull done), s |\n|---|---|---|---|---|\n",
         );
-        for (name, first, done, t) in &rows {
+        for (name, first, done, t, _) in &rows {
             let _ = writeln!(table, "| {name} | {first:.2} / {done:.2} | {} | {} | {} |", t[0], t[1], t[2]);
+        }
+        // Time to done as a ratio to registry:2's, per client.
+        let reference = &rows[2].4;
+        for (name, _, _, _, dones) in &rows[..2] {
+            let ratios: Vec<String> = dones.iter().zip(reference).map(|(d, r)| format!("{:.2}", d / r)).collect();
+            let _ = writeln!(
+                table,
+                "\n{name}, time to done / registry:2's: plain {}, Docker's daemon {}, ctr {}, podman {}.",
+                ratios[0], ratios[1], ratios[2], ratios[3]
+            );
         }
         let section = format!(
             "## Cold layers, per client\n\n`HUBCAP_BENCH=full cargo test --release --test bench_cold -- --nocapture` (run by `bench/run.sh`), in a network namespace with only loopback: a single-layer image of {} MiB that the mirror has never seen, its upstream's CDN giving each connection {:.1} MB/s; each pull (and the plain client's) on an image new to that mirror; one run per figure. First byte: from the client's start to the layer's first bytes passing toward it (a relay in front of each mirror, and the CDN's for clients the api sends there, watch for them); pull done: the client command's whole run. `hubcap serve` streams its one upstream copy (four ranged connections) to the client; the `api` Lambda sends the client to the upstream's CDN (one connection at the capped rate) while its fetcher copies the layer; registry:2 streams its own single upstream connection.\n\n{table}\n",

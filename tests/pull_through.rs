@@ -211,7 +211,9 @@ async fn bad_names_digests_and_methods_get_the_right_oci_codes() {
     let cases: Vec<(reqwest::Method, String, u16, &str)> = vec![
         (reqwest::Method::GET, format!("{m}/v2/Alpine/manifests/3"), 400, "NAME_INVALID"),
         (reqwest::Method::GET, format!("{m}/v2/a//b/manifests/3"), 400, "NAME_INVALID"),
-        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/-bad"), 400, "TAG_INVALID"),
+        // No manifest is named so: a pull of it is a 404, as the spec says.
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/-bad"), 404, "MANIFEST_UNKNOWN"),
+        (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/.INVALID_MANIFEST_NAME"), 404, "MANIFEST_UNKNOWN"),
         (reqwest::Method::GET, format!("{m}/v2/alpine/manifests/sha256:abc"), 400, "DIGEST_INVALID"),
         (reqwest::Method::GET, format!("{m}/v2/alpine/blobs/md5:{}", "0".repeat(32)), 400, "DIGEST_INVALID"),
         (reqwest::Method::GET, format!("{m}/v2/alpine/blobs/sha512:{}", "0".repeat(128)), 400, "DIGEST_INVALID"),
@@ -236,9 +238,11 @@ async fn bad_names_digests_and_methods_get_the_right_oci_codes() {
         assert_eq!(error_code(resp).await, code, "{method} {url}");
     }
     // HEAD responses never carry a body, errors included.
-    let resp = http.head(format!("{m}/v2/alpine/manifests/nope")).send().await.unwrap();
-    assert_eq!(resp.status(), 404);
-    assert!(resp.bytes().await.unwrap().is_empty());
+    for reference in ["nope", ".INVALID_MANIFEST_NAME"] {
+        let resp = http.head(format!("{m}/v2/alpine/manifests/{reference}")).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{reference}");
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -80,7 +80,12 @@ pub(super) async fn dispatch(State(state): State<AppState>, req: Request) -> Res
 /// `MANIFEST_UNKNOWN` when neither cache nor upstream has it in a type the
 /// client accepts.
 async fn manifest(state: &AppState, repo: &RepoPath, reference: &str, headers: &HeaderMap, head: bool) -> Result<Response, RegistryError> {
-    let reference = Reference::parse(reference)?;
+    // No manifest has a name that is not a tag: a pull of one is a manifest
+    // that does not exist (404), as the spec says; `TAG_INVALID` is a push's.
+    let reference = Reference::parse(reference).map_err(|e| match e.code {
+        ErrorCode::TagInvalid => RegistryError::new(ErrorCode::ManifestUnknown, e.message),
+        _ => e,
+    })?;
     let accept = Accept::parse(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let (m, cache) = state.mirror.manifest(repo, &reference, &accept).await?;
     let len = m.body.len();
