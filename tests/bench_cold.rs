@@ -122,6 +122,7 @@ mod netns {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "run by its outer test, in its own namespaces"]
     async fn cold_layers_per_client_inner() {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();

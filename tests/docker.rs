@@ -278,6 +278,7 @@ mod netns {
 
     /// Scenario 1: dockerd -> `hubcap serve` -> Debian's docker-registry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "run by its outer test, in its own namespaces"]
     async fn hubcap_serve() {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();
@@ -356,6 +357,7 @@ mod netns {
     /// the fake Docker Hub as the mirror, its blob redirects going to a
     /// host that plays each part.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "run by its outer test, in its own namespaces"]
     async fn patience() {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();
@@ -444,6 +446,7 @@ mod netns {
     /// under `cargo lambda watch` on moto (S3 + DynamoDB), the `fetcher`
     /// function fed by the table's stream -> the fake Docker Hub.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "run by its outer test, in its own namespaces"]
     async fn lambdas() {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();

@@ -165,6 +165,7 @@ mod netns {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "run by its outer test, in its own namespaces"]
     async fn every_client_every_front_end() {
         let Some((t0, dir)) = inner() else { return };
         let d = dir.path();

@@ -31,7 +31,9 @@ pub fn run_isolated(name: &str) {
         .args(["--net", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"])
         .args(["sh", "-c", SETUP])
         .arg(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        // The inner tests are ignored in an ordinary run (they would only
+        // return there): asked for here by name.
+        .args(["--exact", name, "--include-ignored", "--nocapture", "--test-threads", "1"])
         .env(IN_NETNS, "1")
         .stdin(Stdio::null())
         .output()
