@@ -24,7 +24,7 @@ use crate::http::{AppState, app};
 use crate::mirror::fetch::{FetchQueue, Fetcher, IndexQueue, LocalQueue};
 use crate::mirror::upstream::{UpstreamLimits, Upstreams, build_upstreams, load_credentials, parse_credentials};
 use crate::mirror::{Mirror, MirrorConfig};
-use crate::storage::aws::{self, AwsStorage};
+use crate::storage::aws::{self, AwsStorage, SdkRole};
 use crate::storage::cached::CachedIndex;
 use crate::storage::local::{FsBlobStore, SqliteIndex};
 use crate::storage::{BlobStore, FetchIndex, Index};
@@ -87,14 +87,21 @@ pub struct Assembled {
     pub router: Router,
 }
 
-/// Opens a backend.
+/// Opens a backend for a batch job (gc, stats, audit).
 pub async fn open(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize) -> Result<Storage, BoxError> {
-    open_as(backend, tag_ttl, memory_cache_entries, false).await
+    open_as(backend, tag_ttl, memory_cache_entries, false, SdkRole::Batch).await
 }
 
 /// `open`; as the `owner` of an embedded backend's directory, also clears
 /// what a crash left half-written and releases the fetches it left.
-async fn open_as(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize, owner: bool) -> Result<Storage, BoxError> {
+/// `role` picks the AWS SDK's settings.
+async fn open_as(
+    backend: &Backend,
+    tag_ttl: std::time::Duration,
+    memory_cache_entries: usize,
+    owner: bool,
+    role: SdkRole,
+) -> Result<Storage, BoxError> {
     Ok(match backend {
         Backend::Local(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
@@ -110,7 +117,7 @@ async fn open_as(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_e
             Storage { index, store: store.clone(), local_blobs: Some(store) }
         }
         Backend::Aws(cfg) => {
-            let (store, index) = aws::connect(cfg).await;
+            let (store, index) = aws::connect(cfg, role).await;
             let index = Arc::new(CachedIndex::new(index, memory_cache_entries, tag_ttl));
             Storage { index, store: Arc::new(store), local_blobs: None }
         }
@@ -146,7 +153,11 @@ pub async fn mirror(opts: &Options, fetching: Fetching) -> Result<Assembled, Box
 /// `mirror`, with upstreams already built.
 pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetching) -> Result<Assembled, BoxError> {
     let owner = fetching == Fetching::Owner;
-    let Storage { index, store, local_blobs } = open_as(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries, owner).await?;
+    let Storage { index, store, local_blobs } = {
+        // Copies by stream: the api Lambda; else the copies run here.
+        let role = if fetching == Fetching::ByStream { SdkRole::Api } else { SdkRole::Serve };
+        open_as(&opts.backend, opts.mirror.tag_ttl, opts.memory_cache_entries, owner, role).await?
+    };
     let upstreams = Arc::new(upstreams);
     upstreams.prepare();
     let queue: Arc<dyn FetchQueue> = match fetching {
@@ -173,6 +184,6 @@ pub async fn mirror_with(opts: &Options, upstreams: Upstreams, fetching: Fetchin
 pub async fn fetcher(storage: &AwsStorage, upstreams: Upstreams) -> Fetcher {
     let upstreams = Arc::new(upstreams);
     upstreams.prepare();
-    let (store, index) = aws::connect(storage).await;
+    let (store, index) = aws::connect(storage, SdkRole::Fetcher).await;
     Fetcher::new(Arc::new(index), Arc::new(store), upstreams)
 }

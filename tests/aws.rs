@@ -252,7 +252,7 @@ async fn the_fetcher_consumes_real_stream_records() {
     let resp = http.get(format!("{api}/v2/streamed/blobs/{}", bad.layers[0].0)).send().await.unwrap();
     assert_eq!(resp.status(), 307);
     assert!(resp.headers()["location"].to_str().unwrap().contains("hubcap-wait=1"));
-    let (store, _) = hubcap::storage::aws::connect(&storage).await;
+    let (store, _) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
     let d = hubcap::oci::Digest::parse(&bad.layers[0].0).unwrap();
     assert_eq!(store.size(&d).await.unwrap(), None, "nothing unverified in S3");
 }
@@ -393,7 +393,7 @@ async fn the_sample_events_run_through_the_handlers() {
     let stream: aws_lambda_events::event::dynamodb::Event = serde_json::from_str(&event("dynamodb-stream-pending-blob.json")).unwrap();
     let job = hubcap::lambda::job_from_record(&stream.records[0]).unwrap().unwrap();
     assert_eq!((job.digest.to_string(), job.source.to_string(), job.size), (sample.clone(), "docker.io/library/hello".into(), Some(19)));
-    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
     assert!(index.create_pending_blob(&job.digest, "docker.io/library/hello", Some(19)).await.unwrap());
     let resp = hubcap::lambda::handle_stream(&fetcher, stream).await;
     assert!(resp.batch_item_failures.is_empty(), "{:?}", resp.batch_item_failures);
@@ -560,7 +560,7 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
         let got = std::fs::read(&file).unwrap_or_else(|_| panic!("{digest} pulled\n{}", logs()));
         assert_eq!(got, bytes.to_vec(), "{digest}: every byte");
     }
-    let (store, _) = hubcap::storage::aws::connect(&stack.storage).await;
+    let (store, _) = hubcap::storage::aws::connect(&stack.storage, hubcap::storage::aws::SdkRole::Batch).await;
     for (digest, _) in img.all_blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied from upstream once");
         let d = hubcap::oci::Digest::parse(&digest).unwrap();
@@ -589,7 +589,7 @@ async fn skopeo_pulls_a_multi_arch_image_through_the_lambdas_under_cargo_lambda_
     assert_eq!((report["complete"].as_bool(), report["before"]["images"].as_u64()), (Some(true), Some(1)), "{}", said());
     // Done, not only said: the bucket and the table hold none of it now.
     assert!(store.stored_digests().await.unwrap().is_empty(), "S3 is empty");
-    let (_, index) = hubcap::storage::aws::connect(&stack.storage).await;
+    let (_, index) = hubcap::storage::aws::connect(&stack.storage, hubcap::storage::aws::SdkRole::Batch).await;
     let left = hubcap::lifecycle::inventory(&index).await.unwrap();
     assert_eq!((left.images, left.manifests, left.blobs), (0, 0, 0), "{left:?}");
 }
@@ -687,7 +687,7 @@ async fn a_blob_lost_from_the_bucket_is_found_by_gc_and_fetched_again() {
     let (layer, bytes) = img.blobs().pop().unwrap();
     assert_eq!(get_blob(&http, &api, "lost", &layer).await, bytes);
 
-    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
     let digest = hubcap::oci::Digest::parse(&layer).unwrap();
     hubcap::storage::BlobStore::delete(&store, &digest).await.unwrap();
     let resp = http.get(format!("{api}/v2/lost/blobs/{layer}")).send().await.unwrap();

@@ -1027,7 +1027,7 @@ async fn s3_keeps_the_blob_store_contract() {
 async fn s3_objects_are_encrypted_as_configured() {
     use aws_sdk_s3::types::ServerSideEncryption::{Aes256, AwsKms};
     let mut storage = aws_storage("sse").await;
-    let (s3, _) = aws::clients(storage.sdk.as_ref().unwrap());
+    let (s3, _) = aws::clients(storage.sdk.as_ref().unwrap(), aws::SdkRole::Serve);
     let key = "arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-hubcap-test";
     let cases = [(vec!["--sse", "AES256"], Aes256, None), (vec!["--sse", "aws:kms", "--sse-kms-key-id", key], AwsKms, Some(key))];
     for (seed, (flags, sse, kms_key)) in cases.into_iter().enumerate() {

@@ -313,7 +313,7 @@ async fn a_copy_to_s3_killed_mid_way_is_continued_by_the_fetcher_lambda() {
 
     // The dead server's lease runs out; the record that re-queues the blob
     // runs the fetcher function, which continues the upload in S3.
-    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
     let d = hubcap::oci::Digest::parse(&digest).unwrap();
     let cp = index.blob_checkpoint(&d).await.unwrap().expect("the killed copy left a checkpoint");
     assert!(cp.offset >= 8 * MIB && cp.offset < size, "{cp:?}");
@@ -348,7 +348,7 @@ async fn a_fetcher_short_of_time_checkpoints_and_the_next_invocation_finishes_th
     hub.set_fault(Fault::RedirectBlobsTo(relay.url.clone()));
     let moto = Moto::start().await;
     let storage = moto.setup("deadline-bucket", "deadline").await;
-    let (store, index) = hubcap::storage::aws::connect(&storage).await;
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
     let fetcher = hubcap::lambda::fetcher_with(&storage, upstreams(&hub, &[relay.url.trim_start_matches("http://")])).await;
     let mut pump = StreamPump::new(&moto.url, "deadline");
     let d = hubcap::oci::Digest::parse(&digest).unwrap();

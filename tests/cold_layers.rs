@@ -189,7 +189,7 @@ async fn on_lambda_a_cold_large_layer_comes_from_the_upstreams_cdn_while_it_is_c
     let sent_to_cdn = stack.api.log().lines().any(|l| l.contains(&format!("/blobs/{layer}")) && l.contains("\"status\":307"));
     assert!(sent_to_cdn, "the layer was a redirect:\n{}", stack.api.log());
     // The fetcher copied it into S3 meanwhile (or soon after).
-    let (store, _) = hubcap::storage::aws::connect(&stack.storage).await;
+    let (store, _) = hubcap::storage::aws::connect(&stack.storage, hubcap::storage::aws::SdkRole::Batch).await;
     let d_layer = hubcap::oci::Digest::parse(&layer).unwrap();
     let waiting = Instant::now();
     use hubcap::storage::BlobStore as _;

@@ -323,7 +323,7 @@ fn publish(hub: &FakeHub, name: &str, seed: u64, big: u64) -> Vec<String> {
 /// Removes the big layer from the cache (as GC would), keeping manifests.
 async fn forget(w: &World, digest: &str) {
     use hubcap::storage::{BlobStore, SweepIndex};
-    let (store, index) = hubcap::storage::aws::connect(&w.direct).await;
+    let (store, index) = hubcap::storage::aws::connect(&w.direct, hubcap::storage::aws::SdkRole::Batch).await;
     let d = hubcap::oci::Digest::parse(digest).unwrap();
     assert!(index.begin_blob_delete(&d, i64::MAX, Duration::from_secs(60)).await.unwrap());
     store.delete(&d).await.unwrap();

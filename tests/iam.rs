@@ -150,7 +150,7 @@ async fn the_multipart_path_is_allowed_by_the_fetcher_and_gc_policies() {
     let upstreams = hubcap::mirror::upstream::build_upstreams(&[format!("docker.io={}", hub.url)], &limits, &HashMap::new()).unwrap();
     let fetcher = hubcap::lambda::fetcher_with(&storage_as(&proxy, &stack, FETCHER).await, upstreams).await;
     let raw = moto.storage(&stack.bucket, &stack.table).await;
-    let (store, index) = hubcap::storage::aws::connect(&raw).await;
+    let (store, index) = hubcap::storage::aws::connect(&raw, hubcap::storage::aws::SdkRole::Batch).await;
     let mut pump = common::moto::StreamPump::new(&moto.url, &stack.table);
     let pending = |mut e: aws_lambda_events::event::dynamodb::Event| {
         e.records.retain(|r| hubcap::lambda::job_from_record(r).unwrap().is_some());
@@ -368,7 +368,8 @@ async fn every_aws_call_of_the_functions_is_allowed_by_their_template_policies()
     assert!(deleted_manifests > 0);
     let stored: Vec<String> = app.blobs().into_iter().chain(warm.blobs()).map(|(d, _)| d).collect();
     assert!(deleted_blobs as usize >= stored.len(), "{deleted_blobs} blobs deleted");
-    let (store, _) = hubcap::storage::aws::connect(&moto.storage(&stack.bucket, &stack.table).await).await;
+    let (store, _) =
+        hubcap::storage::aws::connect(&moto.storage(&stack.bucket, &stack.table).await, hubcap::storage::aws::SdkRole::Batch).await;
     for digest in &stored {
         use hubcap::storage::BlobStore;
         let d = hubcap::oci::Digest::parse(digest).unwrap();

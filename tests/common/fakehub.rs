@@ -157,6 +157,9 @@ pub struct HubState {
     repo_blobs: Mutex<HashMap<String, HashSet<String>>>,
     pub counters: Counters,
     pub cdn_per_blob: Mutex<HashMap<String, usize>>,
+    /// Those of `cdn_per_blob` asked by a mirror (`User-Agent: hubcap/...`),
+    /// not by a client it sent there.
+    pub mirror_cdn_per_blob: Mutex<HashMap<String, usize>>,
     pub fault: Mutex<Fault>,
     credentials: Option<(String, String)>,
     /// Basic mode: registry requests carry `credentials` themselves; no token.
@@ -224,6 +227,7 @@ impl FakeHub {
             repo_blobs: Mutex::default(),
             counters: Counters::default(),
             cdn_per_blob: Mutex::default(),
+            mirror_cdn_per_blob: Mutex::default(),
             fault: Mutex::new(Fault::None),
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
             basic,
@@ -322,6 +326,11 @@ impl FakeHub {
 
     pub fn cdn_gets(&self, digest: &str) -> usize {
         self.state.cdn_per_blob.lock().unwrap().get(digest).copied().unwrap_or(0)
+    }
+
+    /// `cdn_gets` made by a mirror, not by clients sent to the CDN.
+    pub fn mirror_cdn_gets(&self, digest: &str) -> usize {
+        self.state.mirror_cdn_per_blob.lock().unwrap().get(digest).copied().unwrap_or(0)
     }
 
     /// Publishes an image or index (and its children) under `repo:tag`.
@@ -624,6 +633,9 @@ async fn cdn_blob(
         s.counters.cdn_saw_authorization.fetch_add(1, Ordering::SeqCst);
     }
     *s.cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    if headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| ua.starts_with("hubcap/")) {
+        *s.mirror_cdn_per_blob.lock().unwrap().entry(digest.clone()).or_default() += 1;
+    }
     let _ = s.cdn_held.subscribe().wait_for(|held| !*held).await;
     if *s.fault.lock().unwrap() == Fault::Endless {
         let chunk = Bytes::from(vec![0u8; 64 * 1024]);

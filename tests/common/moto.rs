@@ -1,6 +1,7 @@
 //! AWS on loopback: a `moto_server` per test (S3, DynamoDB and DynamoDB
-//! Streams), a counting proxy to measure the AWS calls a request costs, and
-//! a stream pump that reads real records from moto's DynamoDB Stream and
+//! Streams), a counting proxy to measure the AWS calls a request costs (and
+//! to inject the faults real AWS has and moto never shows), and a stream
+//! pump that reads real records from moto's DynamoDB Stream and
 //! hands them to the fetcher as Lambda's event source mapping would.
 
 use std::collections::{BTreeMap, HashMap};
@@ -117,6 +118,134 @@ pub struct CountingProxy {
     /// DynamoDB GetItems by (item key `pk|sk`, Unix second), for the herd
     /// simulation's reads per key per second.
     pub reads: Arc<Mutex<HashMap<(String, u64), usize>>>,
+    /// The faults to inject (none until `inject`), and those injected.
+    pub faults: Arc<Faults>,
+}
+
+/// What real AWS does now and then, and moto never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AwsFault {
+    /// DynamoDB's `ThrottlingException` or `ProvisionedThroughputExceededException`
+    /// (alternately, 400); S3's `503 SlowDown`.
+    Throttle,
+    /// DynamoDB's `500 InternalServerError`; S3's `500 InternalError`.
+    ServerError,
+    /// The call never reaches the service; the connection is reset before
+    /// the answer's body.
+    ResetUnsent,
+    /// The call is made; the connection is reset half-way through its
+    /// answer (a write that happened, reported as failed).
+    ResetMidAnswer,
+    /// The call is made after `FaultPlan::delay` (past the SDK's attempt
+    /// timeouts: a late write).
+    Delay,
+}
+
+/// Which calls get a fault: `per_mille` of the SDK's signed calls
+/// (presigned URLs, which clients fetch themselves, and DynamoDB Streams
+/// are left alone), spread over `kinds` by a seeded generator.
+#[derive(Clone, Debug)]
+pub struct FaultPlan {
+    pub per_mille: u64,
+    pub kinds: Vec<AwsFault>,
+    pub delay: std::time::Duration,
+    pub seed: u64,
+}
+
+impl FaultPlan {
+    /// Every kind, at `per_mille`.
+    pub fn all(per_mille: u64, seed: u64) -> FaultPlan {
+        use AwsFault::*;
+        FaultPlan {
+            per_mille,
+            kinds: vec![Throttle, ServerError, ResetUnsent, ResetMidAnswer, Delay],
+            delay: std::time::Duration::from_secs(4),
+            seed,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Faults {
+    plan: Mutex<Option<FaultPlan>>,
+    calls: std::sync::atomic::AtomicU64,
+    /// Faults injected, by (operation, kind).
+    injected: Mutex<BTreeMap<(String, AwsFault), usize>>,
+    /// Signed calls seen while a plan was set.
+    pub eligible: std::sync::atomic::AtomicU64,
+}
+
+impl Faults {
+    pub fn inject(&self, plan: Option<FaultPlan>) {
+        *self.plan.lock().unwrap() = plan;
+    }
+
+    pub fn injected(&self) -> BTreeMap<(String, AwsFault), usize> {
+        self.injected.lock().unwrap().clone()
+    }
+
+    pub fn total(&self) -> usize {
+        self.injected.lock().unwrap().values().sum()
+    }
+
+    /// The fault for the next signed call of `op`, if any.
+    fn pick(&self, op: &str) -> Option<AwsFault> {
+        let plan = self.plan.lock().unwrap().clone()?;
+        if op.starts_with("DynamoDBStreams") || plan.kinds.is_empty() {
+            return None;
+        }
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.eligible.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // splitmix64 of (seed, call number).
+        let mut z = plan.seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        if z % 1000 >= plan.per_mille {
+            return None;
+        }
+        let kind = plan.kinds[((z >> 20) % plan.kinds.len() as u64) as usize];
+        *self.injected.lock().unwrap().entry((op.to_owned(), kind)).or_default() += 1;
+        if std::env::var_os("HUBCAP_FAULT_LOG").is_some() {
+            eprintln!("fault: {kind:?} on {op}");
+        }
+        Some(kind)
+    }
+
+    fn delay(&self) -> std::time::Duration {
+        self.plan.lock().unwrap().as_ref().map_or_else(Default::default, |p| p.delay)
+    }
+}
+
+/// The answer AWS gives for a throttled or failed call.
+fn fault_answer(fault: AwsFault, dynamodb: bool, n: usize) -> Response {
+    let (status, body, content_type) = match (fault, dynamodb) {
+        (AwsFault::Throttle, true) => {
+            let kind = if n % 2 == 0 { "ThrottlingException" } else { "ProvisionedThroughputExceededException" };
+            (400, format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{kind}","message":"Rate of requests exceeds the allowed throughput."}}"#), "application/x-amz-json-1.0")
+        }
+        (AwsFault::Throttle, false) => {
+            (503, "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>".to_owned(), "application/xml")
+        }
+        (_, true) => (500, r#"{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError","message":"Internal server error"}"#.to_owned(), "application/x-amz-json-1.0"),
+        (_, false) => {
+            (500, "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>".to_owned(), "application/xml")
+        }
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("x-amzn-requestid", "fault")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// An answer whose connection is reset after its headers and `sent` of
+/// `total` body bytes.
+fn cut_answer(mut out: axum::http::response::Builder, sent: bytes::Bytes, total: usize) -> Response {
+    out = out.header("content-length", total.max(sent.len() + 1));
+    let stream = futures_util::stream::iter(vec![Ok(sent), Err(std::io::Error::other("fault: connection reset"))]);
+    out.body(Body::from_stream(stream)).unwrap()
 }
 
 /// One AWS call that went through a [`CountingProxy`].
@@ -144,6 +273,7 @@ struct Proxy {
     calls: Arc<Mutex<BTreeMap<String, usize>>>,
     records: Arc<Mutex<Vec<AwsCall>>>,
     reads: Arc<Mutex<HashMap<(String, u64), usize>>>,
+    faults: Arc<Faults>,
     http: reqwest::Client,
     /// DynamoDB Streams shard iterator -> its stream's ARN (GetRecords names only the iterator).
     iterators: Mutex<HashMap<String, String>>,
@@ -154,11 +284,13 @@ impl CountingProxy {
         let calls: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
         let records: Arc<Mutex<Vec<AwsCall>>> = Arc::default();
         let reads: Arc<Mutex<HashMap<(String, u64), usize>>> = Arc::default();
+        let faults: Arc<Faults> = Arc::default();
         let state = Proxy {
             upstream: upstream.to_owned(),
             calls: calls.clone(),
             records: records.clone(),
             reads: reads.clone(),
+            faults: faults.clone(),
             http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
             iterators: Mutex::default(),
         };
@@ -166,7 +298,7 @@ impl CountingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        CountingProxy { url, calls, records, reads }
+        CountingProxy { url, calls, records, reads, faults }
     }
 
     pub fn take(&self) -> BTreeMap<String, usize> {
@@ -185,7 +317,16 @@ async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response {
         Some(t) => format!("DynamoDB.{}", t.rsplit('.').next().unwrap_or(t)),
         None => format!("S3.{}", req.method()),
     };
-    *state.calls.lock().unwrap().entry(op).or_default() += 1;
+    *state.calls.lock().unwrap().entry(op.clone()).or_default() += 1;
+    let fault = if req.headers().contains_key("authorization") { state.faults.pick(&op) } else { None };
+    let head = req.method() == axum::http::Method::HEAD;
+    match fault {
+        Some(f @ (AwsFault::Throttle | AwsFault::ServerError)) => return fault_answer(f, target.is_some(), state.faults.total()),
+        Some(AwsFault::ResetUnsent) if head => return fault_answer(AwsFault::ServerError, target.is_some(), 0),
+        Some(AwsFault::ResetUnsent) => return cut_answer(Response::builder().status(200), bytes::Bytes::new(), 64),
+        Some(AwsFault::Delay) => tokio::time::sleep(state.faults.delay()).await,
+        _ => {}
+    }
     let (principal, region, service) = signer(&req);
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -220,7 +361,17 @@ async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response {
 
     let mut out = Response::builder().status(status);
     for (k, v) in &resp_headers {
+        if fault == Some(AwsFault::ResetMidAnswer) && k == "content-length" {
+            continue;
+        }
         out = out.header(k, v);
+    }
+    if fault == Some(AwsFault::ResetMidAnswer) {
+        if head {
+            return fault_answer(AwsFault::ServerError, target.is_some(), 0);
+        }
+        let total = resp_body.len();
+        return cut_answer(out, resp_body.slice(..total / 2), total);
     }
     out.body(Body::from(resp_body)).unwrap()
 }

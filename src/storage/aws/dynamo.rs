@@ -200,6 +200,8 @@ impl FetchIndex for DynamoIndex {
         if let Some(size) = size {
             item.insert("size".into(), n(size));
         }
+        let token = write_token();
+        item.insert(WRITER.into(), s(&token));
         let result = self
             .client
             .put_item()
@@ -212,14 +214,17 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":now", n(now()))
             .send()
             .await;
-        conditional("DynamoDB PutItem", result)
+        self.conditional_blob_write("DynamoDB PutItem", digest, &token, result).await
     }
 
     async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
         let t = now();
+        let token = write_token();
         let result = self
             .update_blob(digest)
-            .update_expression("SET #s = :fetching, lease_until = :until, updated_at = :now ADD attempts :one")
+            .update_expression("SET #s = :fetching, lease_until = :until, updated_at = :now, #w = :w ADD attempts :one")
+            .expression_attribute_names("#w", WRITER)
+            .expression_attribute_values(":w", s(&token))
             .condition_expression("attribute_exists(pk) AND (#s IN (:pending, :failed) OR (#s = :fetching AND lease_until < :now))")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":fetching", s("fetching"))
@@ -230,16 +235,19 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":one", n(1))
             .send()
             .await;
-        conditional("DynamoDB UpdateItem", result)
+        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
     }
 
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
         let t = now();
         // A MODIFY that leaves the item pending passes the stream filter: the
         // fetcher runs again.
+        let token = write_token();
         let result = self
             .update_blob(digest)
-            .update_expression("SET #s = :pending, updated_at = :now REMOVE lease_until")
+            .update_expression("SET #s = :pending, updated_at = :now, #w = :w REMOVE lease_until")
+            .expression_attribute_names("#w", WRITER)
+            .expression_attribute_values(":w", s(&token))
             .condition_expression("(#s = :pending AND updated_at < :cutoff) OR (#s = :fetching AND lease_until < :now)")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":pending", s("pending"))
@@ -248,7 +256,7 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":cutoff", n(t - stale.as_secs() as i64))
             .send()
             .await;
-        conditional("DynamoDB UpdateItem", result)
+        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
     }
 
     async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool> {
@@ -257,9 +265,12 @@ impl FetchIndex for DynamoIndex {
         // (`touch` is conditional on it); then the known links forget it.
         // A link made ready between the caller's read and this write keeps
         // its flag until the blob is stored again.
+        let token = write_token();
         let result = self
             .update_blob(digest)
-            .update_expression("SET #s = :pending, updated_at = :now, last_error = :err REMOVE lease_until")
+            .update_expression("SET #s = :pending, updated_at = :now, last_error = :err, #w = :w REMOVE lease_until")
+            .expression_attribute_names("#w", WRITER)
+            .expression_attribute_values(":w", s(&token))
             .condition_expression("#s = :ready")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":pending", s("pending"))
@@ -268,7 +279,7 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":err", s(crate::storage::LOST))
             .send()
             .await;
-        if !conditional("DynamoDB UpdateItem", result)? {
+        if !self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await? {
             return Ok(false);
         }
         for repo in repos {
@@ -454,9 +465,12 @@ impl SweepIndex for DynamoIndex {
 
     async fn begin_blob_delete(&self, digest: &Digest, used_before: i64, lease: Duration) -> Result<bool> {
         let t = now();
+        let token = write_token();
         let result = self
             .update_blob(digest)
-            .update_expression("SET #s = :deleting, lease_until = :until, updated_at = :now")
+            .update_expression("SET #s = :deleting, lease_until = :until, updated_at = :now, #w = :w")
+            .expression_attribute_names("#w", WRITER)
+            .expression_attribute_values(":w", s(&token))
             .condition_expression(
                 "(#s IN (:ready, :failed) AND (used_at < :before OR (attribute_not_exists(used_at) AND updated_at < :before))) \
                  OR (#s = :deleting AND lease_until < :now)",
@@ -470,7 +484,7 @@ impl SweepIndex for DynamoIndex {
             .expression_attribute_values(":now", n(t))
             .send()
             .await;
-        conditional("DynamoDB UpdateItem", result)
+        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
     }
 
     async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
@@ -485,7 +499,9 @@ impl SweepIndex for DynamoIndex {
             .expression_attribute_values(":deleting", s("deleting"))
             .send()
             .await;
-        if !conditional("DynamoDB DeleteItem", result)? {
+        // A delete made whose answer was lost fails its condition when
+        // retried: the item is gone, and its links go too.
+        if !conditional("DynamoDB DeleteItem", result)? && self.blob_item_consistent(digest).await?.is_some() {
             return Ok(());
         }
         for repo in repos {

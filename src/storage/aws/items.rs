@@ -22,6 +22,25 @@ pub fn pending_blob(image: &serde_json::Value) -> std::result::Result<Option<(Di
     Ok(Some((digest, source, size)))
 }
 
+/// The attribute naming the writer of a blob item's last conditional state
+/// change (a token of that one call).
+pub(super) const WRITER: &str = "writer";
+
+/// A token no other call, here or in another process, draws: 128 bits from
+/// the standard library's randomly keyed hasher.
+pub(super) fn write_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let draw = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(call);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.finish()
+    };
+    format!("{:016x}{:016x}", draw(), draw())
+}
+
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
@@ -73,6 +92,44 @@ impl DynamoIndex {
             .await
             .map_err(|e| unavailable("DynamoDB GetItem", e))?;
         Ok(out.item)
+    }
+
+    /// A blob's item, read strongly consistent (after a write).
+    pub(super) async fn blob_item_consistent(&self, digest: &Digest) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(blob_pk(digest)))
+            .key("sk", s("blob"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable("DynamoDB GetItem", e))?;
+        Ok(out.item)
+    }
+
+    /// The outcome of a conditional write on a blob's item that set
+    /// `WRITER` to `token`. A write DynamoDB made whose answer was lost (a
+    /// connection reset, an attempt timed out) is retried by the SDK, and
+    /// the retry fails the condition the first attempt changed: the item
+    /// then carries this call's token, and the write was made.
+    pub(super) async fn conditional_blob_write<O, E, R>(
+        &self,
+        what: &str,
+        digest: &Digest,
+        token: &str,
+        result: std::result::Result<O, SdkError<E, R>>,
+    ) -> Result<bool>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        if conditional(what, result)? {
+            return Ok(true);
+        }
+        let item = self.blob_item_consistent(digest).await?;
+        Ok(item.as_ref().and_then(|i| get_s(i, WRITER)) == Some(token))
     }
 
     pub(super) async fn put(&self, item: Item) -> Result<()> {

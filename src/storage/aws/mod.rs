@@ -34,17 +34,20 @@
 //! - `s3`: the blob store (multipart writer, presigned URLs);
 //! - `items`: the table's item layout and codecs (keys, attributes, records);
 //! - `dynamo`: the `Index` on that table;
-//! - `setup`: creating the bucket and the table (`hubcap aws-setup`).
+//! - `setup`: creating the bucket and the table (`hubcap aws-setup`);
+//! - `tuning`: the SDK's retry and timeout settings of each role.
 
 mod dynamo;
 mod items;
 mod s3;
 mod setup;
+mod tuning;
 
 pub use dynamo::DynamoIndex;
 pub use items::pending_blob;
 pub use s3::{S3BlobStore, blob_key, url_lifetime};
 pub use setup::{create_bucket, setup};
+pub use tuning::{SdkRole, Settings, clients, settings};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -149,18 +152,11 @@ pub(super) async fn sdk_config(cfg: &AwsStorage) -> aws_config::SdkConfig {
     }
 }
 
-/// The two backends. S3 uses path-style addressing whenever an endpoint is
-/// overridden (emulators).
-pub async fn connect(cfg: &AwsStorage) -> (S3BlobStore, DynamoIndex) {
+/// The two backends, with the SDK settings of `role`.
+pub async fn connect(cfg: &AwsStorage, role: SdkRole) -> (S3BlobStore, DynamoIndex) {
     let sdk = sdk_config(cfg).await;
-    let (s3, ddb) = clients(&sdk);
+    let (s3, ddb) = clients(&sdk, role);
     let store = S3BlobStore::new(s3.clone(), &cfg.bucket, cfg.encryption.clone()).signing_with(&sdk);
     let index = DynamoIndex::new(ddb, &cfg.table, S3BlobStore::new(s3, &cfg.bucket, cfg.encryption.clone()));
     (store, index)
-}
-
-pub fn clients(sdk: &aws_config::SdkConfig) -> (aws_sdk_s3::Client, aws_sdk_dynamodb::Client) {
-    let overridden = sdk.endpoint_url().is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(sdk).force_path_style(overridden).build());
-    (s3, aws_sdk_dynamodb::Client::new(sdk))
 }

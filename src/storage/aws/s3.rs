@@ -574,7 +574,7 @@ mod tests {
             .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(creds))
             .endpoint_url("http://127.0.0.1:9")
             .build();
-        let (s3, _) = clients(&sdk);
+        let (s3, _) = clients(&sdk, super::SdkRole::Api);
         let store = S3BlobStore::new(s3, "b", Encryption::BucketDefault).signing_with(&sdk);
         let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
         let url = store.presigned_get(&digest, Duration::from_secs(900)).await.unwrap();

@@ -64,7 +64,7 @@ pub async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str, region: Op
 pub async fn setup(cfg: &AwsStorage) -> Result<(bool, bool)> {
     let sdk = sdk_config(cfg).await;
     let region = sdk.region().map(|r| r.to_string());
-    let (s3, ddb) = clients(&sdk);
+    let (s3, ddb) = clients(&sdk, SdkRole::Batch);
     let bucket = create_bucket(&s3, &cfg.bucket, region.as_deref()).await?;
     let index = DynamoIndex::new(ddb, &cfg.table, S3BlobStore::new(s3, &cfg.bucket, cfg.encryption.clone()));
     let table = index.create_table().await?;
