@@ -955,7 +955,7 @@ async fn aws_storage(name: &str) -> aws::AwsStorage {
 }
 
 async fn dynamo(name: &str) -> aws::DynamoIndex {
-    aws::connect(&aws_storage(name).await).await.1
+    aws::connect(&aws_storage(name).await, aws::SdkRole::Serve).await.1
 }
 
 /// Caches as a warm instance does; tags stored with a recent `checked_at`
@@ -1009,7 +1009,7 @@ async fn local_files_keep_the_blob_store_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_keeps_the_blob_store_contract() {
-    let (store, _) = aws::connect(&aws_storage("s3").await).await;
+    let (store, _) = aws::connect(&aws_storage("s3").await, aws::SdkRole::Serve).await;
     let fetch: Fetch = Box::new(|url: String| {
         Box::pin(async move {
             let resp = reqwest::get(&url).await.ok()?;
@@ -1034,7 +1034,7 @@ async fn s3_objects_are_encrypted_as_configured() {
         let args = [&["hubcap", "--bucket", "b", "--table", "t"][..], &flags].concat();
         let settings = <hubcap::config::LambdaSettings as clap::Parser>::try_parse_from(args).unwrap();
         storage.encryption = settings.aws.storage().unwrap().encryption;
-        let (store, _) = aws::connect(&storage).await;
+        let (store, _) = aws::connect(&storage, aws::SdkRole::Serve).await;
         for size in [1000usize, aws::PART_SIZE + 1024] {
             let data = Bytes::from(common::images::noise(size, size as u64 + seed as u64));
             let digest = Digest::of(&data);

@@ -34,7 +34,7 @@ use hubcap::lifecycle::{GcOptions, GcReport};
 use hubcap::mirror::upstream::build_upstreams;
 use hubcap::storage::aws::{AwsStorage, SdkRole};
 
-const SEED: u64 = 0x5eed_24;
+const SEED: u64 = 0x5eed_0024;
 
 fn per_mille() -> u64 {
     std::env::var("HUBCAP_FAULT_PER_MILLE").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
@@ -313,15 +313,14 @@ fn report(path: &str, tally: &Tally, proxy: &CountingProxy, upstream_gets: usize
 /// The final checks shared by both paths.
 async fn conclude(
     path: &str,
-    moto: &Moto,
+    (moto, bucket, table): (&str, &str, &str),
     proxy: &CountingProxy,
     hub: &FakeHub,
     blobs: &[String],
     tally: &Tally,
     gc: &[(GcReport, usize)],
-    (bucket, table): (&str, &str),
 ) {
-    let present = check_store(&moto.url, bucket, table).await;
+    let present = check_store(moto, bucket, table).await;
     let upstream_gets: usize = blobs.iter().map(|b| hub.mirror_cdn_gets(b)).sum();
     let deleted: usize = gc.iter().map(|(r, _)| r.deleted_blobs).sum();
     let allowed = blobs.len() + deleted + proxy.faults.total();
@@ -370,7 +369,7 @@ async fn serve_on_aws_loses_nothing_under_injected_faults() {
     proxy.faults.inject(None);
     let third = Hubcap::start_opts(opts()).await;
     load(&third.url, &names, 1, &tally).await;
-    conclude("serve", &moto, &proxy, &hub, &blobs, &tally, &[gc], ("faults-bucket", "faults")).await;
+    conclude("serve", (&moto.url, "faults-bucket", "faults"), &proxy, &hub, &blobs, &tally, &[gc]).await;
 }
 
 /// Feeds the fetcher from the table's stream as the event source mapping
@@ -442,5 +441,5 @@ async fn the_api_and_fetcher_lose_nothing_under_injected_faults() {
     stop.store(true, Ordering::SeqCst);
     feeder.await.unwrap();
     eprintln!("faults[api]: {} stream records went to the on-failure destination", given_up.load(Ordering::SeqCst));
-    conclude("api", &moto, &proxy, &hub, &blobs, &tally, &[gc], ("faults-api-bucket", "faults-api")).await;
+    conclude("api", (&moto.url, "faults-api-bucket", "faults-api"), &proxy, &hub, &blobs, &tally, &[gc]).await;
 }

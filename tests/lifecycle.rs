@@ -90,7 +90,7 @@ async fn env(kind: Kind, mirror: MirrorConfig) -> Env {
         hubcap::assemble::open(&backend, Duration::ZERO, hubcap::assemble::MEMORY_CACHE_ENTRIES).await.unwrap();
     let raw: Arc<dyn Index> = match &backend {
         Backend::Local(data) => Arc::new(hubcap::storage::local::SqliteIndex::open(&data.join("index.db")).unwrap()),
-        Backend::Aws(storage) => Arc::new(hubcap::storage::aws::connect(storage).await.1),
+        Backend::Aws(storage) => Arc::new(hubcap::storage::aws::connect(storage, hubcap::storage::aws::SdkRole::Serve).await.1),
     };
     Env { hub, mirror, backend, index, store, raw, http: client(), _dir: dir, _moto: moto }
 }

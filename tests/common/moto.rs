@@ -221,7 +221,7 @@ impl Faults {
 fn fault_answer(fault: AwsFault, dynamodb: bool, n: usize) -> Response {
     let (status, body, content_type) = match (fault, dynamodb) {
         (AwsFault::Throttle, true) => {
-            let kind = if n % 2 == 0 { "ThrottlingException" } else { "ProvisionedThroughputExceededException" };
+            let kind = if n.is_multiple_of(2) { "ThrottlingException" } else { "ProvisionedThroughputExceededException" };
             (400, format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{kind}","message":"Rate of requests exceeds the allowed throughput."}}"#), "application/x-amz-json-1.0")
         }
         (AwsFault::Throttle, false) => {
