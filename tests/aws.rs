@@ -363,6 +363,7 @@ async fn an_unreachable_aws_backend_answers_503() {
     let mirror = Hubcap::start_opts(aws_opts(storage, &hub)).await;
     let resp = client().get(format!("{}/v2/nowhere/manifests/1", mirror.url)).send().await.unwrap();
     assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "2", "a 503 says when to come back");
     assert_eq!(error_code(resp).await, "UNAVAILABLE");
     assert_eq!(hub.count(|c| &c.manifest_get), 0, "nothing fetched that could not be stored");
 }

@@ -443,3 +443,38 @@ async fn the_api_and_fetcher_lose_nothing_under_injected_faults() {
     eprintln!("faults[api]: {} stream records went to the on-failure destination", given_up.load(Ordering::SeqCst));
     conclude("api", (&moto.url, "faults-api-bucket", "faults-api"), &proxy, &hub, &blobs, &tally, &[gc]).await;
 }
+
+/// AWS that answers nothing in time: the api's SDK settings give up on a
+/// call after 5 s (two attempts of 2 s, back-offs under 1 s), so a client
+/// gets `503` with `Retry-After` long before the front end's 29 s, and
+/// the instance is not timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_answers_in_time_when_aws_does_not() {
+    let hub = FakeHub::start().await;
+    hub.publish("library/late", "1", &Published::Image(images::small_image(Format::Oci, "amd64", 2430, 1)));
+    let moto = Moto::start().await;
+    moto.setup("late-bucket", "late").await;
+    let proxy = CountingProxy::start(&moto.url).await;
+    let storage = storage_at(&proxy.url, "late-bucket", "late").await;
+    let upstreams = build_upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), &HashMap::new()).unwrap();
+    let fit = hubcap::lambda::FrontEndFit { timeout: Some(Duration::from_secs(29)), ..Default::default() };
+    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams, config(), 100, Default::default(), fit).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let plan = FaultPlan { per_mille: 1000, kinds: vec![AwsFault::Delay], delay: Duration::from_secs(60), seed: SEED };
+    proxy.faults.inject(Some(plan));
+    let started = std::time::Instant::now();
+    let resp = client().get(format!("{api}/v2/late/manifests/1")).header("accept", ALL_MANIFESTS).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let api_settings = hubcap::storage::aws::settings(SdkRole::Api);
+    let bound = api_settings.dynamodb.operation_timeout().unwrap() + Duration::from_secs(2);
+    assert!(
+        took < bound,
+        "answered after {took:?}, the api's DynamoDB calls give up after {:?}",
+        api_settings.dynamodb.operation_timeout()
+    );
+    assert!(proxy.faults.total() >= 2, "the call was attempted again: {:?}", proxy.faults.injected());
+}

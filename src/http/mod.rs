@@ -49,6 +49,8 @@ pub(crate) const API_VERSION: &str = "Docker-Distribution-API-Version";
 /// Longest `Retry-After` a client is told, whatever upstream said (an
 /// upstream's `999999999` is passed on as this).
 pub const MAX_RETRY_AFTER: u64 = 300;
+/// `Retry-After` of a `503` whose cause names no time (storage failing).
+pub const DEFAULT_RETRY_AFTER: u64 = 2;
 
 /// The client's address as the platform saw it (a Lambda's request context);
 /// `hubcap serve` uses the TCP peer instead.
@@ -89,7 +91,10 @@ impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
-        if let Some(secs) = self.retry_after {
+        // Every 503 says when to come back: what the cause knows, else soon
+        // (storage that failed has been retried by its SDK already).
+        let retry_after = self.retry_after.or((status == StatusCode::SERVICE_UNAVAILABLE).then_some(DEFAULT_RETRY_AFTER));
+        if let Some(secs) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.clamp(1, MAX_RETRY_AFTER)));
         }
         if status.is_server_error() {
