@@ -638,6 +638,49 @@ async fn upstream_credentials_come_from_secrets_manager_and_never_reach_the_logs
     assert!(!log.contains("dckr_pat_from_secret"), "the secret leaked into the log:\n{log}");
 }
 
+/// Lambda's delivery faults: a batch delivered again out of order, and
+/// again after GC deleted what it names. Nothing is fetched twice, and
+/// nothing GC deleted comes back (no item, no object) from an old record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_records_late_or_out_of_order_fetch_nothing_twice_and_resurrect_nothing() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 212, 2);
+    hub.publish("library/late", "1", &Published::Image(img.clone()));
+    let StreamWorld { moto: _moto, storage, api, fetcher, mut pump } = stream_world(&hub, "late").await;
+    let http = client();
+    get_manifest(&http, &api, "late", "1", ALL_MANIFESTS).await;
+    let event = pump.poll().await;
+    assert_eq!(event.records.iter().filter(|r| hubcap::lambda::job_from_record(r).unwrap().is_some()).count(), 3);
+    assert!(hubcap::lambda::handle_stream(&fetcher, event.clone()).await.batch_item_failures.is_empty());
+    let once = |what: &str| {
+        for (digest, _) in img.blobs() {
+            assert_eq!(hub.cdn_gets(&digest), 1, "{what}: {digest}");
+        }
+    };
+    once("first delivery");
+
+    let mut reversed = event.clone();
+    reversed.records.reverse();
+    assert!(hubcap::lambda::handle_stream(&fetcher, reversed).await.batch_item_failures.is_empty());
+    once("delivered again, out of order");
+
+    // GC expires the image and deletes its blobs; then the old batch comes.
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
+    let opts = hubcap::lifecycle::GcOptions { unused_for: Duration::ZERO, grace: Duration::ZERO, ..Default::default() };
+    hubcap::storage::clock::advance(Duration::from_secs(2));
+    let report = hubcap::lifecycle::run(&index, &store, &opts).await.unwrap();
+    assert_eq!(report.deleted_blobs, 3, "{report:?}");
+    pump.poll().await;
+    assert!(hubcap::lambda::handle_stream(&fetcher, event).await.batch_item_failures.is_empty());
+    once("delivered after GC deleted the blobs");
+    for (digest, _) in img.blobs() {
+        let d = hubcap::oci::Digest::parse(&digest).unwrap();
+        assert!(index.blob_record(&d).await.unwrap().is_none(), "{digest} has no item again");
+        assert_eq!(store.size(&d).await.unwrap(), None, "{digest} has no object again");
+    }
+    assert!(pump.poll().await.records.iter().all(|r| hubcap::lambda::job_from_record(r).unwrap().is_none()), "and queued nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
     let hub = FakeHub::start().await;
