@@ -21,7 +21,8 @@ use axum::Router;
 
 use crate::http::access::AccessPolicy;
 use crate::http::{AppState, app};
-use crate::mirror::fetch::{FetchQueue, Fetcher, IndexQueue, LocalQueue};
+use crate::mirror::fetch::Fetcher;
+use crate::mirror::queue::{FetchQueue, IndexQueue, LocalQueue};
 use crate::mirror::upstream::{UpstreamLimits, Upstreams, build_upstreams, load_credentials, parse_credentials};
 use crate::mirror::{Mirror, MirrorConfig};
 use crate::storage::aws::{self, AwsStorage, SdkRole};

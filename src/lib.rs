@@ -60,3 +60,18 @@ pub mod secrets;
 pub mod serve;
 pub mod storage;
 pub mod warm;
+
+#[cfg(test)]
+mod house {
+    /// No file of `src/` over 600 lines, no import circle between modules
+    /// (`tests/tools/house.py` says how it reads the module graph).
+    #[test]
+    fn files_stay_short_and_modules_import_in_one_direction() {
+        let out = std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/house.py"))
+            .output()
+            .expect("python3 (tests/run.sh installs it)");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}");
+    }
+}

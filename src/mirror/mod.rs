@@ -31,11 +31,13 @@ pub mod deadline;
 pub mod fetch;
 pub mod follow;
 mod manifests;
+pub mod queue;
 mod transfer;
 pub use manifests::MAX_REFERENCES;
 pub mod upstream;
 
-use self::fetch::{FetchJob, FetchQueue, WaitOutcome};
+use self::fetch::FetchJob;
+use self::queue::{FetchQueue, WaitOutcome};
 use self::upstream::{Retry, TagsPage, Upstream, UpstreamError, Upstreams};
 use crate::observe::{CacheStatus, Counters, Report, RequestStats};
 use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryError, RepoPath, parse_manifest};

@@ -26,12 +26,36 @@ use reqwest::StatusCode;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::fetch::FetchError;
 use super::upstream::{Retry, Upstream, UpstreamError, UpstreamLimits};
 use crate::oci::{Digest, RepoPath};
-use crate::storage::OffsetWriter;
+use crate::storage::{OffsetWriter, StorageError};
 
 /// Tries of one part before the copy fails.
+/// Why a copy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Rejected(String),
+    /// Upstream answered a `Range` with other bytes: the next try reads
+    /// the blob as one stream.
+    #[error("{0}")]
+    BadRange(String),
+    /// The copy stopped at a checkpoint before its deadline: the blob is
+    /// `pending` again and the next fetch continues it.
+    #[error("copy suspended at byte {0} before the deadline")]
+    Suspended(u64),
+}
+
+impl FetchError {
+    pub(super) fn is_permanent(&self) -> bool {
+        matches!(self, FetchError::Upstream(UpstreamError::NotFound | UpstreamError::Denied(_)) | FetchError::Storage(_))
+    }
+}
+
 const PART_ATTEMPTS: u32 = 3;
 
 /// Bytes of parts in flight or waiting for the reader, at most.

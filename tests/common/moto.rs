@@ -612,52 +612,27 @@ pub async fn aws_json_as(url: &str, access_key: &str, service: &str, target: &st
     serde_json::from_slice(&bytes).unwrap_or_default()
 }
 
-/// Reads a table's DynamoDB Stream from moto, shard by shard.
+/// Reads a table's DynamoDB Stream from moto, shard by shard, with the
+/// reader `hubcap lambda-dev`'s pump uses.
 pub struct StreamPump {
     url: String,
     table: String,
-    iterators: HashMap<String, String>,
+    reader: Option<hubcap::lambda::dev::StreamReader>,
 }
 
 impl StreamPump {
     pub fn new(moto_url: &str, table: &str) -> StreamPump {
-        StreamPump { url: moto_url.to_owned(), table: table.to_owned(), iterators: HashMap::new() }
-    }
-
-    async fn call(&self, target: &str, body: serde_json::Value) -> serde_json::Value {
-        aws_json(&self.url, "dynamodb", target, &body).await
+        StreamPump { url: moto_url.to_owned(), table: table.to_owned(), reader: None }
     }
 
     /// The records written since the last call, as the Lambda event the
     /// event source mapping would deliver.
     pub async fn poll(&mut self) -> aws_lambda_events::event::dynamodb::Event {
-        let table = self.call("DynamoDB_20120810.DescribeTable", serde_json::json!({ "TableName": self.table })).await;
-        let arn = table["Table"]["LatestStreamArn"].as_str().expect("the table has a stream").to_owned();
-        let stream = self.call("DynamoDBStreams_20120810.DescribeStream", serde_json::json!({ "StreamArn": arn })).await;
-        let mut records = Vec::new();
-        for shard in stream["StreamDescription"]["Shards"].as_array().unwrap() {
-            let id = shard["ShardId"].as_str().unwrap().to_owned();
-            let iterator = match self.iterators.get(&id) {
-                Some(it) => it.clone(),
-                None => {
-                    let it = self
-                        .call(
-                            "DynamoDBStreams_20120810.GetShardIterator",
-                            serde_json::json!({ "StreamArn": arn, "ShardId": id, "ShardIteratorType": "TRIM_HORIZON" }),
-                        )
-                        .await;
-                    it["ShardIterator"].as_str().unwrap().to_owned()
-                }
-            };
-            let page = self.call("DynamoDBStreams_20120810.GetRecords", serde_json::json!({ "ShardIterator": iterator })).await;
-            for mut r in page["Records"].as_array().cloned().unwrap_or_default() {
-                r["eventSourceARN"] = serde_json::json!(arn);
-                records.push(r);
-            }
-            if let Some(next) = page["NextShardIterator"].as_str() {
-                self.iterators.insert(id, next.to_owned());
-            }
+        if self.reader.is_none() {
+            let sdk = storage_at(&self.url, "", &self.table).await.sdk.unwrap();
+            self.reader = Some(hubcap::lambda::dev::StreamReader::new(&sdk, &self.table).await.expect("the table has a stream"));
         }
+        let records = self.reader.as_mut().unwrap().read().await.expect("moto's stream reads");
         serde_json::from_value(serde_json::json!({ "Records": records })).expect("stream records parse as the Lambda event")
     }
 }

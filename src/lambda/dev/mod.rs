@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use self::front::{FrontEnd, front};
-pub use self::pump::{Pump, passes_filter};
+pub use self::pump::{Pump, StreamReader, passes_filter};
 use crate::assemble::BoxError;
 
 pub struct LambdaDevOptions {

@@ -17,16 +17,17 @@ const BATCH_SIZE: usize = 10;
 /// (the template's `StreamMaximumRetryAttempts` default, plus the first).
 const DELIVERIES: u32 = 4;
 
-/// The table's stream and where its shards were read up to.
-struct StreamCursor {
+/// A table's stream and where its shards were read up to (also the
+/// tests' stream pump).
+pub struct StreamReader {
     arn: String,
     iterators: HashMap<String, String>,
+    client: StreamsClient,
 }
 
 /// Reads the stream and invokes the fetcher, as the event source mapping.
 pub struct Pump {
-    stream: StreamCursor,
-    client: StreamsClient,
+    stream: StreamReader,
     http: reqwest::Client,
     fetcher_url: String,
     /// Records the fetcher reported failed, with their deliveries so far.
@@ -40,11 +41,8 @@ impl Pump {
     }
 
     pub async fn new(sdk: &aws_config::SdkConfig, table: &str, fetcher_url: &str) -> Result<Pump, BoxError> {
-        let described = aws_sdk_dynamodb::Client::new(sdk).describe_table().table_name(table).send().await?;
-        let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or_else(|| format!("table {table} has no stream"))?;
         Ok(Pump {
-            stream: StreamCursor { arn, iterators: HashMap::new() },
-            client: StreamsClient::new(sdk)?,
+            stream: StreamReader::new(sdk, table).await?,
             http: reqwest::Client::new(),
             fetcher_url: fetcher_url.to_owned(),
             retry: Vec::new(),
@@ -55,7 +53,7 @@ impl Pump {
     /// to the fetcher in batches.
     pub async fn step(&mut self) -> Result<(), BoxError> {
         let mut records: Vec<(Value, u32)> = std::mem::take(&mut self.retry);
-        records.extend(self.read().await?.into_iter().filter(passes_filter).map(|r| (r, 0)));
+        records.extend(self.stream.read().await?.into_iter().filter(passes_filter).map(|r| (r, 0)));
         let mut failed = Vec::new();
         let mut rest = records.into_iter();
         loop {
@@ -103,16 +101,25 @@ impl Pump {
             .map(|(r, n)| (r, n + 1))
             .collect()
     }
+}
+
+impl StreamReader {
+    /// The stream of `table`, to be read from its oldest record.
+    pub async fn new(sdk: &aws_config::SdkConfig, table: &str) -> Result<StreamReader, BoxError> {
+        let described = aws_sdk_dynamodb::Client::new(sdk).describe_table().table_name(table).send().await?;
+        let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or_else(|| format!("table {table} has no stream"))?;
+        Ok(StreamReader { arn, iterators: HashMap::new(), client: StreamsClient::new(sdk)? })
+    }
 
     /// The records written since the last read, shard by shard, shaped as
     /// Lambda delivers them.
-    async fn read(&mut self) -> Result<Vec<Value>, BoxError> {
-        let arn = self.stream.arn.clone();
+    pub async fn read(&mut self) -> Result<Vec<Value>, BoxError> {
+        let arn = self.arn.clone();
         let described = self.client.call("DescribeStream", json!({ "StreamArn": arn })).await?;
         let mut records = Vec::new();
         for shard in described["StreamDescription"]["Shards"].as_array().cloned().unwrap_or_default() {
             let Some(id) = shard["ShardId"].as_str() else { continue };
-            let iterator = match self.stream.iterators.get(id) {
+            let iterator = match self.iterators.get(id) {
                 Some(it) => it.clone(),
                 None => {
                     let it = self
@@ -128,8 +135,8 @@ impl Pump {
                 records.push(r);
             }
             match page["NextShardIterator"].as_str() {
-                Some(next) => self.stream.iterators.insert(id.to_owned(), next.to_owned()),
-                None => self.stream.iterators.remove(id),
+                Some(next) => self.iterators.insert(id.to_owned(), next.to_owned()),
+                None => self.iterators.remove(id),
             };
         }
         Ok(records)

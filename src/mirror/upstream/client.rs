@@ -7,20 +7,21 @@
 //! every request, and the last `ratelimit-remaining` seen. It verifies
 //! nothing about content: the service and the fetcher do.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use bytes::Bytes;
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 
 use super::Credentials;
 use super::limits::{Destinations, PublicResolver, UpstreamLimits};
+use super::wire::{
+    Result, UpstreamError, accept_header, error_chain, header_digest, header_str, link_last, parse_challenge, read_capped, retry_after,
+};
 use crate::mirror::deadline;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, RepoPath};
 
@@ -38,27 +39,6 @@ const MAX_TOKEN_BYTES: usize = 256 * 1024;
 
 /// Longest `Retry-After` the mirror waits out itself before giving up.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("not found upstream")]
-    NotFound,
-    #[error("upstream rate limit reached")]
-    RateLimited { retry_after: Option<u64> },
-    #[error("upstream denied access: {0}")]
-    Denied(String),
-    #[error("upstream answered HTTP {0}")]
-    Status(u16),
-    #[error("upstream unreachable: {0}")]
-    Transport(String),
-    #[error("upstream sent invalid data: {0}")]
-    Invalid(String),
-    /// (`blob_location` only) upstream redirected the blob here.
-    #[error("upstream redirected to {0}")]
-    Redirected(String),
-}
-
-pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
 
 /// How persistent a request is.
 #[derive(Clone, Copy, Debug)]
@@ -514,110 +494,6 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
-fn accept_header(types: &[&str]) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&types.join(", ")) {
-        h.insert(ACCEPT, v);
-    }
-    h
-}
-
-fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-}
-
-fn header_digest(h: &HeaderMap) -> Result<Option<Digest>> {
-    match header_str(h, "docker-content-digest") {
-        None => Ok(None),
-        Some(d) => Digest::parse(d.trim()).map(Some).map_err(|e| UpstreamError::Invalid(e.message.into_owned())),
-    }
-}
-
-fn retry_after(h: &HeaderMap) -> Option<u64> {
-    header_str(h, RETRY_AFTER.as_str()).and_then(|v| v.trim().parse().ok())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-/// Parses `Bearer realm="...",service="...",scope="a,b"` (quoted values may
-/// hold commas). The scheme is lowercased.
-pub fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
-    let h = h.trim();
-    let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
-    let mut params = HashMap::new();
-    let mut chars = rest.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_ascii_lowercase();
-        if key.is_empty() {
-            break;
-        }
-        let mut value = String::new();
-        // RFC 9110 allows whitespace after the `=` (`realm = "..."`).
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.peek() {
-                if *c == ',' {
-                    break;
-                }
-                value.push(*c);
-                chars.next();
-            }
-            value = value.trim().to_owned();
-        }
-        params.insert(key, value);
-    }
-    (scheme.to_ascii_lowercase(), params)
-}
-
-/// The `last` query parameter of a `Link: <...?last=x&n=y>; rel="next"` header.
-fn link_last(link: &str) -> Option<String> {
-    let target = link.split_once('<')?.1.split_once('>')?.0;
-    let url = url::Url::parse("http://upstream").ok()?.join(target).ok()?;
-    url.query_pairs().find(|(k, _)| k == "last").map(|(_, v)| v.into_owned())
-}
-
-/// A response body read whole, but never more than `cap` bytes: a larger
-/// one (declared or sent) is upstream misbehaving, not the client's answer.
-async fn read_capped(resp: reqwest::Response, cap: usize, what: &str) -> Result<Bytes> {
-    let too_large = || UpstreamError::Invalid(format!("{what} larger than {} KiB", cap / 1024));
-    if resp.content_length().is_some_and(|l| l > cap as u64) {
-        return Err(too_large());
-    }
-    let mut body = BytesMut::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::Transport(e.to_string()))?;
-        if body.len() + chunk.len() > cap {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
-}
-
 #[cfg(test)]
 mod tests {
 
@@ -635,21 +511,6 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn challenges_keep_quoted_commas() {
-        let (scheme, p) =
-            parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#);
-        assert_eq!(scheme, "bearer");
-        assert_eq!(p["realm"], "https://auth.example/token");
-        assert_eq!(p["service"], "registry.example");
-        assert_eq!(p["scope"], "repository:a/b:pull,push");
-        let (scheme, p) = parse_challenge(r#"Basic realm=registry"#);
-        assert_eq!(scheme, "basic");
-        assert_eq!(p["realm"], "registry");
-        let (_, p) = parse_challenge(r#"Bearer realm = "https://auth.example/token" , scope= "a,b""#);
-        assert_eq!((p["realm"].as_str(), p["scope"].as_str()), ("https://auth.example/token", "a,b"), "whitespace around =");
-    }
 
     /// A token realm on loopback that answers every request with `answer`,
     /// and counts them.
@@ -699,12 +560,6 @@ mod tests {
         u.authenticate(&challenge, scope, &RepoPath::resolve("alpine", None).unwrap()).await.unwrap();
         let expires = u.auth.lock().unwrap().get(scope).unwrap().expires - crate::storage::now();
         assert!((77_759..=77_760).contains(&expires), "kept {expires} s: nine tenths of a day");
-    }
-
-    #[test]
-    fn link_headers_yield_the_next_page() {
-        assert_eq!(link_last(r#"</v2/library/a/tags/list?last=v2&n=2>; rel="next""#), Some("v2".into()));
-        assert_eq!(link_last("garbage"), None);
     }
 
     #[test]

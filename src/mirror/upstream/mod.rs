@@ -5,9 +5,11 @@
 mod client;
 mod credentials;
 mod registry;
+mod wire;
 
 pub use client::*;
 pub use credentials::*;
 pub mod limits;
 pub use limits::UpstreamLimits;
 pub use registry::*;
+pub use wire::{Result, UpstreamError, parse_challenge};
