@@ -128,17 +128,37 @@ async fn when_upstream_is_down_cached_tags_are_still_served() {
 
     for fault in [Fault::ServerError, Fault::Slow(Duration::from_secs(5)), Fault::RateLimit] {
         hub.set_fault(fault.clone());
+        let asked = hub.count(|c| &c.registry);
         let resp =
             http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{fault:?}");
         assert_eq!(resp.headers()["x-cache"], "stale", "{fault:?}");
+        assert!(hub.count(|c| &c.registry) > asked, "{fault:?}: upstream was asked, and failed");
         // Let the mirror's back-off after a failure pass, so the next fault is really asked.
         hub.set_fault(Fault::None);
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
+}
 
+/// An upstream that is gone (not failing: nothing listens), asked by a
+/// mirror with no back-off running: the cached tag is served, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_upstream_is_gone_cached_tags_are_still_served_at_once() {
+    let mut hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.tag_ttl = Duration::from_secs(1);
+    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
+    let img = three_layer(5);
+    hub.publish("library/postgres", "16", &img);
+    let http = client();
+    pull(&http, &mirror.url, "postgres", "16").await;
+    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
     hub.stop().await;
     let started = std::time::Instant::now();
+    let resp = http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "stale", "re-validation was tried and failed");
     let pulled = pull(&http, &mirror.url, "postgres", "16").await;
     assert_eq!(pulled.digest, img.digest());
     assert!(started.elapsed() < Duration::from_secs(5), "stale answers come fast");
@@ -177,24 +197,66 @@ async fn a_corrupted_or_truncated_blob_is_never_served_nor_stored() {
     assert!(blob_file.exists());
 }
 
+/// A blob GET as a strict client: redirects (back to the mirror while the
+/// copy runs, then to the blob) followed, the bytes checked; any other
+/// answer, a `503` included, fails the test.
+async fn strict_blob(http: &reqwest::Client, base: &str, name: &str, digest: &str) {
+    let mut url = format!("{base}/v2/{name}/blobs/{digest}");
+    for _ in 0..30 {
+        let resp = http.get(&url).send().await.unwrap();
+        match resp.status().as_u16() {
+            200 => {
+                let body = resp.bytes().await.unwrap();
+                assert_eq!(common::sha256(&body), digest);
+                return;
+            }
+            307 => {
+                let loc = resp.headers()["location"].to_str().unwrap().to_owned();
+                url = if loc.starts_with('/') { format!("{base}{loc}") } else { loc };
+            }
+            s => panic!("blob {digest}: {s} {}", resp.text().await.unwrap_or_default()),
+        }
+    }
+    panic!("blob {digest}: still redirected after 30 hops");
+}
+
+/// Twenty clients miss the same image at the same moment: the copies are
+/// held upstream until every client is waiting on them, so all twenty
+/// overlap; each blob is fetched once and no client is told to come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_pulls_fetch_each_blob_once() {
     let (hub, _dir, mirror) = setup().await;
     let img =
         images::index(Format::Oci, vec![images::small_image(Format::Oci, "amd64", 7, 4), images::small_image(Format::Oci, "arm64", 8, 2)]);
     hub.publish("library/python", "3.12", &img);
+    let amd64 = img.images()[0].clone();
     let http = client();
     let url = Arc::new(mirror.url.clone());
+    hub.hold_cdn();
     let pulls: Vec<_> = (0..20)
         .map(|_| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move { pull(&http, &url, "python", "3.12").await })
+            let (http, url, amd64) = (http.clone(), url.clone(), amd64.clone());
+            tokio::spawn(async move {
+                let (_, digest, _) = get_manifest(&http, &url, "python", "3.12", common::ALL_MANIFESTS).await;
+                get_manifest(&http, &url, "python", &amd64.digest, common::ALL_MANIFESTS).await;
+                for (blob, _) in amd64.blobs() {
+                    strict_blob(&http, &url, "python", &blob).await;
+                }
+                digest
+            })
         })
         .collect();
-    for p in pulls {
-        assert_eq!(p.await.unwrap().digest, img.digest());
+    // Every client is asking for the first blob, whose copy is held.
+    let first = amd64.blobs()[0].0.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while hub.cdn_gets(&first) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let amd64 = img.images()[0];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hub.release_cdn();
+    for p in pulls {
+        assert_eq!(p.await.unwrap(), img.digest());
+    }
     for (digest, _) in amd64.blobs() {
         assert_eq!(hub.cdn_gets(&digest), 1, "blob {digest} fetched once");
     }

@@ -112,6 +112,9 @@ fn trickle(bytes: Bytes, every: Duration) -> Body {
 #[derive(Default, Debug)]
 pub struct Counters {
     pub manifest_get: AtomicUsize,
+    /// Registry requests that passed authentication, however answered
+    /// (faults included).
+    pub registry: AtomicUsize,
     pub manifest_head: AtomicUsize,
     pub blob_get: AtomicUsize,
     pub blob_head: AtomicUsize,
@@ -488,6 +491,7 @@ async fn registry_route(State(s): State<Arc<HubState>>, req: Request) -> Respons
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
         return resp;
     }
+    s.counters.registry.fetch_add(1, Ordering::SeqCst);
     let fault = s.fault.lock().unwrap().clone();
     match fault {
         Fault::RateLimit => {

@@ -73,3 +73,10 @@ pub async fn run(cmd: &mut tokio::process::Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
+
+/// A process's resident memory now (`VmRSS`), in KiB; 0 if it is gone.
+#[allow(dead_code)]
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
