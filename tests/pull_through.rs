@@ -115,7 +115,7 @@ async fn a_tag_ttl_of_zero_checks_every_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_upstream_is_down_cached_tags_are_still_served() {
-    let mut hub = FakeHub::start().await;
+    let hub = FakeHub::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config();
     cfg.tag_ttl = Duration::from_secs(1);
