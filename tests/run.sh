@@ -26,8 +26,15 @@ if [ "${HUBCAP_SKIP_SAM_BUILD:-0}" != 1 ]; then
   echo "tests/run.sh: sam build succeeded: $(ls .aws-sam/build | tr '\n' ' ')"
 fi
 
-if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --locked --no-fail-fast "$@"
-else
-  exec cargo test --locked --no-fail-fast "$@"
+# nextest, never plain `cargo test`: it runs each test in a process of its
+# own (the index clock's test offset, `storage::clock::advance`, belongs to
+# the process, so under `cargo test` one test's advance would move time
+# under its neighbours), and it runs the heavy tests one at a time
+# (.config/nextest.toml).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "tests/run.sh: installing cargo-nextest (crates.io)"
+  mkdir -p target
+  cargo install --locked cargo-nextest >target/nextest-install.log 2>&1 \
+    || { tail -30 target/nextest-install.log; echo "tests/run.sh: cargo-nextest is needed (cargo install --locked cargo-nextest) and could not be installed"; exit 1; }
 fi
+exec cargo nextest run --locked --no-fail-fast "$@"
