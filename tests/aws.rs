@@ -714,6 +714,42 @@ async fn a_fetch_whose_stream_record_was_lost_is_driven_again() {
     get_blob(&http, &api, "lost", layer).await;
 }
 
+/// A stream record that never reached the fetcher, or exhausted its
+/// retries into the dead-letter queue, for a blob no client asks for
+/// again: GC's next run queues the copy again (a new record), and the
+/// fetcher makes it. This is how what the dead-letter queue lists is
+/// replayed, with nothing read from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_queues_again_a_copy_whose_record_was_lost() {
+    let hub = FakeHub::start().await;
+    let img = images::small_image(Format::Oci, "amd64", 213, 1);
+    hub.publish("library/dead", "1", &Published::Image(img.clone()));
+    let StreamWorld { moto: _moto, storage, api, fetcher, mut pump } = stream_world(&hub, "dead").await;
+    let http = client();
+    get_manifest(&http, &api, "dead", "1", ALL_MANIFESTS).await;
+    let lost = pump.poll().await; // delivered to nobody
+    assert_eq!(lost.records.iter().filter(|r| hubcap::lambda::job_from_record(r).unwrap().is_some()).count(), 2);
+
+    let (store, index) = hubcap::storage::aws::connect(&storage, hubcap::storage::aws::SdkRole::Batch).await;
+    let report = hubcap::lifecycle::run(&index, &store, &hubcap::lifecycle::GcOptions::default()).await.unwrap();
+    assert_eq!(report.requeued_blobs, 0, "a fresh pending blob is left to its record");
+    hubcap::storage::clock::advance(Duration::from_secs(120));
+    let report = hubcap::lifecycle::run(&index, &store, &hubcap::lifecycle::GcOptions::default()).await.unwrap();
+    assert_eq!(report.requeued_blobs, 2, "{report:?}");
+    let event = pump.poll().await;
+    let mut jobs: Vec<String> =
+        event.records.iter().filter_map(|r| hubcap::lambda::job_from_record(r).unwrap()).map(|j| j.digest.to_string()).collect();
+    jobs.sort();
+    let mut want: Vec<String> = img.blobs().into_iter().map(|(d, _)| d).collect();
+    want.sort();
+    assert_eq!(jobs, want, "each lost copy queued again, once");
+    assert!(hubcap::lambda::handle_stream(&fetcher, event).await.batch_item_failures.is_empty());
+    for (digest, bytes) in img.blobs() {
+        assert_eq!(get_blob(&http, &api, "dead", &digest).await, bytes);
+        assert_eq!(hub.cdn_gets(&digest), 1, "{digest} copied once");
+    }
+}
+
 /// An object deleted from the bucket behind a `ready` record: S3 answers the
 /// presigned URL with 404 until GC's audit, which lists the bucket, puts the
 /// blob back to `pending`; the stream record that write emits runs the

@@ -192,17 +192,20 @@ async fn load(base: &str, names: &[(String, String)], clients: usize, tally: &Ar
 }
 
 /// GC through the faults, as its schedule would: a run that fails or stops
-/// early is run again. Keeps the images referencing at most `max_bytes`
-/// (least recently pulled go first), deletes unreferenced blobs at once.
-async fn sweep(storage: &AwsStorage, max_bytes: u64) -> (GcReport, usize) {
+/// early is run again. Keeps small0-2 (pinned) and evicts the rest to fit
+/// 1 MB, deleting what they referenced at once (no grace).
+async fn sweep(storage: &AwsStorage) -> (GcReport, usize) {
     let (store, index) = hubcap::storage::aws::connect(storage, SdkRole::Batch).await;
-    let opts = GcOptions { max_bytes: Some(max_bytes), grace: Duration::ZERO, ..Default::default() };
+    let pins =
+        ["small0", "small1", "small2"].iter().map(|p| hubcap::lifecycle::Pin::parse(&format!("docker.io/library/{p}")).unwrap()).collect();
+    let opts = GcOptions { max_bytes: Some(1 << 20), grace: Duration::ZERO, pins, ..Default::default() };
     let mut failed = 0;
     let mut deleted = 0;
     for _ in 0..10 {
         match hubcap::lifecycle::run(&index, &store, &opts).await {
             Ok(report) if report.complete => {
                 deleted += report.deleted_blobs;
+                eprintln!("gc: expired {:?}", report.expired);
                 return (GcReport { deleted_blobs: deleted, ..report }, failed);
             }
             Ok(report) => deleted += report.deleted_blobs,
@@ -362,7 +365,7 @@ async fn serve_on_aws_loses_nothing_under_injected_faults() {
     // GC with no grace deletes what it evicts at once: only an instance
     // started after it may serve (a running one's memory would still say
     // `ready`; the grace period is what covers that).
-    let gc = sweep(&storage, 10 << 20).await; // evicts what does not fit in 10 MB
+    let gc = sweep(&storage).await;
     let after_gc = Hubcap::start_opts(opts()).await;
     load(&after_gc.url, &names, 3, &tally).await; // again, some cold again
 
@@ -431,7 +434,7 @@ async fn the_api_and_fetcher_lose_nothing_under_injected_faults() {
     load(&first, &names, 4, &tally).await;
     let second = api(100).await;
     load(&second, &names, 4, &tally).await;
-    let gc = sweep(&storage, 10 << 20).await; // no grace: a new instance serves after it
+    let gc = sweep(&storage).await; // no grace: a new instance serves after it
     let after_gc = api(100).await;
     load(&after_gc, &names, 3, &tally).await;
 

@@ -169,6 +169,9 @@ pub struct GcReport {
     /// Unfinished uploads no blob's checkpoint named (a copy that died
     /// without one, or was thrown away): aborted.
     pub aborted_uploads: usize,
+    /// Copies that looked lost (`pending` with no fetcher on it, `fetching`
+    /// past its lease): queued again.
+    pub requeued_blobs: usize,
     pub writes: u64,
     /// The cache as the sweep found it.
     pub before: Inventory,
@@ -204,6 +207,9 @@ pub fn render(r: &GcReport) -> String {
     }
     if r.aborted_uploads > 0 {
         let _ = writeln!(out, "{} unfinished uploads no copy will continue {would}aborted", r.aborted_uploads);
+    }
+    if r.requeued_blobs > 0 {
+        let _ = writeln!(out, "{} copies that looked lost {would}queued again", r.requeued_blobs);
     }
     if !r.complete {
         let _ = writeln!(out, "stopped early after {} writes: the next run finishes the sweep", r.writes);

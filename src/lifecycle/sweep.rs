@@ -132,7 +132,46 @@ impl<'a> Sweep<'a> {
         if let Err(stop) = self.audit_stored_blobs(&stored).await? {
             return Ok(Err(stop));
         }
-        self.abort_orphan_uploads().await
+        if let Err(stop) = self.abort_orphan_uploads().await? {
+            return Ok(Err(stop));
+        }
+        self.requeue_lost_copies().await
+    }
+
+    /// Phase 6: a copy that looks lost is queued again, as a client's next
+    /// request for the blob would do, for the blobs no client asks for
+    /// again: `pending` and untouched for `STALE_FETCH` (its stream record
+    /// never came, or exhausted its retries into the dead-letter queue),
+    /// or `fetching` past its lease (the copy died). On AWS the write is a
+    /// stream record the fetcher acts on; the write is conditional, so a
+    /// copy that moved meanwhile is left alone.
+    async fn requeue_lost_copies(&mut self) -> Phase {
+        let stale = crate::mirror::STALE_FETCH;
+        let cutoff = self.started - stale.as_secs() as i64;
+        let mut lost: Vec<&Digest> = self
+            .snap
+            .blobs
+            .values()
+            .filter(|b| match b.state {
+                BlobState::Pending => b.updated_at < cutoff,
+                BlobState::Fetching => b.lease_until < self.started,
+                _ => false,
+            })
+            .map(|b| &b.digest)
+            .collect();
+        lost.sort();
+        for digest in lost {
+            if !self.budget.take() {
+                return Ok(Err(Stop));
+            }
+            if self.opts.dry_run {
+                self.report.requeued_blobs += 1;
+            } else if self.index.requeue_stale_blob(digest, stale).await? {
+                tracing::info!(%digest, "a copy that looked lost was queued again");
+                self.report.requeued_blobs += 1;
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// Phase 5: an upload the store holds unfinished that no blob record's

@@ -44,7 +44,7 @@ use crate::oci::{Accept, Digest, ErrorCode, ManifestInfo, Reference, RegistryErr
 use crate::storage::{BlobRecord, BlobState, BlobStore, Index, ManifestRecord, StorageError, TagRecord, now};
 
 /// A blob `pending` this long without a fetcher taking it is re-queued.
-const STALE_FETCH: Duration = Duration::from_secs(60);
+pub(crate) const STALE_FETCH: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct MirrorConfig {

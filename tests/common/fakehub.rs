@@ -673,14 +673,23 @@ async fn cdn_blob(
     if cut {
         s.counters.cuts.fetch_add(1, Ordering::SeqCst);
     }
-    s.counters.cdn_body_bytes.fetch_add(if cut { len / 2 } else { len }, Ordering::SeqCst);
+    // A stored blob's answer is counted whole at once; a synthetic one as
+    // its chunks are handed to the connection (a copy killed mid-way has
+    // been sent what it read, not what its ranges asked for).
+    if synthetic.is_none() {
+        s.counters.cdn_body_bytes.fetch_add(if cut { len / 2 } else { len }, Ordering::SeqCst);
+    }
     let body = match (synthetic, stored) {
         (Some((_, seed)), _) => {
             let mut noise = super::images::Noise::range(seed, from, if cut { len / 2 } else { len });
             let corrupt = range.is_some() && fault == Fault::CorruptRange;
             let mut first = true;
+            let sent = s.clone();
             let stream = futures_util::stream::poll_fn(move |_| {
-                let chunk = noise.next_chunk(1 << 20).map(|c| {
+                let chunk = noise.next_chunk(1 << 20).inspect(|c| {
+                    sent.counters.cdn_body_bytes.fetch_add(c.len() as u64, Ordering::SeqCst);
+                });
+                let chunk = chunk.map(|c| {
                     if corrupt && std::mem::take(&mut first) {
                         let mut v = c.to_vec();
                         v[0] ^= 0xff;
