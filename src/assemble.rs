@@ -88,8 +88,20 @@ pub struct Assembled {
     pub router: Router,
 }
 
-/// Opens a backend for a batch job (gc, stats, audit).
+/// Opens a backend for a batch job (gc, stats, audit). A command that
+/// reads a cache never makes one: a wrong `--data` would report an empty
+/// cache and leave a directory behind.
 pub async fn open(backend: &Backend, tag_ttl: std::time::Duration, memory_cache_entries: usize) -> Result<Storage, BoxError> {
+    if let Backend::Local(dir) = backend {
+        let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("no cache at {} (give the cache's directory with --data)", shown.display()).into());
+            }
+            Err(e) => return Err(format!("data directory {}: {e}", shown.display()).into()),
+            Ok(_) => {}
+        }
+    }
     open_as(backend, tag_ttl, memory_cache_entries, false, SdkRole::Batch).await
 }
 
@@ -105,9 +117,10 @@ async fn open_as(
 ) -> Result<Storage, BoxError> {
     Ok(match backend {
         Backend::Local(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
-            let store = Arc::new(FsBlobStore::open(dir)?);
-            let index = SqliteIndex::open(&dir.join("index.db"))?;
+            let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            std::fs::create_dir_all(dir).map_err(|e| format!("data directory {}: {e}", shown.display()))?;
+            let store = Arc::new(FsBlobStore::open(dir).map_err(|e| format!("data directory {}: {e}", shown.display()))?);
+            let index = SqliteIndex::open(&dir.join("index.db")).map_err(|e| format!("data directory {}: {e}", shown.display()))?;
             if owner {
                 // Uploads a checkpoint names are continued, not cleared.
                 let resumable = index.unfinished_blobs().await?.into_iter().filter_map(|b| b.checkpoint).map(|c| c.upload).collect();

@@ -179,6 +179,61 @@ async fn a_request_in_flight_finishes_on_sigterm_and_then_the_server_exits() {
     assert!(!log.contains("connections still open"), "nothing was left to close: {log}");
 }
 
+/// Commands that read a cache never make or repair one: `stats` and `gc
+/// --dry-run` on a directory that is not there say so (and leave none
+/// behind, also when run with no `--data` from elsewhere); run as a user
+/// who cannot read the cache's signing key, they fail naming it and the
+/// key stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_only_commands_never_make_or_repair_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for args in [&["stats"][..], &["gc", "--dry-run"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap")).args(args).arg("--data").arg(&missing).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} on a missing cache fails");
+        assert!(said.contains(&format!("no cache at {}", missing.display())), "{args:?}: {said}");
+        assert!(!missing.exists(), "{args:?} made no directory");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap")).args(args).current_dir(&elsewhere).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(&format!("no cache at {}", elsewhere.join("hubcap-data").display())), "{said}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "{args:?} left nothing in the directory it ran in");
+    }
+
+    // A cache another user owns: the directory and index readable, the
+    // key not (0600, as the server leaves it).
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let hub = FakeHub::start().await;
+    let (server, url) = hubcap_serve(&data, &hub.url, 0, &[], "hubcap.log").await;
+    assert_eq!(common::client().get(format!("{url}/v2/")).send().await.unwrap().status(), 200);
+    drop(server);
+    let key = data.join("hubcap-data/signing.key");
+    let before = std::fs::read(&key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.path(), &data, &data.join("hubcap-data")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let exe = dir.path().join("hubcap");
+    std::fs::copy(env!("CARGO_BIN_EXE_hubcap"), &exe).unwrap();
+    for args in [&["stats"][..], &["gc", "--dry-run"][..]] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(args)
+            .arg("--data")
+            .arg(data.join("hubcap-data"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} as another user: {said}");
+        assert!(said.contains(&key.display().to_string()) && said.contains("ermission denied"), "{args:?} names the key: {said}");
+        assert_eq!(std::fs::read(&key).unwrap(), before, "{args:?}: the key is the same");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_commands_beside_a_running_server_take_nothing_from_it() {
     let hub = FakeHub::start().await;

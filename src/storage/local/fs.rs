@@ -535,21 +535,31 @@ impl Drop for FsBlobWriter {
     }
 }
 
-/// The key that signs blob URLs: read, or made (32 random bytes). Readable
-/// by its owner only: whoever reads it can sign URLs to any cached blob.
+/// The key that signs blob URLs: read, or made (32 random bytes) when there
+/// is none. Readable by its owner only: whoever reads it can sign URLs to
+/// any cached blob. A key that exists but cannot be read (another user's
+/// cache) is an error naming it, never replaced: a new key would void
+/// every URL the owner's server handed out.
 fn signing_key(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Ok(k) = std::fs::read(path)
-        && k.len() >= 32
-    {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        return Ok(k);
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    match std::fs::read(path) {
+        Ok(k) if k.len() >= 32 => {
+            // Kept to its owner; a reader that is not the owner cannot (and need not) say so.
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                tracing::debug!(key = %path.display(), error = %e, "could not restrict the signing key's permissions");
+            }
+            return Ok(k);
+        }
+        // A key cut short (a crash while it was written): made again.
+        Ok(_) => std::fs::remove_file(path).map_err(named)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(named(e)),
     }
     let mut k = vec![0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(named)?;
     f.write_all(&k)?;
     f.sync_all()?;
     Ok(k)
