@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubcap::assemble::{self, Assembled, BoxError, Fetching, MEMORY_CACHE_ENTRIES};
+use hubcap::assemble::{self, Assembled, Backend, BoxError, Fetching, MEMORY_CACHE_ENTRIES};
 use hubcap::config::{AccessArgs, AwsArgs, GcArgs, MirrorArgs, StorageArgs};
 use hubcap::serve;
 
@@ -235,8 +235,7 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     let gc = args.gc.options()?;
     let Assembled { mirror, router } = assemble::mirror(&opts, Fetching::Owner).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| u.registry.clone()).collect();
-    tracing::info!(listen = %listener.local_addr()?, backend = ?opts.backend, upstreams = ?upstreams, "hubcap serving");
+    announce(listener.local_addr()?, &opts, &mirror);
     let background = serve::spawn_maintenance(mirror.clone(), gc, args.gc_interval);
     let limits = serve::Limits {
         header_timeout: args.header_timeout,
@@ -250,6 +249,28 @@ async fn serve_cmd(args: ServeArgs) -> Result<(), BoxError> {
     background.abort();
     mirror.flush_stats().await?;
     Ok(())
+}
+
+/// What a server says when it starts: where clients point (the URL, and
+/// the lines for Docker's daemon.json and containerd's hosts.toml), where
+/// the cache is, each upstream's URL; and a warning when it listens beyond
+/// this host with no network allowed (an open mirror).
+fn announce(addr: std::net::SocketAddr, opts: &assemble::Options, mirror: &hubcap::mirror::Mirror) {
+    let host = if addr.ip().is_unspecified() { format!("<this host>:{}", addr.port()) } else { addr.to_string() };
+    let url = format!("http://{host}");
+    let cache = match &opts.backend {
+        Backend::Local(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string(),
+        Backend::Aws(s) => format!("s3://{} + DynamoDB table {}", s.bucket, s.table),
+    };
+    let upstreams: Vec<String> = mirror.upstreams().iter().map(|u| format!("{}={}", u.registry, u.base())).collect();
+    tracing::info!(%url, listen = %addr, %cache, upstreams = %upstreams.join(","), "hubcap serving");
+    tracing::info!(
+        "point clients at it: Docker's daemon.json {{\"registry-mirrors\": [\"{url}\"], \"insecure-registries\": [\"{host}\"]}}; \
+         containerd's /etc/containerd/certs.d/docker.io/hosts.toml [host.\"{url}\"] capabilities = [\"pull\", \"resolve\"]"
+    );
+    if !addr.ip().is_loopback() && !opts.access.limits_networks() {
+        tracing::warn!(listen = %addr, "listening beyond this host with no --allow-cidr: anyone who can reach it may pull through it (an open mirror)");
+    }
 }
 
 async fn gc_cmd(args: GcCmdArgs) -> Result<(), BoxError> {

@@ -234,6 +234,42 @@ async fn read_only_commands_never_make_or_repair_a_cache() {
     }
 }
 
+/// What `serve` says when it starts (the URL to point clients at, with the
+/// daemon.json and hosts.toml lines, the cache's absolute path, each
+/// upstream's URL), and the `--upstream` values it refuses at once, with
+/// what to write instead, rather than answering every pull `404`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_says_where_to_point_clients_and_refuses_upstreams_that_cannot_work() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mirror, url) = hubcap_serve(dir.path(), &hub.url, 0, &[], "hubcap.log").await;
+    let log = mirror.log();
+    for want in [
+        format!("url={url}"),
+        format!("cache={}", dir.path().join("hubcap-data").display()),
+        format!("upstreams=docker.io={}", hub.url.trim_end_matches('/')),
+        format!("\"registry-mirrors\": [\"{url}\"]"),
+        format!("[host.\"{url}\"]"),
+    ] {
+        assert!(log.contains(&want), "the start-up says {want}:\n{log}");
+    }
+    for (spec, says) in [
+        ("docker.io=http://127.0.0.1:9/v2", "write docker.io=http://127.0.0.1:9"),
+        ("docker.io=127.0.0.1:9", "write docker.io=https://127.0.0.1:9"),
+        ("ghcr", "give its host name"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", spec, "--data"])
+            .arg(dir.path().join("refused"))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--upstream {spec} is refused");
+        assert!(said.contains(says), "--upstream {spec}: {said}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_commands_beside_a_running_server_take_nothing_from_it() {
     let hub = FakeHub::start().await;

@@ -26,6 +26,13 @@ pub struct AccessPolicy {
     tokens: Vec<[u8; 32]>,
 }
 
+impl AccessPolicy {
+    /// True when only some networks may connect (`--allow-cidr`).
+    pub fn limits_networks(&self) -> bool {
+        !self.networks.is_empty()
+    }
+}
+
 impl std::fmt::Debug for AccessPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessPolicy")

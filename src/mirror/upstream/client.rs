@@ -182,6 +182,11 @@ impl Upstream {
         })
     }
 
+    /// The registry's base URL (`https://registry-1.docker.io`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn limits(&self) -> &UpstreamLimits {
         &self.limits
     }

@@ -81,15 +81,35 @@ impl Upstreams {
     }
 }
 
-/// Parses one `--upstream` value into a registry name and base URL.
+/// Parses one `--upstream` value, `REGISTRY[=URL]`, into a registry name
+/// and base URL. Refused, with what to write instead: a name clients would
+/// never send here (one without a dot, a port or `localhost` means Docker
+/// Hub to every client: `ghcr/x` is `docker.io/ghcr/x`), a URL without an
+/// `http://` or `https://` scheme, and a URL with a path, query or fragment
+/// (the mirror adds `/v2/...` itself: `.../v2` would ask `/v2/v2/`).
 pub fn parse_upstream(spec: &str) -> Result<(String, String), String> {
     let (registry, url) = match spec.split_once('=') {
         Some((r, u)) => (r.trim(), u.trim().to_owned()),
         None => (spec.trim(), format!("https://{}", spec.trim())),
     };
-    let registry = canonical_registry(registry).map_err(|e| e.message.into_owned())?;
-    url::Url::parse(&url).map_err(|e| format!("upstream {registry}: invalid URL {url:?}: {e}"))?;
-    Ok((registry, url))
+    let named = canonical_registry(registry).map_err(|e| e.message.into_owned())?;
+    if !(named.contains('.') || named.contains(':') || named == "localhost") {
+        return Err(format!(
+            "upstream {registry:?}: clients read a first name without a dot, a port or \"localhost\" as a Docker Hub repository \
+             ({registry}/app is docker.io/{registry}/app), so no pull would name this registry; give its host name (e.g. ghcr.io, \
+             registry.example.com:5000)"
+        ));
+    }
+    let bad = |why: &str, fix: String| format!("upstream {named}: {url:?} {why}; write {fix}");
+    let parsed = match url::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
+        _ => return Err(bad("is not an http:// or https:// URL", format!("{named}=https://{}", url.trim_start_matches("//")))),
+    };
+    let root = format!("{}://{}", parsed.scheme(), &parsed[url::Position::BeforeHost..url::Position::AfterPort]);
+    if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad("has a path, query or fragment (the mirror adds /v2/ itself)", format!("{named}={root}")));
+    }
+    Ok((named, url.trim_end_matches('/').to_owned()))
 }
 
 /// Builds the upstream clients from `--upstream` values, the limits they
@@ -112,4 +132,29 @@ pub fn build_upstreams(
         .map(|(registry, url)| Upstream::new(&registry, &url, credentials.get(&registry).cloned(), limits.clone(), destinations.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Upstreams::new(list))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_that_cannot_work_are_refused_with_what_to_write() {
+        let ok = |s: &str| parse_upstream(s).unwrap();
+        assert_eq!(ok("ghcr.io"), ("ghcr.io".into(), "https://ghcr.io".into()));
+        assert_eq!(ok("docker.io=http://127.0.0.1:5100/"), ("docker.io".into(), "http://127.0.0.1:5100".into()));
+        assert_eq!(ok("localhost:5000=http://127.0.0.1:5000").0, "localhost:5000");
+        assert_eq!(ok("registry-1.docker.io").0, "docker.io");
+        for (spec, says) in [
+            ("ghcr", "give its host name"),
+            ("quay=https://quay.io", "give its host name"),
+            ("docker.io=http://127.0.0.1:5100/v2", "write docker.io=http://127.0.0.1:5100"),
+            ("docker.io=http://127.0.0.1:5100/?x=1", "write docker.io=http://127.0.0.1:5100"),
+            ("docker.io=127.0.0.1:5100", "write docker.io=https://127.0.0.1:5100"),
+            ("docker.io=ftp://127.0.0.1", "not an http:// or https:// URL"),
+        ] {
+            let e = parse_upstream(spec).unwrap_err();
+            assert!(e.contains(says), "{spec}: {e}");
+        }
+    }
 }
