@@ -46,14 +46,14 @@ pub struct MirrorArgs {
     #[arg(long, env = "HUBCAP_COLD_BLOBS", value_enum)]
     pub cold_blobs: Option<crate::mirror::ColdBlobs>,
     /// Seconds a signed blob URL stays valid.
-    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0, value_parser = seconds)]
+    #[arg(long, env = "HUBCAP_URL_TTL", default_value_t = 900.0, value_parser = positive_seconds)]
     pub url_ttl: f64,
     /// Seconds a tag re-validation may take before the cached tag is served.
     #[arg(long, env = "HUBCAP_REVALIDATE_TIMEOUT", default_value_t = 3.0, value_parser = seconds)]
     pub revalidate_timeout: f64,
     /// Blob copies from upstream running at once (the in-process fetcher, or
     /// one fetcher Lambda working through a batch of stream records).
-    #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "HUBCAP_FETCH_CONCURRENCY", default_value_t = 8, value_parser = at_least_one)]
     pub fetch_concurrency: usize,
     /// Loopback or private HOST:PORTs that upstream blob redirects may lead
     /// to (an internal registry's object store). Configured upstreams are
@@ -89,6 +89,32 @@ fn seconds(s: &str) -> Result<f64, String> {
         return Err(format!("{s:?}: seconds must be between 0 and {MAX_SECONDS} (a year)"));
     }
     Ok(n)
+}
+
+/// `seconds`, more than zero: for settings where zero cannot work.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match seconds(s)? {
+        n if n > 0.0 => Ok(n),
+        _ => Err(format!("{s:?}: must be more than 0 (zero cannot work here)")),
+    }
+}
+
+/// A count of at least one: for settings where zero would stop everything
+/// (no copies, no connections).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(format!("{s:?}: must be at least 1 (0 would serve nothing)")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A duration (`parse_duration`) more than zero.
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    match crate::lifecycle::parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than 0 (zero cannot work here)")),
+        d => Ok(d),
+    }
 }
 
 fn secs(s: f64) -> Duration {
@@ -418,6 +444,10 @@ mod tests {
         for bad in ["inf", "nan", "-5", "1e300", "soon", ""] {
             let parsed = Cli::try_parse_from(["hubcap", "--url-ttl", bad]);
             assert!(parsed.is_err(), "--url-ttl {bad:?} is refused");
+        }
+        for (flag, zero) in [("--url-ttl", "0"), ("--fetch-concurrency", "0")] {
+            let e = Cli::try_parse_from(["hubcap", flag, zero]).err().unwrap().to_string();
+            assert!(e.contains("must be"), "{flag} {zero} is refused, saying why: {e}");
         }
         let ok = Cli::try_parse_from(["hubcap", "--url-ttl", "0.5", "--blob-wait", "0"]).unwrap();
         assert_eq!(ok.mirror.mirror_config().url_ttl, std::time::Duration::from_millis(500));

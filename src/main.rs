@@ -154,17 +154,17 @@ struct ServeArgs {
     /// Longest a client may take to send a request's headers, from the
     /// moment its connection is accepted (e.g. 15s); a connection that sends
     /// nothing, or drips them, is closed.
-    #[arg(long, env = "HUBCAP_HEADER_TIMEOUT", default_value = "15s", value_parser = hubcap::lifecycle::parse_duration)]
+    #[arg(long, env = "HUBCAP_HEADER_TIMEOUT", default_value = "15s", value_parser = hubcap::config::positive_duration)]
     header_timeout: std::time::Duration,
     /// Longest a kept-alive connection may sit idle between requests (e.g. 60s).
-    #[arg(long, env = "HUBCAP_IDLE_TIMEOUT", default_value = "60s", value_parser = hubcap::lifecycle::parse_duration)]
+    #[arg(long, env = "HUBCAP_IDLE_TIMEOUT", default_value = "60s", value_parser = hubcap::config::positive_duration)]
     idle_timeout: std::time::Duration,
     /// Client connections served at once; more wait to be accepted.
-    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS", default_value_t = 1000)]
+    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = hubcap::config::at_least_one)]
     max_connections: usize,
     /// Connections one client address may hold at once (a fleet behind one
     /// NAT address shares them); more are closed on accept.
-    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 250)]
+    #[arg(long, env = "HUBCAP_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 250, value_parser = hubcap::config::at_least_one)]
     max_connections_per_client: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[arg(long, env = "HUBCAP_SHUTDOWN_GRACE", default_value = "20s", value_parser = hubcap::lifecycle::parse_duration)]

@@ -268,6 +268,18 @@ async fn serve_says_where_to_point_clients_and_refuses_upstreams_that_cannot_wor
         assert!(!out.status.success(), "--upstream {spec} is refused");
         assert!(said.contains(says), "--upstream {spec}: {said}");
     }
+    // Zero where zero cannot work is refused, not taken silently.
+    for flag in
+        ["--url-ttl", "--fetch-concurrency", "--max-connections", "--max-connections-per-client", "--header-timeout", "--idle-timeout"]
+    {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubcap"))
+            .args(["serve", "--listen", "127.0.0.1:0", flag, "0", "--data"])
+            .arg(dir.path().join("refused"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains("must be"), "{flag} 0 is refused, saying why: {said}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
