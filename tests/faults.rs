@@ -242,8 +242,7 @@ async fn scan(moto: &str, table: &str) -> Vec<serde_json::Value> {
 
 /// The invariants, on the raw table and bucket. Returns the blobs present.
 async fn check_store(moto: &str, bucket: &str, table: &str) -> Vec<String> {
-    let direct = storage_at(moto, bucket, table).await;
-    let (s3, _) = hubcap::storage::aws::clients(direct.sdk.as_ref().unwrap(), SdkRole::Batch);
+    let (s3, _) = hubcap::storage::aws::clients(&common::moto::sdk_at(moto).await, SdkRole::Batch);
     let items = scan(moto, table).await;
     let mut blob_state = HashMap::new();
     let mut checkpoints = Vec::new();
@@ -375,6 +374,21 @@ async fn serve_on_aws_loses_nothing_under_injected_faults() {
     conclude("serve", (&moto.url, "faults-bucket", "faults"), &proxy, &hub, &blobs, &tally, &[gc]).await;
 }
 
+fn upstreams(hub: &FakeHub) -> hubcap::mirror::upstream::Upstreams {
+    build_upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), &HashMap::new()).unwrap()
+}
+
+/// A new `api` instance (nothing in its memory) on a loopback port, fitted
+/// to an HTTP API's 29 s limit.
+async fn api(storage: &AwsStorage, hub: &FakeHub) -> String {
+    let fit = hubcap::lambda::FrontEndFit { timeout: Some(Duration::from_secs(29)), ..Default::default() };
+    let (router, _) = hubcap::lambda::api_router_with(storage, upstreams(hub), config(), 100, Default::default(), fit).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
 /// Feeds the fetcher from the table's stream as the event source mapping
 /// does: a record the fetcher reports failed is delivered again (up to
 /// three more times, then it goes to the on-failure destination: counted).
@@ -411,35 +425,22 @@ async fn the_api_and_fetcher_lose_nothing_under_injected_faults() {
     moto.setup("faults-api-bucket", "faults-api").await;
     let proxy = CountingProxy::start(&moto.url).await;
     let storage = storage_at(&proxy.url, "faults-api-bucket", "faults-api").await;
-    let upstreams = || build_upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), &HashMap::new()).unwrap();
-    let fit = hubcap::lambda::FrontEndFit { timeout: Some(Duration::from_secs(29)), ..Default::default() };
-    let api = |memory: usize| {
-        let (storage, upstreams) = (storage.clone(), upstreams());
-        async move {
-            let (router, _) =
-                hubcap::lambda::api_router_with(&storage, upstreams, config(), memory, Default::default(), fit).await.unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-            url
-        }
-    };
-    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams()).await);
+    let fetcher = Arc::new(hubcap::lambda::fetcher_with(&storage, upstreams(&hub)).await);
     let (stop, given_up) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let feeder = feed(&moto.url, "faults-api", fetcher, stop.clone(), given_up.clone());
     let tally = Arc::new(Tally::default());
     proxy.faults.inject(Some(FaultPlan::all(per_mille(), SEED)));
 
-    let first = api(100).await;
+    let first = api(&storage, &hub).await;
     load(&first, &names, 4, &tally).await;
-    let second = api(100).await;
+    let second = api(&storage, &hub).await;
     load(&second, &names, 4, &tally).await;
     let gc = sweep(&storage).await; // no grace: a new instance serves after it
-    let after_gc = api(100).await;
+    let after_gc = api(&storage, &hub).await;
     load(&after_gc, &names, 3, &tally).await;
 
     proxy.faults.inject(None);
-    let third = api(100).await;
+    let third = api(&storage, &hub).await;
     load(&third, &names, 1, &tally).await;
     stop.store(true, Ordering::SeqCst);
     feeder.await.unwrap();
@@ -459,12 +460,7 @@ async fn the_api_answers_in_time_when_aws_does_not() {
     moto.setup("late-bucket", "late").await;
     let proxy = CountingProxy::start(&moto.url).await;
     let storage = storage_at(&proxy.url, "late-bucket", "late").await;
-    let upstreams = build_upstreams(&[format!("docker.io={}", hub.url)], &common::upstream_limits(), &HashMap::new()).unwrap();
-    let fit = hubcap::lambda::FrontEndFit { timeout: Some(Duration::from_secs(29)), ..Default::default() };
-    let (router, _) = hubcap::lambda::api_router_with(&storage, upstreams, config(), 100, Default::default(), fit).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let api = api(&storage, &hub).await;
     let plan = FaultPlan { per_mille: 1000, kinds: vec![AwsFault::Delay], delay: Duration::from_secs(60), seed: SEED };
     proxy.faults.inject(Some(plan));
     let started = std::time::Instant::now();

@@ -117,27 +117,6 @@ async fn a_shutdown_does_not_wait_forever_for_a_request_that_never_ends() {
     slow.abort();
 }
 
-/// A client still dribbling its request headers has no request in flight:
-/// on SIGTERM its connection is closed at once (as nginx does), not given
-/// the shutdown grace or the header deadline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_still_sending_its_headers_does_not_hold_a_shutdown() {
-    let hub = FakeHub::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut mirror, url) =
-        hubcap_serve(dir.path(), &hub.url, 0, &["--header-timeout", "60s", "--shutdown-grace", "20s"], "hubcap.log").await;
-    let addr = url.trim_start_matches("http://").to_owned();
-    let dripping = tokio::spawn(drip(addr, Duration::from_secs(30)));
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let signalled = Instant::now();
-    let killed = std::process::Command::new("kill").args(["-TERM", &mirror.child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let exited = exit_within(&mut mirror, signalled, Duration::from_secs(3)).await;
-    assert!(exited.success(), "{exited:?}\n{}", mirror.log());
-    let held = dripping.await.unwrap();
-    assert!(held < Duration::from_secs(4), "the dripping client was held {held:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_in_flight_finishes_on_sigterm_and_then_the_server_exits() {
     let hub = FakeHub::start().await;

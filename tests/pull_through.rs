@@ -113,9 +113,9 @@ async fn a_tag_ttl_of_zero_checks_every_time() {
     assert_eq!((hub.count(|c| &c.manifest_get), hub.count(|c| &c.manifest_head)), (1, 2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_upstream_is_down_cached_tags_are_still_served() {
-    let hub = FakeHub::start().await;
+/// A mirror (tag TTL 1 s) that cached postgres:16 from `hub`, the clock
+/// moved past the tag's TTL (no waiting): its next pull re-validates.
+async fn stale_postgres(hub: &FakeHub) -> (tempfile::TempDir, Hubcap, Published, reqwest::Client) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config();
     cfg.tag_ttl = Duration::from_secs(1);
@@ -125,6 +125,13 @@ async fn when_upstream_is_down_cached_tags_are_still_served() {
     let http = client();
     pull(&http, &mirror.url, "postgres", "16").await;
     hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
+    (dir, mirror, img, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_upstream_is_down_cached_tags_are_still_served() {
+    let hub = FakeHub::start().await;
+    let (_dir, mirror, _img, http) = stale_postgres(&hub).await;
 
     for fault in [Fault::ServerError, Fault::Slow(Duration::from_secs(5)), Fault::RateLimit] {
         hub.set_fault(fault.clone());
@@ -145,15 +152,7 @@ async fn when_upstream_is_down_cached_tags_are_still_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_upstream_is_gone_cached_tags_are_still_served_at_once() {
     let mut hub = FakeHub::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config();
-    cfg.tag_ttl = Duration::from_secs(1);
-    let mirror = Hubcap::start(dir.path(), vec![format!("docker.io={}", hub.url)], cfg).await;
-    let img = three_layer(5);
-    hub.publish("library/postgres", "16", &img);
-    let http = client();
-    pull(&http, &mirror.url, "postgres", "16").await;
-    hubcap::storage::clock::advance(Duration::from_secs(2)); // past the tag TTL, no waiting
+    let (_dir, mirror, img, http) = stale_postgres(&hub).await;
     hub.stop().await;
     let started = std::time::Instant::now();
     let resp = http.get(format!("{}/v2/postgres/manifests/16", mirror.url)).header("accept", common::ALL_MANIFESTS).send().await.unwrap();

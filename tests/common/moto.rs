@@ -97,14 +97,18 @@ pub fn env_for(url: &str) -> Vec<(&'static str, String)> {
 }
 
 /// An SDK configuration pointing at `url`, with static credentials.
-pub async fn storage_at(url: &str, bucket: &str, table: &str) -> AwsStorage {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+pub async fn sdk_at(url: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(url)
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "static"))
         .load()
-        .await;
-    AwsStorage { bucket: bucket.to_owned(), table: table.to_owned(), encryption: Encryption::BucketDefault, sdk: Some(sdk) }
+        .await
+}
+
+/// The backend description for a bucket and table behind `url`.
+pub async fn storage_at(url: &str, bucket: &str, table: &str) -> AwsStorage {
+    AwsStorage { bucket: bucket.to_owned(), table: table.to_owned(), encryption: Encryption::BucketDefault, sdk: Some(sdk_at(url).await) }
 }
 
 /// Forwards everything to moto and counts each call by operation:
@@ -629,7 +633,7 @@ impl StreamPump {
     /// event source mapping would deliver.
     pub async fn poll(&mut self) -> aws_lambda_events::event::dynamodb::Event {
         if self.reader.is_none() {
-            let sdk = storage_at(&self.url, "", &self.table).await.sdk.unwrap();
+            let sdk = sdk_at(&self.url).await;
             self.reader = Some(hubcap::lambda::dev::StreamReader::new(&sdk, &self.table).await.expect("the table has a stream"));
         }
         let records = self.reader.as_mut().unwrap().read().await.expect("moto's stream reads");

@@ -212,9 +212,10 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":failed", s("failed"))
             .expression_attribute_values(":deleting", s("deleting"))
             .expression_attribute_values(":now", n(now()))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        self.conditional_blob_write("DynamoDB PutItem", digest, &token, result).await
+        blob_write_made("DynamoDB PutItem", &token, result)
     }
 
     async fn claim_blob(&self, digest: &Digest, lease: Duration) -> Result<bool> {
@@ -233,9 +234,10 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":until", n(t + lease.as_secs() as i64))
             .expression_attribute_values(":now", n(t))
             .expression_attribute_values(":one", n(1))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
+        blob_write_made("DynamoDB UpdateItem", &token, result)
     }
 
     async fn requeue_stale_blob(&self, digest: &Digest, stale: Duration) -> Result<bool> {
@@ -254,9 +256,10 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":fetching", s("fetching"))
             .expression_attribute_values(":now", n(t))
             .expression_attribute_values(":cutoff", n(t - stale.as_secs() as i64))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
+        blob_write_made("DynamoDB UpdateItem", &token, result)
     }
 
     async fn mark_blob_lost(&self, digest: &Digest, repos: &[String]) -> Result<bool> {
@@ -277,9 +280,10 @@ impl FetchIndex for DynamoIndex {
             .expression_attribute_values(":ready", s("ready"))
             .expression_attribute_values(":now", n(now()))
             .expression_attribute_values(":err", s(crate::storage::LOST))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        if !self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await? {
+        if !blob_write_made("DynamoDB UpdateItem", &token, result)? {
             return Ok(false);
         }
         for repo in repos {
@@ -482,9 +486,10 @@ impl SweepIndex for DynamoIndex {
             .expression_attribute_values(":before", n(used_before))
             .expression_attribute_values(":until", n(t + lease.as_secs() as i64))
             .expression_attribute_values(":now", n(t))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        self.conditional_blob_write("DynamoDB UpdateItem", digest, &token, result).await
+        blob_write_made("DynamoDB UpdateItem", &token, result)
     }
 
     async fn finish_blob_delete(&self, digest: &Digest, repos: &[String]) -> Result<()> {
@@ -497,12 +502,20 @@ impl SweepIndex for DynamoIndex {
             .condition_expression("#s = :deleting")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":deleting", s("deleting"))
+            .return_values_on_condition_check_failure(FOUND_ON_FAILURE)
             .send()
             .await;
-        // A delete made whose answer was lost fails its condition when
-        // retried: the item is gone, and its links go too.
-        if !conditional("DynamoDB DeleteItem", result)? && self.blob_item_consistent(digest).await?.is_some() {
-            return Ok(());
+        match result {
+            Ok(_) => {}
+            // The item in another state: everything stays. A delete made
+            // whose answer was lost fails its condition when retried and
+            // finds no item: its links go too.
+            Err(SdkError::ServiceError(e)) if e.err().code() == Some("ConditionalCheckFailedException") => {
+                if e.err().found().is_some() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(unavailable("DynamoDB DeleteItem", e)),
         }
         for repo in repos {
             self.client

@@ -41,6 +41,53 @@ pub(super) fn write_token() -> String {
     format!("{:016x}{:016x}", draw(), draw())
 }
 
+/// What a conditional write on a blob's item asks back when its condition
+/// fails: the item as it stood (`ALL_OLD`), carried by the
+/// `ConditionalCheckFailedException` at no extra read.
+pub(super) const FOUND_ON_FAILURE: ReturnValuesOnConditionCheckFailure = ReturnValuesOnConditionCheckFailure::AllOld;
+
+/// A write's error that may carry the item its failed condition found.
+pub(super) trait FoundItem {
+    fn found(&self) -> Option<&Item>;
+}
+
+macro_rules! found_item {
+    ($($error:ty),*) => {$(
+        impl FoundItem for $error {
+            fn found(&self) -> Option<&Item> {
+                match self {
+                    Self::ConditionalCheckFailedException(e) => e.item(),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+found_item!(
+    aws_sdk_dynamodb::operation::put_item::PutItemError,
+    aws_sdk_dynamodb::operation::update_item::UpdateItemError,
+    aws_sdk_dynamodb::operation::delete_item::DeleteItemError
+);
+
+/// The outcome of a conditional write on a blob's item that set `WRITER` to
+/// `token` and asked for `FOUND_ON_FAILURE`. A write DynamoDB made whose
+/// answer was lost (a connection reset, an attempt timed out) is retried by
+/// the SDK, and the retry fails the condition the first attempt changed:
+/// the item it found then carries this call's token, and the write was made.
+pub(super) fn blob_write_made<O, E, R>(what: &str, token: &str, result: std::result::Result<O, SdkError<E, R>>) -> Result<bool>
+where
+    E: ProvideErrorMetadata + FoundItem + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(SdkError::ServiceError(e)) if e.err().code() == Some("ConditionalCheckFailedException") => {
+            Ok(e.err().found().and_then(|i| get_s(i, WRITER)) == Some(token))
+        }
+        Err(e) => Err(unavailable(what, e)),
+    }
+}
+
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
@@ -92,44 +139,6 @@ impl DynamoIndex {
             .await
             .map_err(|e| unavailable("DynamoDB GetItem", e))?;
         Ok(out.item)
-    }
-
-    /// A blob's item, read strongly consistent (after a write).
-    pub(super) async fn blob_item_consistent(&self, digest: &Digest) -> Result<Option<Item>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(blob_pk(digest)))
-            .key("sk", s("blob"))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| unavailable("DynamoDB GetItem", e))?;
-        Ok(out.item)
-    }
-
-    /// The outcome of a conditional write on a blob's item that set
-    /// `WRITER` to `token`. A write DynamoDB made whose answer was lost (a
-    /// connection reset, an attempt timed out) is retried by the SDK, and
-    /// the retry fails the condition the first attempt changed: the item
-    /// then carries this call's token, and the write was made.
-    pub(super) async fn conditional_blob_write<O, E, R>(
-        &self,
-        what: &str,
-        digest: &Digest,
-        token: &str,
-        result: std::result::Result<O, SdkError<E, R>>,
-    ) -> Result<bool>
-    where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
-    {
-        if conditional(what, result)? {
-            return Ok(true);
-        }
-        let item = self.blob_item_consistent(digest).await?;
-        Ok(item.as_ref().and_then(|i| get_s(i, WRITER)) == Some(token))
     }
 
     pub(super) async fn put(&self, item: Item) -> Result<()> {
